@@ -1,0 +1,326 @@
+"""The thin Typer app: parses options, resolves the config, hands over to the runner and a command's Task."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import inspect
+import json
+import typing
+from pathlib import Path
+from typing import Any
+
+import click
+import typer
+
+import fewshot_cli
+from fewshot_cli.commands import load_commands
+from fewshot_cli.errors import BadInput, RunFailed
+from fewshot_cli.runner.config import PRESET_CHOICES, Resolved, config_fields, from_record, option_name, resolve
+from fewshot_cli.runner.task import Command
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Few-shot learning experiments that do not run out of memory.")
+plan_app = typer.Typer(no_args_is_help=True, help="Predict each phase's peak memory of a run, without running it.")
+app.add_typer(plan_app, name="plan")
+
+COMMANDS = load_commands()
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"fewshot {fewshot_cli.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                        help="Print the version and exit.")) -> None:
+    """Few-shot learning experiments that do not run out of memory."""
+
+
+# Options every experiment command shares: (name, annotation, default, flags, help)
+SHARED = [
+    ("preset", str | None, None, ("--preset",), f"one of {', '.join(PRESET_CHOICES)} [default: the device's]"),
+    ("device", str, "auto", ("--device",), "auto, cpu, cuda, cuda:N or mps"),
+    ("data", Path | None, None, ("--data",), "a dataset on disk [default: built-in synthetic data]"),
+    ("seed", int, 0, ("--seed",), "every random choice derives from it"),
+    ("out", Path, Path("runs"), ("--out",), "where run directories go"),
+    ("name", str | None, None, ("--name",), "the run directory's name [default: COMMAND-UTCSTAMP]"),
+    ("resume", Path | None, None, ("--resume",), "continue the run in RUN_DIR from its checkpoint"),
+    ("memory_budget", str | None, None, ("--memory-budget",), "e.g. 15GiB; refuse a plan over it, cap CUDA"),
+    ("force", bool, False, ("--force",), "run even when the plan exceeds the budget"),
+    ("quiet", bool, False, ("--quiet",), "no progress bar"),
+    ("json_out", bool, False, ("--json",), "print the final metrics as one JSON object on stdout"),
+    ("debug", bool, False, ("--debug",), "show tracebacks"),
+]
+PLAN_SHARED = {"preset", "device", "data", "seed", "memory_budget", "json_out", "debug"}
+
+
+def _knob_parameters(config_cls: type) -> list[inspect.Parameter]:
+    hints = typing.get_type_hints(config_cls)
+    params = []
+    for f in config_fields(config_cls):
+        kind = hints[f.name]
+        base = next((a for a in typing.get_args(kind) if a is not type(None)), kind)
+        flag = f"--{option_name(f.name)}"
+        if base is bool:
+            flags: tuple[str, ...] = (f"{flag}/--no-{option_name(f.name)}",)
+        else:
+            flags = (flag,)
+            if f.metadata.get("choices"):
+                base = _choices(f.name, f.metadata["choices"])
+        option = typer.Option(None, *flags, help=f.metadata.get("help", ""), show_default=False)
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option,
+                                        annotation=base | None))
+    return params
+
+
+def _choices(name: str, values: tuple[str, ...]) -> type[enum.Enum]:
+    """An Enum for a knob's choices, so Typer lists them in --help and rejects others (exit 2)."""
+    return enum.Enum(name, {v: v for v in values}, type=str)
+
+
+def _shared_parameters(names: set[str] | None = None) -> list[inspect.Parameter]:
+    params = []
+    for name, kind, default, flags, help_text in SHARED:
+        if names is None or name in names:
+            option = typer.Option(default, *flags, help=help_text)
+            params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind))
+    return params
+
+
+def _make(command: Command, handler, shared: set[str] | None = None):
+    knob_names = [f.name for f in config_fields(command.config)]
+
+    def entry(**kwargs: Any) -> None:
+        knobs = {name: _plain(kwargs.pop(name)) for name in knob_names}
+        _guarded(kwargs.get("debug", False), lambda: handler(command, knobs, kwargs))
+
+    entry.__signature__ = inspect.Signature(_shared_parameters(shared) + _knob_parameters(command.config))
+    entry.__doc__ = command.help
+    return entry
+
+
+def _plain(value: Any) -> Any:
+    return value.value if isinstance(value, enum.Enum) else value
+
+
+def _guarded(debug: bool, action) -> None:
+    """Map the expected errors to their exit codes and one line on stderr; --debug shows the traceback."""
+    from fewshot_cli.runner.loop import Interrupted
+
+    try:
+        action()
+    except BadInput as err:
+        if debug:
+            raise
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    except Interrupted:
+        typer.echo("interrupted: checkpoint written; continue with --resume RUN_DIR", err=True)
+        raise typer.Exit(130) from None
+    except (RunFailed, Exception) as err:  # noqa: BLE001 - an unexpected error is still one line without --debug
+        if debug or isinstance(err, typer.Exit | click.exceptions.Exit):
+            raise
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
+
+
+def resolve_run(command: Command, knobs: dict[str, Any], options: dict[str, Any]):
+    """Device, preset and config of a new run, all checked before anything is written."""
+    from fewshot_cli.runner.device import device_preset, parse_size, resolve_device
+
+    if command.prepare is not None:
+        command.prepare(knobs)
+    device = resolve_device(options["device"])
+    preset = options.get("preset") or device_preset(device)
+    if preset not in PRESET_CHOICES:
+        raise BadInput(f"Unknown preset {preset!r}; choose one of {', '.join(PRESET_CHOICES)}.")
+    budget = parse_size(options["memory_budget"]) if options.get("memory_budget") else None
+    data = options.get("data")
+    if data is not None and not Path(data).exists():
+        raise BadInput(f"--data {data} does not exist.")
+    base_preset = device_preset(device) if preset == "auto" else preset
+    resolved = resolve(command.config, command.presets, base_preset, knobs)
+    resolved.preset = preset
+    return device, resolved, budget
+
+
+def _run_command(command: Command, knobs: dict[str, Any], options: dict[str, Any]) -> None:
+    from fewshot_cli import plan
+    from fewshot_cli.runner.device import cap_memory, resolve_device
+    from fewshot_cli.runner.loop import RunOptions, run
+
+    extra: dict[str, Any] = {}
+    if options.get("resume") is not None:
+        run_dir = Path(options["resume"])
+        resolved, record = _resumed_config(command, run_dir, knobs)
+        device = resolve_device(options["device"] if options["device"] != "auto" else record["device"].split(":")[0])
+        opts = RunOptions(device=device, seed=record["seed"], resume=run_dir, quiet=options["quiet"],
+                          data=Path(record["data"]) if record.get("data") else None,
+                          budget_bytes=record.get("memory_budget_bytes"))
+    else:
+        device, resolved, budget = resolve_run(command, knobs, options)
+        extra["plan"] = plan.fit_to_budget(command, resolved, device, budget, options)
+        opts = RunOptions(device=device, seed=options["seed"], out=Path(options["out"]), name=options["name"],
+                          data=Path(options["data"]) if options.get("data") else None, budget_bytes=budget,
+                          quiet=options["quiet"])
+    if opts.budget_bytes:
+        cap_memory(opts.device, opts.budget_bytes)
+    metrics = run(command, resolved, opts, extra_config=extra)
+    if options["json_out"]:
+        typer.echo(json.dumps(metrics, sort_keys=True))
+    else:
+        typer.echo("  ".join(f"{k}={_fmt(v)}" for k, v in sorted(metrics.items())))
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _resumed_config(command: Command, run_dir: Path, knobs: dict[str, Any]) -> tuple[Resolved, dict[str, Any]]:
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise BadInput(f"--resume {run_dir}: no config.json there; it is not a run directory.")
+    try:
+        record = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise BadInput(f"--resume {run_dir}: config.json is not valid JSON ({err.msg}).") from None
+    if record.get("command") != command.name:
+        raise BadInput(f"--resume {run_dir}: that run is a {record.get('command')} run, not {command.name}.")
+    given = sorted(option_name(k) for k, v in knobs.items() if v is not None)
+    if given:
+        raise BadInput(f"--resume continues a run with its own config; drop --{', --'.join(given)}.")
+    resolved = from_record(command.config, record["knobs"])
+    resolved.preset = record.get("preset", "")
+    return resolved, record
+
+
+def _plan_command(command: Command, knobs: dict[str, Any], options: dict[str, Any]) -> None:
+    from fewshot_cli import plan
+
+    device, resolved, budget = resolve_run(command, knobs, options)
+    report = plan.plan_run(command, resolved, device, budget)
+    if options["json_out"]:
+        typer.echo(json.dumps(report, sort_keys=True))
+    else:
+        typer.echo(plan.render(report))
+
+
+for _command in COMMANDS.values():
+    app.command(_command.name, help=_command.help)(_make(_command, _run_command))
+    plan_app.command(_command.name, help=f"Plan `{_command.name}`.")(_make(_command, _plan_command, PLAN_SHARED))
+
+
+@app.command("env")
+def env_command(json_out: bool = typer.Option(False, "--json", help="print as JSON")) -> None:
+    """Devices seen, their memory, library versions."""
+    from fewshot_cli.results import environment
+
+    info = environment()
+    if json_out:
+        typer.echo(json.dumps(info, sort_keys=True))
+        return
+    for key, value in info.items():
+        typer.echo(f"{key}: {value}")
+
+
+@app.command("presets")
+def presets_command(json_out: bool = typer.Option(False, "--json", help="print as JSON")) -> None:
+    """Every preset and the value of each knob it sets, per command."""
+    from fewshot_cli.results import render_presets
+
+    table = {name: {preset: _preset_values(c, preset) for preset in c.presets} for name, c in COMMANDS.items()}
+    typer.echo(json.dumps(table, sort_keys=True) if json_out else render_presets(table))
+
+
+def _preset_values(command: Command, preset: str) -> dict[str, Any]:
+    defaults = {f.name: f.default for f in dataclasses.fields(command.config)}
+    return {**defaults, **command.presets[preset]}
+
+
+class TableFormat(enum.StrEnum):
+    md = "md"
+    csv = "csv"
+    latex = "latex"
+
+
+@app.command("table")
+def table_command(
+    run_dirs: list[Path] = typer.Argument(..., help="finished run directories"),
+    metric: list[str] | None = typer.Option(None, "--metric", help="metric column (repeatable)"),
+    group_by: str | None = typer.Option(None, "--group-by", help="config keys, comma-separated"),
+    fmt: TableFormat = typer.Option(TableFormat.md, "--format", help="md, csv or latex"),
+    out: Path | None = typer.Option(None, "--out", help="write the table here instead of stdout"),
+    plot: Path | None = typer.Option(None, "--plot", help="plot the first metric by the group key to a PNG"),
+    debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
+) -> None:
+    """A results table from finished runs."""
+    from fewshot_cli import results
+
+    def act() -> None:
+        keys = [k.strip() for k in group_by.split(",") if k.strip()] if group_by else []
+        table = results.build_table(run_dirs, metric or [], keys)
+        text = results.render_table(table, fmt.value)
+        if plot is not None:
+            results.plot_table(table, plot)
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(text)
+        else:
+            typer.echo(text, nl=False)
+
+    _guarded(debug, act)
+
+
+@app.command("memreport")
+def memreport_command(
+    run_dir: Path = typer.Argument(..., help="a run directory"),
+    plot: Path | None = typer.Option(None, "--plot", help="write the memory series over steps to a PNG"),
+    json_out: bool = typer.Option(False, "--json", help="print as JSON"),
+    debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
+) -> None:
+    """Memory peaks per phase, growth per phase, leak verdict."""
+    from fewshot_cli import results
+
+    def act() -> None:
+        report = results.memreport(run_dir)
+        if plot is not None:
+            results.plot_memory(run_dir, plot)
+        typer.echo(json.dumps(report, sort_keys=True) if json_out else results.render_memreport(report))
+
+    _guarded(debug, act)
+
+
+@app.command("demo")
+def demo_command(
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="where the demo's run directories go"),
+    debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
+) -> None:
+    """Every experiment command, briefly, on the built-in data at the `cpu` preset, then the combined table."""
+    from fewshot_cli import results
+
+    def act() -> None:
+        runs = []
+        for command in COMMANDS.values():
+            name = f"{command.name}-demo"
+            if (out / name).exists():
+                raise BadInput(f"{out / name} already exists; remove it or pass another --out.")
+            typer.echo(f"== {command.name}", err=True)
+            options = {"device": "cpu", "preset": "cpu", "seed": 0, "out": out, "name": name, "resume": None,
+                       "memory_budget": None, "quiet": True, "json_out": False, "data": None, "force": False}
+            knobs = {f.name: None for f in config_fields(command.config)} | dict(command.demo)
+            _run_command(command, knobs, options)
+            runs.append(out / name)
+        typer.echo(results.render_table(results.summary_table(runs), "md"), nl=False)
+
+    _guarded(debug, act)
+
+
+def main() -> None:
+    app(prog_name="fewshot")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Image-folder splits on disk: `DATA/{train,val,test}/CLASS/IMAGE`, classes disjoint across splits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from fewshot_cli.errors import BadInput
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def read_rgb(path: Path, size: int | None = None) -> Image.Image:
+    """Read any image PIL knows as upright RGB (EXIF rotation applied), optionally resized to size x size."""
+    with Image.open(path) as image:
+        image = ImageOps.exif_transpose(image)
+        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+            array = np.asarray(image, dtype=np.float32)
+            image = Image.fromarray((array / max(float(array.max()), 1.0) * 255).astype(np.uint8))
+        image = image.convert("RGB")
+        if size is not None:
+            image = image.resize((size, size), Image.BILINEAR)
+        return image
+
+
+class ImageFolderSplits:
+    """Few-shot splits from folders; items are numbered across all splits, labels are global class ids."""
+
+    def __init__(self, root: Path, image_size: int, required: tuple[str, ...] = ("train", "test")) -> None:
+        self.root, self.image_size = Path(root), image_size
+        missing = [s for s in required if not (self.root / s).is_dir()]
+        if missing:
+            raise BadInput(f"--data {root} must hold the folders {', '.join(required)} (CLASS/IMAGE inside each); "
+                           f"missing: {', '.join(missing)}.")
+        self.paths: list[Path] = []
+        self.labels: list[int] = []
+        self.class_names: list[str] = []
+        self._by_split: dict[str, dict[int, list[int]]] = {}
+        for split in ("train", "val", "test"):
+            split_dir = self.root / split
+            if not split_dir.is_dir():
+                continue
+            by_class: dict[int, list[int]] = {}
+            for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
+                files = sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+                if not files:
+                    continue
+                label = len(self.class_names)
+                self.class_names.append(f"{split}/{class_dir.name}")
+                by_class[label] = list(range(len(self.paths), len(self.paths) + len(files)))
+                self.paths += files
+                self.labels += [label] * len(files)
+            if not by_class:
+                raise BadInput(f"{split_dir} holds no class folder with images ({', '.join(sorted(IMAGE_SUFFIXES))}).")
+            self._by_split[split] = by_class
+        names = {split: {n.split("/", 1)[1] for n in self.class_names if n.startswith(split + "/")}
+                 for split in self._by_split}
+        splits = sorted(names)
+        for i, a in enumerate(splits):
+            for b in splits[i + 1:]:
+                shared = names[a] & names[b]
+                if shared:
+                    raise BadInput(f"Classes must be disjoint across splits; {a} and {b} share "
+                                   f"{', '.join(sorted(shared)[:3])}.")
+
+    def has_split(self, split: str) -> bool:
+        return split in self._by_split
+
+    def items_by_class(self, split: str) -> dict[int, list[int]]:
+        return self._by_split[split]
+
+    def __getitem__(self, item: int) -> tuple[torch.Tensor, int]:
+        path = self.paths[item]
+        try:
+            image = read_rgb(path, self.image_size)
+        except (OSError, UnidentifiedImageError) as err:
+            raise BadInput(f"Cannot read image {path}: {err}.") from None
+        array = np.asarray(image, dtype=np.float32) / 255.0
+        return torch.from_numpy(array.transpose(2, 0, 1).copy()), self.labels[item]

@@ -1,0 +1,117 @@
+"""Few-shot backbones (Conv-4, Conv-6, ResNet-12) and torchvision's ResNet-18/34/50, optionally unpooled."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from fewshot_cli.errors import BadInput
+
+BACKBONES = ("conv4", "conv6", "resnet12", "resnet18", "resnet34", "resnet50")
+
+
+def _conv_block(c_in: int, c_out: int, pool: bool) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
+                               nn.ReLU(inplace=True)]
+    if pool:
+        layers.append(nn.MaxPool2d(2))
+    return nn.Sequential(*layers)
+
+
+def conv_net(depth: int, width: int = 64) -> nn.Sequential:
+    """Conv-4 / Conv-6 of the few-shot literature: 3x3 conv, BN, ReLU; the first four blocks pool."""
+    blocks = [_conv_block(3 if i == 0 else width, width, pool=i < 4) for i in range(depth)]
+    return nn.Sequential(*blocks, nn.Flatten())
+
+
+class _ResBlock12(nn.Module):
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.1),
+            nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.1),
+            nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out))
+        self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
+        self.out = nn.Sequential(nn.LeakyReLU(0.1), nn.MaxPool2d(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.body(x) + self.shortcut(x))
+
+
+def resnet12(widths: tuple[int, ...] = (64, 160, 320, 640)) -> nn.Sequential:
+    """ResNet-12 (TADAM, MetaOptNet): four residual blocks of three 3x3 convs, each pooled, then global average."""
+    blocks, c_in = [], 3
+    for w in widths:
+        blocks.append(_ResBlock12(c_in, w))
+        c_in = w
+    return nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+def torchvision_resnet(name: str, flatten: bool) -> nn.Sequential:
+    """torchvision's ResNet without its classifier; `flatten` keeps the last feature map (C x H x W) unpooled."""
+    model = getattr(torchvision.models, name)(weights=None)
+    body = [model.conv1, model.bn1, model.relu, model.maxpool, model.layer1, model.layer2, model.layer3,
+            model.layer4]
+    tail = [nn.Flatten()] if flatten else [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    return nn.Sequential(*body, *tail)
+
+
+def build_backbone(name: str, flatten: bool = False) -> nn.Module:
+    if name == "conv4":
+        return conv_net(4)
+    if name == "conv6":
+        return conv_net(6)
+    if name == "resnet12":
+        return resnet12()
+    if name in ("resnet18", "resnet34", "resnet50"):
+        return torchvision_resnet(name, flatten)
+    raise BadInput(f"Unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}.")
+
+
+def feature_dim(backbone: nn.Module, image_size: int) -> int:
+    """The flat feature size the backbone gives at this image size, from one dry forward on a single image."""
+    was_training = backbone.training
+    backbone.eval()
+    with torch.no_grad():
+        dim = backbone(torch.zeros(1, 3, image_size, image_size)).shape[1]
+    backbone.train(was_training)
+    return int(dim)
+
+
+def load_weights(module: nn.Module, path: str | Path) -> None:
+    """Load a local state dict strictly; a missing file or a mismatch is a BadInput that says what differs."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"--weights {path} does not exist.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
+        raise BadInput(f"--weights {path} is not a readable PyTorch state dict ({type(err).__name__}).") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise BadInput(f"--weights {path} holds a {type(state).__name__}, not a state dict.")
+    result = module.load_state_dict(_match_prefix(module, state), strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise BadInput(f"--weights {path} does not match the backbone: {len(result.missing_keys)} missing keys "
+                       f"(e.g. {', '.join(result.missing_keys[:3]) or '-'}), {len(result.unexpected_keys)} "
+                       f"unexpected (e.g. {', '.join(result.unexpected_keys[:3]) or '-'}).")
+
+
+def _match_prefix(module: nn.Module, state: dict) -> dict:
+    """torchvision checkpoints name layers `layer1...`; our Sequential names them by index: map one to the other."""
+    own = module.state_dict()
+    if set(state) <= set(own) or not isinstance(module, nn.Sequential):
+        return state
+    names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
+    mapped = {}
+    for key, value in state.items():
+        head, _, rest = key.partition(".")
+        if head in names:
+            mapped[f"{names.index(head)}.{rest}"] = value
+        elif head != "fc":
+            mapped[key] = value
+    return mapped

@@ -1,0 +1,127 @@
+"""Memory planning: trace one real step of each phase under fake tensors and add the device's own terms."""
+
+from __future__ import annotations
+
+import copy
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.distributed._tools.mem_tracker import MemTracker
+
+from fewshot_cli.errors import BadInput
+from fewshot_cli.runner.config import Resolved
+from fewshot_cli.runner.device import device_memory_bytes
+from fewshot_cli.runner.task import Command, RunContext
+
+MiB = 1024**2
+MARGIN = 0.10  # the planner keeps 10% of the budget free
+#: the device's own terms that tracing the program cannot see
+CUDA_CONTEXT = 500 * MiB  # CUDA context + kernels loaded by torch, outside the caching allocator
+CUDNN_WORKSPACE = 128 * MiB
+CUDA_BLOCK = 2 * MiB  # the caching allocator rounds large blocks to 2 MiB
+MPS_OVERHEAD = 1.15  # the MPS allocator's heaps round up; measured overhead factor
+_KINDS = {"PARAM": "parameters", "BUFFER": "buffers", "GRAD": "gradients", "OPT": "optimizer_state",
+          "ACT": "activations", "TEMP": "temporaries", "OTH": "other"}
+
+
+def trace(command: Command, config: Any, seed: int = 0) -> dict[str, dict[str, int]]:
+    """Per phase, the bytes of each kind at that phase's peak, with nothing allocated for real."""
+    cfg = copy.deepcopy(config)
+    phases: dict[str, dict[str, int]] = {}
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        torch.manual_seed(seed)
+        task = command.task(cfg, RunContext(device=torch.device("cpu"), seed=seed, run_dir=None))
+        extra = task.plan_extra_bytes()
+        for phase, step in task.plan_phases().items():
+            tracker = MemTracker()
+            tracker.track_external(*(m for m in (task.model, getattr(task, "optimizer", None)) if m is not None))
+            train = phase == "train"
+            task.model.train(train)
+            with tracker, (nullcontext() if train else torch.inference_mode()):
+                step()
+            snapshot = tracker.get_tracker_snapshot("peak")
+            components: dict[str, int] = {}
+            for per_device in snapshot.values():
+                for kind, size in per_device.items():
+                    name = _KINDS.get(str(kind).split(".")[-1])
+                    if name and size:
+                        components[name] = components.get(name, 0) + int(size)
+            components.update(extra.get(phase, {}))
+            phases[phase] = components
+    return phases
+
+
+def device_terms(device: torch.device, components: dict[str, int]) -> dict[str, int]:
+    traced = sum(components.values())
+    if device.type == "cuda":
+        return {"cuda_context": CUDA_CONTEXT, "cudnn_workspace": CUDNN_WORKSPACE,
+                "allocator_rounding": int(traced * 0.02) + CUDA_BLOCK}
+    if device.type == "mps":
+        return {"mps_allocator": int(traced * (MPS_OVERHEAD - 1))}
+    return {}
+
+
+def plan_run(command: Command, resolved: Resolved, device: torch.device, budget: int | None) -> dict[str, Any]:
+    """The contract's plan report: per phase its components and peak, the budget, and whether it fits."""
+    budget = budget or device_memory_bytes(device)
+    phases = {}
+    for phase, components in trace(command, resolved.config).items():
+        components = {**components, **device_terms(device, components)}
+        phases[phase] = {"peak_bytes": sum(components.values()), "components": components}
+    peak = max((p["peak_bytes"] for p in phases.values()), default=0)
+    return {"command": command.name, "device": str(device), "budget_bytes": budget, "peak_bytes": peak,
+            "usable_bytes": int(budget * (1 - MARGIN)), "phases": phases, "fits": peak <= budget * (1 - MARGIN)}
+
+
+def fit_to_budget(command: Command, resolved: Resolved, device: torch.device, budget: int | None,
+                  options: dict[str, Any]) -> dict[str, Any] | None:
+    """With `--preset auto`, pick the largest configuration that fits; with a budget, refuse one that does not."""
+    if resolved.preset != "auto" and budget is None:
+        return None
+    if resolved.preset == "auto":
+        _choose(command, resolved, device, budget)
+    report = plan_run(command, resolved, device, budget)
+    if not report["fits"] and not options.get("force"):
+        raise BadInput(f"The plan does not fit: predicted peak {report['peak_bytes'] / MiB:,.0f} MiB, usable "
+                       f"{report['usable_bytes'] / MiB:,.0f} MiB of the budget.\n{render(report)}"
+                       "Lower the configuration, raise --memory-budget, or pass --force.")
+    return {"peak_bytes": report["peak_bytes"], "budget_bytes": report["budget_bytes"], "fits": report["fits"]}
+
+
+def _choose(command: Command, resolved: Resolved, device: torch.device, budget: int | None) -> None:
+    """Start every planner knob the user did not set at its largest preset value; shrink them in declared order."""
+    cfg = resolved.config
+    free = [k for k in command.plan_knobs if resolved.sources.get(k) != "cli"]
+    floors = {k.name: k.floor for k in command.task.backoff_knobs}
+    for name in free:
+        largest = max(p.get(name, getattr(cfg, name)) for p in command.presets.values())
+        resolved.set(name, largest, "planner", "largest preset value")
+    for name in free:
+        floor = floors.get(name, 32 if name == "image_size" else 1)
+        while not plan_run(command, resolved, device, budget)["fits"] and getattr(cfg, name) // 2 >= floor:
+            value = getattr(cfg, name) // 2
+            resolved.set(name, value, "planner", f"halved until the plan fits {_budget_text(device, budget)}")
+        if plan_run(command, resolved, device, budget)["fits"]:
+            return
+
+
+def _budget_text(device: torch.device, budget: int | None) -> str:
+    return f"{(budget or device_memory_bytes(device)) / 1024**3:.1f} GiB less {MARGIN:.0%}"
+
+
+def render(report: dict[str, Any]) -> str:
+    """The plan as a text table, one block per phase."""
+    lines = [f"plan for {report['command']} on {report['device']}"]
+    for phase, entry in report["phases"].items():
+        lines.append(f"  {phase}")
+        for name, size in sorted(entry["components"].items(), key=lambda kv: -kv[1]):
+            lines.append(f"    {name:<22}{size / MiB:>14,.1f} MiB")
+        lines.append(f"    {'peak':<22}{entry['peak_bytes'] / MiB:>14,.1f} MiB")
+    usable, peak = report["usable_bytes"], report["peak_bytes"]
+    verdict = "fits" if report["fits"] else "does NOT fit"
+    lines.append(f"  budget {report['budget_bytes'] / MiB:,.0f} MiB (usable {usable / MiB:,.0f} MiB): {verdict}, "
+                 f"{abs(usable - peak) / MiB:,.0f} MiB {'to spare' if report['fits'] else 'over'}")
+    return "\n".join(lines) + "\n"
+

@@ -1,0 +1,237 @@
+"""The one device-aware training loop: steps, validation, test, memory probes, back-off, leaks, checkpoints."""
+
+from __future__ import annotations
+
+import platform
+import signal
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torchvision
+
+import fewshot_cli
+from fewshot_cli.errors import BadInput, RunFailed
+from fewshot_cli.runner import faults
+from fewshot_cli.runner.checkpoint import load_checkpoint, save_checkpoint, save_json
+from fewshot_cli.runner.config import Resolved
+from fewshot_cli.runner.leaks import LeakDetector
+from fewshot_cli.runner.log import RunLog, read_log
+from fewshot_cli.runner.memory import is_oom, probe, release
+from fewshot_cli.runner.progress import Progress
+from fewshot_cli.runner.task import Command, RunContext, Task
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived; the checkpoint and `run_end` were written. Exit 130."""
+
+    exit_code = 130
+
+
+@dataclass
+class RunOptions:
+    """What a run needs besides its config."""
+
+    device: torch.device
+    seed: int = 0
+    out: Path = Path("runs")
+    name: str | None = None
+    data: Path | None = None
+    resume: Path | None = None
+    budget_bytes: int | None = None
+    quiet: bool = False
+
+
+def versions() -> dict[str, str]:
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "fewshot": fewshot_cli.__version__}
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The torch seed of one training step: a pure function of (seed, step), so resume replays exactly."""
+    return int(np.random.SeedSequence([seed, 77, step]).generate_state(1)[0])
+
+
+class _StopFlag:
+    """Turns SIGINT/SIGTERM into a request honoured between steps, so a step is never cut in half."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    @contextmanager
+    def installed(self):
+        handlers = {}
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                handlers[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            pass
+        try:
+            yield self
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal = signum
+
+
+def build_task(command: Command, resolved: Resolved, opts: RunOptions, emit: Callable[..., None]) -> Task:
+    torch.manual_seed(opts.seed)
+    ctx = RunContext(device=opts.device, seed=opts.seed, run_dir=None, data=opts.data, emit=emit)
+    return command.task(resolved.config, ctx)
+
+
+def prepare_run_dir(opts: RunOptions, command: Command) -> Path:
+    if opts.resume is not None:
+        return opts.resume
+    name = opts.name or f"{command.name}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    run_dir = opts.out / name
+    if run_dir.exists():
+        raise BadInput(f"Run directory {run_dir} already exists; pass --resume {run_dir} or another --name.")
+    return run_dir
+
+
+def run(command: Command, resolved: Resolved, opts: RunOptions, extra_config: dict[str, Any] | None = None
+        ) -> dict[str, float]:
+    """Run a command's task to its end and return the final metrics (written to `metrics.json`)."""
+    run_dir = prepare_run_dir(opts, command)
+    pending: list[tuple[str, dict[str, Any]]] = []  # events the task emits before the log exists
+    log: RunLog | None = None
+
+    def emit(event: str, **fields: Any) -> None:
+        if log is None:
+            pending.append((event, fields))
+        else:
+            log.write(event, **fields)
+
+    task = build_task(command, resolved, opts, emit)
+    checkpoint_path = run_dir / "checkpoint.pt"
+    start_step, elapsed_offset = 0, 0.0
+    if opts.resume is not None:
+        if (run_dir / "metrics.json").exists():
+            raise BadInput(f"{run_dir} already completed; there is nothing to resume.")
+        past = read_log(run_dir / "log.jsonl") if (run_dir / "log.jsonl").exists() else []
+        elapsed_offset = past[-1]["elapsed_s"] if past else 0.0
+        if checkpoint_path.exists():
+            state = load_checkpoint(checkpoint_path)
+            task.load_state_dict(state["task"])
+            for name, value in state.get("knobs", {}).items():
+                task.set_knob(name, value, state.get("accumulation", 1))
+            start_step = state["step"]
+    else:
+        run_dir.mkdir(parents=True)
+        config = {"command": command.name, "preset": resolved.preset, "knobs": resolved.record(),
+                  "seed": opts.seed, "device": str(opts.device), "data": str(opts.data) if opts.data else None,
+                  "memory_budget_bytes": opts.budget_bytes, "versions": versions(), **(extra_config or {})}
+        save_json(run_dir / "config.json", config)
+
+    task.ctx.run_dir = run_dir
+    log = RunLog(run_dir / "log.jsonl", elapsed_offset)
+    log.write("run_start", command=command.name, config=resolved.record(), resumed_from_step=start_step)
+    for event, fields in pending:
+        log.write(event, **fields)
+    try:
+        metrics = _loop(task, command, log, opts, checkpoint_path, start_step)
+    except Interrupted:
+        log.write("run_end", status="interrupted")
+        log.close()
+        raise
+    except (KeyboardInterrupt, SystemExit):
+        log.write("run_end", status="interrupted")
+        log.close()
+        raise Interrupted() from None
+    except BaseException as err:  # noqa: BLE001 - every failure is logged before it leaves
+        message = str(err) or type(err).__name__
+        log.write("run_end", status="failed", error=f"{type(err).__name__}: {message}")
+        log.close()
+        if isinstance(err, RunFailed | BadInput):
+            raise
+        raise RunFailed(f"{command.name} failed: {type(err).__name__}: {message}") from err
+    save_json(run_dir / "metrics.json", metrics)
+    log.write("run_end", status="completed", metrics=metrics)
+    log.close()
+    return metrics
+
+
+def _loop(task: Task, command: Command, log: RunLog, opts: RunOptions, checkpoint_path: Path,
+          start_step: int) -> dict[str, float]:
+    device, cfg = opts.device, task.cfg
+    total = task.total_steps()
+    leaks = LeakDetector.for_run(total)
+    every = max(1, getattr(cfg, "checkpoint_every", 50))
+    stop = _StopFlag()
+    knobs_changed: dict[str, int] = {}
+    probe(device)  # resets the CUDA peak so the first step's peak is its own
+    with stop.installed(), Progress(total, start_step, enabled=not opts.quiet, label=command.name) as bar:
+        for step in range(start_step + 1, total + 1):
+            torch.manual_seed(step_seed(opts.seed, step))
+            started = time.perf_counter()
+            figures = _step_with_backoff(task, step, log, knobs_changed)
+            mem = probe(device)
+            log.write("step", phase="train", step=step, **figures, step_s=round(time.perf_counter() - started, 4),
+                      mem=mem)
+            for verdict in leaks.observe(step, mem):
+                log.write("leak_warning", series=verdict.series, growth_mb=verdict.growth_mb,
+                          window_steps=verdict.window_steps, step=step)
+            bar.update(step, figures.get("loss"), mem["rss_mb"])
+            if task.validate_now(step):
+                log.write("eval", phase="val", step=step, **_evaluate(task, "val", step), mem=probe(device))
+            if step % every == 0 or step == total or stop.signal is not None:
+                _checkpoint(task, step, checkpoint_path, knobs_changed, log)
+            if stop.signal is not None:
+                raise Interrupted()
+    metrics = _evaluate(task, "test", total)
+    log.write("eval", phase="test", step=total, **metrics, mem=probe(device))
+    return task.finish(metrics)
+
+
+def _checkpoint(task: Task, step: int, path: Path, knobs: dict[str, int], log: RunLog) -> None:
+    save_checkpoint(path, {"step": step, "task": task.state_dict(), "knobs": dict(knobs),
+                           "accumulation": task.accumulation})
+    log.write("checkpoint", step=step, path=str(path))
+
+
+def _evaluate(task: Task, phase: str, step: int) -> dict[str, float]:
+    task.model.eval()
+    try:
+        with torch.inference_mode():
+            return task.evaluate(phase, step)
+    finally:
+        task.model.train()
+
+
+def _step_with_backoff(task: Task, step: int, log: RunLog, knobs_changed: dict[str, int]) -> dict[str, Any]:
+    """Run one step; on OOM release memory, shrink the first knob above its floor, and try the step again."""
+    while True:
+        try:
+            faults.before_step(task.cfg)
+            return task.train_step(step)
+        except Exception as err:  # noqa: BLE001 - only OOM is handled, the rest re-raised
+            if not is_oom(err):
+                raise
+            oom_message = str(err).splitlines()[0]
+        release(task.ctx.device)  # outside the except block, so the traceback's frames are gone
+        _back_off(task, step, log, knobs_changed, oom_message)
+
+
+def _back_off(task: Task, step: int, log: RunLog, knobs_changed: dict[str, int], message: str) -> None:
+    for knob in task.backoff_knobs:
+        value = getattr(task.cfg, knob.name)
+        if value // 2 >= knob.floor:
+            new = value // 2
+            accumulation = task.accumulation * 2 if knob.accumulate else task.accumulation
+            task.set_knob(knob.name, new, accumulation)
+            knobs_changed[knob.name] = new
+            log.write("oom_backoff", phase="train", step=step, knob=knob.name, **{"from": value, "to": new},
+                      grad_accumulation=accumulation)
+            return
+    floors = ", ".join(f"{k.name}={getattr(task.cfg, k.name)} (floor {k.floor})" for k in task.backoff_knobs)
+    raise RunFailed(f"out of memory at step {step} with every back-off knob at its floor ({floors or 'none'}); "
+                    f"lower the configuration or raise --memory-budget. Last error: {message}")
+
