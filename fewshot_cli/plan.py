@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from typing import Any
+from unittest.mock import patch
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
 
 from fewshot_cli.errors import BadInput
@@ -26,16 +28,67 @@ _KINDS = {"PARAM": "parameters", "BUFFER": "buffers", "GRAD": "gradients", "OPT"
           "ACT": "activations", "TEMP": "temporaries", "OTH": "other"}
 
 
-def trace(command: Command, config: Any, seed: int = 0) -> dict[str, dict[str, int]]:
-    """Per phase, the bytes of each kind at that phase's peak, with nothing allocated for real."""
+class StepTracker(MemTracker):
+    """torch's MemTracker without its per-module statistics, which refuse a module called twice in one step
+    (support and query through one backbone, evaluation in batches); the per-kind peaks are all we read."""
+
+    def _pre_fw_hook(self, module: nn.Module, inputs: Any) -> None:
+        pass
+
+    def _post_fw_hook(self, module: nn.Module, inputs: Any, outputs: Any) -> None:
+        pass
+
+    def _pre_bw_hook(self, module: nn.Module, args: Any) -> None:
+        pass
+
+    def _post_bw_hook(self, module: nn.Module, args: Any) -> None:
+        pass
+
+
+def _module_to_on_cpu(module: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
+    """Planning builds on the CPU, where moving a module is a no-op; fake parameters cannot be swapped in place."""
+    targets = [a for a in (*args, *kwargs.values()) if a is not None]
+    if all(isinstance(a, str | torch.device) and torch.device(a).type == "cpu" for a in targets):
+        return module
+    return _MODULE_TO(module, *args, **kwargs)
+
+
+_MODULE_TO = nn.Module.to
+
+
+def _fake_scalars():
+    """Reading a value out of a fake tensor (a logged loss, an optimizer's step count, a fallback check) gives one
+    (False for a truth test): planning follows shapes, and a command's shapes come from its config, not its data."""
+    stack = ExitStack()
+    for name, zero in (("item", 1), ("__float__", 1.0), ("__int__", 1), ("__bool__", False), ("tolist", 1)):
+        original = getattr(torch.Tensor, name)
+
+        def read(self: torch.Tensor, *args: Any, _original=original, _zero=zero) -> Any:
+            return _zero if isinstance(self, FakeTensor) else _original(self, *args)
+
+        stack.enter_context(patch.object(torch.Tensor, name, read))
+    return stack
+
+
+def _fake() -> ExitStack:
+    stack = ExitStack()
+    stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
+    stack.enter_context(patch.object(nn.Module, "to", _module_to_on_cpu))
+    stack.enter_context(_fake_scalars())
+    return stack
+
+
+def trace(command: Command, config: Any, seed: int = 0, fake: bool = True) -> dict[str, dict[str, int]]:
+    """Per phase, the bytes of each kind at that phase's peak: with `fake`, nothing is allocated for real; without,
+    the same steps run for real on the CPU under the same tracker (to check the prediction)."""
     cfg = copy.deepcopy(config)
     phases: dict[str, dict[str, int]] = {}
-    with FakeTensorMode(allow_non_fake_inputs=True):
+    with _fake() if fake else ExitStack():
         torch.manual_seed(seed)
         task = command.task(cfg, RunContext(device=torch.device("cpu"), seed=seed, run_dir=None))
         extra = task.plan_extra_bytes()
         for phase, step in task.plan_phases().items():
-            tracker = MemTracker()
+            tracker = StepTracker()
             tracker.track_external(*(m for m in (task.model, getattr(task, "optimizer", None)) if m is not None))
             train = phase == "train"
             task.model.train(train)

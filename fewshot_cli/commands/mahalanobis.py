@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -125,7 +126,7 @@ class MahalanobisTask(Task):
         support_items, support_labels = episode.support_items()
         query_items, query_labels = episode.query_items()
         s_labels = torch.tensor(support_labels, device=self.ctx.device)
-        chunks = torch.arange(len(query_items)).chunk(self.accumulation)
+        chunks = [c.tolist() for c in np.array_split(np.arange(len(query_items)), self.accumulation) if len(c)]
         self.optimizer.zero_grad(set_to_none=True)
         total_loss, correct = 0.0, 0
         for chunk in chunks:

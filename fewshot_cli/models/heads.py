@@ -58,18 +58,14 @@ class MahalanobisHead(FewShotHead):
                             centres: torch.Tensor | None = None) -> None:
         super().process_support_set(support, labels, n_way, centres)
         n, d = support.shape
-        counts = torch.bincount(labels, minlength=n_way)
+        counts = F.one_hot(labels, n_way).sum(0)
         self.lam = counts / (counts + 1.0)  # (N,)
         task_centred = support - support.mean(0, keepdim=True)
         task_scale = (1.0 / (n - 1)) if n > 1 else 0.0
         class_centred = support - prototypes(support, labels, n_way)[labels]
-        max_k = int(counts.max())
-        # (N, max_k, d) class-centred rows, zero-padded; a zero row adds nothing to a covariance
-        rows = support.new_zeros(n_way, max_k, d)
-        slot = torch.zeros_like(labels)
-        for k in range(n_way):
-            slot[labels == k] = torch.arange(int(counts[k]), device=labels.device)
-        rows[labels, slot] = class_centred
+        # (N, n, d): class k keeps its own centred rows and zeros elsewhere; a zero row adds nothing to a covariance
+        member = F.one_hot(labels, n_way).T.to(support.dtype)
+        rows = member[:, :, None] * class_centred[None]
         class_scale = torch.where(counts > 1, 1.0 / (counts - 1).clamp(min=1), torch.zeros_like(self.lam))
         mode = self.covariance
         if mode == "auto":
@@ -77,7 +73,7 @@ class MahalanobisHead(FewShotHead):
         self.mode = mode
         w_class = (self.lam * class_scale).sqrt()[:, None, None]  # (N,1,1)
         w_task = ((1 - self.lam) * task_scale).sqrt()[:, None, None]
-        # U_k^T as rows: (N, max_k + n, d)
+        # U_k^T as rows: (N, 2n, d)
         factors = torch.cat([w_class * rows, w_task * task_centred.expand(n_way, n, d)], dim=1)
         if mode == "lowrank":
             self._prepare_lowrank(factors)
@@ -136,5 +132,5 @@ def covariance_bytes(n_way: int, dim: int, support: int, mode: str, element: int
     or N d x r factors and r x r systems (low-rank)."""
     if mode == "dense":
         return 2 * n_way * dim * dim * element
-    r = support + support  # at most n_k + n columns per class
+    r = 2 * support  # class rows (zero outside the class) and task rows
     return n_way * (dim * r + 2 * r * r) * element

@@ -6,6 +6,8 @@ import statistics
 from collections import deque
 from dataclasses import dataclass
 
+PARTS = 5
+
 
 @dataclass(frozen=True)
 class LeakVerdict:
@@ -18,19 +20,19 @@ class LeakVerdict:
 class LeakDetector:
     """Watches each series over a sliding window of `window` steps after `warmup` steps.
 
-    The window is cut in thirds and each third summarised by its median (robust to noise); a leak is growth of at
-    least `min_growth_mb` from the first third to the last with each half of it rising too, so a single step up
-    (a cache filling once) is not a leak. After a warning the window restarts, so a leak is flagged once per window.
+    The window is cut in five parts, each summarised by its median (robust to noise); a leak is growth of at least
+    `min_growth_mb` from the first part to the last with every part higher than the one before, so a single step
+    up (a cache filling once) is not a leak. After a warning the window restarts: one warning per window.
     """
 
     def __init__(self, window: int = 30, warmup: int = 10, min_growth_mb: float = 32.0) -> None:
-        self.window, self.warmup, self.min_growth_mb = max(window, 6), warmup, min_growth_mb
+        self.window, self.warmup, self.min_growth_mb = max(window, 2 * PARTS), warmup, min_growth_mb
         self._series: dict[str, deque[float]] = {}
         self._seen = 0
 
     @classmethod
     def for_run(cls, total_steps: int, min_growth_mb: float = 32.0) -> LeakDetector:
-        window = max(9, min(60, total_steps // 3))
+        window = max(2 * PARTS, min(60, total_steps // 3))
         return cls(window=window, warmup=min(10, max(2, total_steps // 10)), min_growth_mb=min_growth_mb)
 
     def observe(self, step: int, mem: dict[str, float]) -> list[LeakVerdict]:
@@ -52,7 +54,9 @@ class LeakDetector:
         return verdicts
 
     def _growth(self, values: list[float]) -> float | None:
-        third = len(values) // 3
-        a, b, c = (statistics.median(values[i * third:(i + 1) * third]) for i in range(3))
-        rising_each_part = b - a >= 0.25 * self.min_growth_mb and c - b >= 0.25 * self.min_growth_mb
-        return c - a if c - a >= self.min_growth_mb and rising_each_part else None
+        part = len(values) // PARTS
+        medians = [statistics.median(values[i * part:(i + 1) * part]) for i in range(PARTS)]
+        step = 0.1 * self.min_growth_mb / (PARTS - 1)
+        rising = all(b - a > step for a, b in zip(medians, medians[1:], strict=False))
+        growth = medians[-1] - medians[0]
+        return growth if rising and growth >= self.min_growth_mb else None

@@ -1,0 +1,108 @@
+"""The runner's own parts through their API: sampler, leak detector, log reader, sizes, presets, env."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import fewshot
+
+from fewshot_cli.episodes import EpisodeSampler
+from fewshot_cli.errors import BadInput
+from fewshot_cli.runner.device import parse_size, resolve_device
+from fewshot_cli.runner.leaks import LeakDetector
+from fewshot_cli.runner.log import RunLog, read_log
+from fewshot_cli.runner.metrics import RunningMean
+
+ITEMS = {c: list(range(c * 30, (c + 1) * 30)) for c in range(10)}
+
+
+def test_an_episode_is_a_pure_function_of_seed_split_and_index() -> None:
+    a = EpisodeSampler(ITEMS, 5, 3, 4, seed=1, split="train")
+    b = EpisodeSampler(ITEMS, 5, 3, 4, seed=1, split="train")
+    forward = [a.episode(i) for i in range(20)]
+    backward = [b.episode(i) for i in reversed(range(20))][::-1]
+    assert forward == backward
+    assert a.episode(3) != EpisodeSampler(ITEMS, 5, 3, 4, seed=1, split="test").episode(3)
+    assert a.episode(3).hash != a.episode(4).hash
+
+
+def test_an_episode_holds_distinct_classes_and_disjoint_support_and_query() -> None:
+    episode = EpisodeSampler(ITEMS, 5, 3, 4, seed=0, split="train").episode(7)
+    assert len(set(episode.classes)) == 5
+    for cls, support, query in zip(episode.classes, episode.support, episode.query, strict=True):
+        assert len(support) == 3 and len(query) == 4 and not set(support) & set(query)
+        assert all(i in ITEMS[cls] for i in support + query)
+
+
+def test_the_sampler_says_up_front_what_is_missing() -> None:
+    with pytest.raises(BadInput, match=r"10 classes with at least 25 images .* 12-way episodes need 12"):
+        EpisodeSampler(ITEMS, 12, 5, 20, seed=0, split="train")
+    small = {**ITEMS, 99: [1, 2]}
+    with pytest.raises(BadInput, match="1 more have fewer"):
+        EpisodeSampler(small, 11, 5, 5, seed=0, split="val")
+
+
+def test_steady_growth_is_a_leak() -> None:
+    detector = LeakDetector(window=30, warmup=5, min_growth_mb=32)
+    verdicts = [v for s in range(60) for v in detector.observe(s, {"rss_mb": 500 + 3.0 * s})]
+    assert verdicts and verdicts[0].series == "rss_mb"
+
+
+def test_a_single_step_up_is_not_a_leak() -> None:
+    detector = LeakDetector(window=30, warmup=5, min_growth_mb=32)
+    assert not [v for s in range(90) for v in detector.observe(s, {"rss_mb": 500 + (200 if s > 40 else 0)})]
+
+
+def test_noise_is_not_a_leak() -> None:
+    import random
+
+    rng = random.Random(0)
+    detector = LeakDetector(window=30, warmup=5, min_growth_mb=32)
+    assert not [v for s in range(200) for v in detector.observe(s, {"rss_mb": 500 + rng.uniform(-40, 40)})]
+
+
+def test_a_cut_last_line_is_skipped_with_a_warning(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    log = RunLog(tmp_path / "log.jsonl")
+    log.write("run_start", command="x")
+    log.write("step", phase="train", step=1, loss=1.0, mem={"rss_mb": 10.0})
+    log.close()
+    with open(tmp_path / "log.jsonl", "a") as handle:
+        handle.write('{"event": "step", "pha')
+    events = read_log(tmp_path / "log.jsonl")
+    assert [e["event"] for e in events] == ["run_start", "step"]
+    assert "skipped a cut" in capsys.readouterr().err
+
+
+def test_running_mean_matches_the_batch_formula() -> None:
+    values = [0.5, 0.75, 1.0, 0.25, 0.6]
+    acc = RunningMean()
+    for v in values:
+        acc.add(v)
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
+    assert acc.mean == pytest.approx(mean) and acc.ci95 == pytest.approx(1.96 * std / len(values) ** 0.5)
+
+
+@pytest.mark.parametrize(("text", "size"), [("15GiB", 15 * 1024**3), ("512MiB", 512 * 1024**2), ("16GB", 16e9)])
+def test_sizes_parse(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+def test_auto_device_is_cpu_here_and_cpu_is_always_there() -> None:
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type in ("cpu", "cuda", "mps")
+
+
+def test_presets_list_every_preset_for_every_command() -> None:
+    table = json.loads(fewshot("presets", "--json").stdout)
+    assert "mahalanobis-train" in table
+    for presets in table.values():
+        assert set(presets) == {"cpu", "t4", "mps", "a100", "h100"}
+        assert all("image_size" in knobs or "batch_size" in knobs for knobs in presets.values())
+
+
+def test_env_reports_versions_and_devices() -> None:
+    info = json.loads(fewshot("env", "--json").stdout)
+    assert {"python", "torch", "torchvision", "fewshot", "cuda_devices", "ram_bytes"} <= set(info)
