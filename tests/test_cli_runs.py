@@ -110,7 +110,8 @@ def test_a_simulated_oom_backs_off_with_gradient_accumulation_and_finishes(runs:
 
 
 def test_oom_below_the_floor_fails_with_exit_1_and_names_the_knob(runs: Path) -> None:
-    result = fewshot("mahalanobis-train", *SMALL, "--out", runs, "--name", "f", env={"FEWSHOT_SIMULATE_OOM": "n_query>0"})
+    result = fewshot("mahalanobis-train", *SMALL, "--out", runs, "--name", "f",
+                     env={"FEWSHOT_SIMULATE_OOM": "n_query>0"})
     assert result.returncode == 1
     assert "n_query" in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1

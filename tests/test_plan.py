@@ -54,7 +54,8 @@ def test_a_run_over_budget_is_refused_and_force_runs_it(tmp_path: Path) -> None:
     refused = fewshot("mahalanobis-train", *SMALL, "--memory-budget", "3MiB", "--out", tmp_path, "--name", "r")
     assert refused.returncode == 2 and "does not fit" in refused.stderr and "peak" in refused.stderr
     assert not (tmp_path / "r").exists()
-    forced = fewshot("mahalanobis-train", *SMALL, "--memory-budget", "3MiB", "--force", "--out", tmp_path, "--name", "f")
+    forced = fewshot("mahalanobis-train", *SMALL, "--memory-budget", "3MiB", "--force", "--out", tmp_path,
+                     "--name", "f")
     assert forced.returncode == 0, forced.stderr
     config = json.loads((tmp_path / "f" / "config.json").read_text())
     assert config["plan"]["fits"] is False
