@@ -1,0 +1,403 @@
+"""`fewshot detect-train`: episodic few-shot object detection, class prototypes matched over dense proposals."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from fewshot_cli.data.coco import coco_splits, synthetic_splits
+from fewshot_cli.episodes import Episode, EpisodeSampler
+from fewshot_cli.errors import BadInput
+from fewshot_cli.models.detection import BoxCounts, FewShotDetector, build_backbone, dense_proposals
+from fewshot_cli.runner.config import EpisodicConfig, knob
+from fewshot_cli.runner.task import BackoffKnob, Command, RunContext, Task
+
+FLOAT = 4  # bytes per float32
+
+
+@dataclass
+class DetectConfig(EpisodicConfig):
+    image_size: int = knob(256, "input image side in pixels (images are resized to a square)", minimum=32)
+    backbone: str = knob("resnet50", "feature extractor", choices=("small", "resnet50"))
+    weights: str | None = knob(None, "local state dict for the backbone (strict; nothing is downloaded)")
+    embedding_dim: int = knob(256, "channels of the feature map and size of the ROI embedding", minimum=8)
+    head_hidden: int = knob(512, "hidden width of the detection head Linear(C*7*7, H) -> Linear(H, C)", minimum=8)
+    objectness_hidden: int = knob(64, "hidden width of the objectness net Linear(C, H) -> Linear(H, 1)", minimum=1)
+    proposal_step: int = knob(24, "pixels between dense proposal centres", minimum=1)
+    proposal_scales: str = knob("0.15,0.21,0.3", "proposal box sides as fractions of the image side, comma-separated")
+    proposals_top_k: int = knob(64, "proposals kept per image, the most prototype-like", minimum=1)
+    negative_ratio: float = knob(3.0, "hard negatives per positive", minimum=0.0)
+    lr: float = knob(1e-4, "AdamW learning rate", minimum=0.0)
+    novel_classes: str | None = knob(None, "COCO data: category names or ids held out for the test, comma-separated")
+    score_threshold: float = knob(0.05, "lowest detection score kept", minimum=0.0)
+    nms_iou: float = knob(0.5, "IoU above which class-aware NMS suppresses a box", minimum=0.0)
+    max_detections: int = knob(100, "detections kept per image after NMS", minimum=1)
+
+
+# t4 is the seed's configuration after its OOM fix; a100/h100 its configuration before (fits 40+ GB)
+_AFTER = {"image_size": 256, "embedding_dim": 256, "k_shot": 3, "n_query": 10, "proposal_step": 24,
+          "head_hidden": 512, "objectness_hidden": 64}
+_BEFORE = {"image_size": 384, "embedding_dim": 512, "k_shot": 5, "n_query": 20, "proposal_step": 16,
+           "head_hidden": 1024, "objectness_hidden": 128}
+_GPU = {"backbone": "resnet50", "n_way": 5, "episodes": 2000, "test_episodes": 100, "val_every": 500,
+        "val_episodes": 20, "proposals_top_k": 128, "lr": 1e-4, "checkpoint_every": 100}
+PRESETS: dict[str, dict[str, Any]] = {
+    "cpu": {"image_size": 128, "backbone": "small", "embedding_dim": 32, "head_hidden": 128, "objectness_hidden": 32,
+            "proposal_step": 8, "proposals_top_k": 64, "n_way": 3, "k_shot": 3, "n_query": 2, "episodes": 400,
+            "test_episodes": 40, "val_every": 0, "val_episodes": 5, "lr": 2e-3, "checkpoint_every": 100},
+    "t4": {**_GPU, **_AFTER},
+    "mps": {**_GPU, **_AFTER},
+    "a100": {**_GPU, **_BEFORE},
+    "h100": {**_GPU, **_BEFORE},
+}
+
+
+@dataclass
+class Batch:
+    """Images of one side of an episode with their boxes (resized pixels) and episode labels 0..N-1."""
+
+    images: torch.Tensor
+    boxes: list[torch.Tensor]
+    labels: list[torch.Tensor]
+    sizes: list[tuple[int, int]]  # real (width, height), for COCO coordinates
+    names: list[str]
+
+
+class DetectTask(Task):
+    """Train on base-class episodes; test on novel-class episodes scored by pycocotools."""
+
+    backoff_knobs = (BackoffKnob("n_query", floor=1), BackoffKnob("proposals_top_k", 16, accumulate=False))
+
+    def __init__(self, cfg: DetectConfig, ctx: RunContext) -> None:
+        super().__init__(cfg, ctx)
+        scales = _parse_scales(cfg.proposal_scales)
+        if ctx.data is None:
+            self.train_data, self.test_data, self.base, self.novel = synthetic_splits(cfg.image_size, ctx.seed)
+        else:
+            self.train_data, self.test_data, self.base, self.novel = coco_splits(
+                Path(ctx.data), cfg.image_size, cfg.novel_classes)
+        # the queries of one episode; an OOM back-off splits them into micro-steps of cfg.n_query per class
+        self.episode_queries = cfg.n_query
+        self.samplers = {
+            "train": EpisodeSampler(self.train_data.items_by_class(self.base), cfg.n_way, cfg.k_shot,
+                                    self.episode_queries, ctx.seed, "train"),
+            # validation: seen classes on held-out images; test: the novel classes
+            "val": EpisodeSampler(self.test_data.items_by_class(self.base), cfg.n_way, cfg.k_shot, cfg.n_query,
+                                  ctx.seed, "val"),
+            "test": EpisodeSampler(self.test_data.items_by_class(self.novel), cfg.n_way, cfg.k_shot, cfg.n_query,
+                                   ctx.seed, "test"),
+        }
+        self.proposals = dense_proposals(cfg.image_size, cfg.proposal_step,
+                                         tuple(s * cfg.image_size for s in scales)).to(ctx.device)
+        backbone, stride = build_backbone(cfg.backbone, cfg.embedding_dim, cfg.weights)
+        self.model = FewShotDetector(backbone, stride, cfg.embedding_dim, cfg.head_hidden, cfg.objectness_hidden)
+        if ctx.device.type != "cpu":  # a module built on the host is there already (and .to fails on fake tensors)
+            self.model.to(ctx.device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=1e-4)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _WarmupCosine(cfg.episodes))
+        self.dropped_seen = BoxCounts()
+        self.test_files: tuple[dict[str, Any], list[dict[str, Any]]] | None = None
+        self._report_dropped("data", 0)
+
+    # ------------------------------------------------------------------ training
+
+    def total_steps(self) -> int:
+        return self.cfg.episodes
+
+    def train_step(self, step: int) -> dict[str, float]:
+        episode = self.samplers["train"].episode(step - 1)
+        support = self._support(self.train_data, episode)
+        prototypes, pooled = self.model.prototypes(support.images, torch.stack(support.boxes),
+                                                   torch.cat(support.labels), self.cfg.n_way)
+        chunks = self._query_chunks(episode)
+        n_queries = sum(map(len, chunks))
+        self.optimizer.zero_grad(set_to_none=True)
+        sums = dict.fromkeys(("loss", "classification", "objectness", "regression", "positives", "hard_negatives"),
+                             0.0)
+        for chunk in chunks:
+            share = len(chunk) / n_queries
+            terms = self._backward(prototypes, pooled, self._queries(self.train_data, chunk, episode.classes), share)
+            for name, value in zip(sums, terms, strict=True):
+                # the losses are means over the episode, the counts totals
+                sums[name] += float(value) * (1.0 if name in ("positives", "hard_negatives") else share)
+        self._optimizer_step()
+        sums["boxes_dropped"] = float(self._report_dropped("data", step))
+        sums["lr"] = self.scheduler.get_last_lr()[0]
+        return sums
+
+    def _backward(self, prototypes: torch.Tensor, pooled: torch.Tensor, queries: Batch,
+                  weight: float) -> tuple[torch.Tensor, ...]:
+        loss = self.model.loss(queries.images, queries.boxes, queries.labels, prototypes, pooled, self.proposals,
+                               self.cfg.proposals_top_k, self.cfg.negative_ratio)
+        (loss.total * weight).backward()
+        return (loss.total.detach(), loss.classification.detach(), loss.objectness.detach(),
+                loss.regression.detach(), loss.positives, loss.negatives)
+
+    def _optimizer_step(self) -> None:
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 10.0)
+        self.optimizer.step()
+        self.scheduler.step()
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self, phase: str, step: int) -> dict[str, float]:
+        cfg = self.cfg
+        episodes = cfg.test_episodes if phase == "test" else cfg.val_episodes
+        sampler = self.samplers["test" if phase == "test" else "val"]
+        images: list[dict[str, Any]] = []
+        annotations: list[dict[str, Any]] = []
+        detections: list[dict[str, Any]] = []
+        dropped = BoxCounts()
+        for index in range(episodes):
+            episode = sampler.episode(index)
+            support = self._support(self.test_data, episode)
+            prototypes, pooled = self.model.prototypes(support.images, torch.stack(support.boxes),
+                                                       torch.cat(support.labels), cfg.n_way)
+            for chunk in self._query_chunks(episode):
+                queries = self._queries(self.test_data, chunk, episode.classes)
+                found, counts = self.model.detect(queries.images, prototypes, pooled, self.proposals,
+                                                  cfg.proposals_top_k, cfg.score_threshold, cfg.nms_iou,
+                                                  cfg.max_detections)
+                dropped.add(counts)
+                for i, (boxes, scores, classes) in enumerate(found):
+                    image_id = len(images) + 1
+                    width, height = queries.sizes[i]
+                    images.append({"id": image_id, "width": width, "height": height, "file_name": queries.names[i],
+                                   "episode": index})
+                    scale = torch.tensor([width / cfg.image_size, height / cfg.image_size] * 2)
+                    for box, label in zip(queries.boxes[i].cpu() * scale, queries.labels[i].tolist(), strict=True):
+                        annotations.append(_coco_box(box, episode.classes[label], image_id,
+                                                     id=len(annotations) + 1))
+                    for box, score, label in zip(boxes.cpu() * scale, scores.tolist(), classes.tolist(),
+                                                 strict=True):
+                        detections.append(_coco_box(box, episode.classes[label], image_id, score=score))
+        if dropped.dropped or dropped.clamped:
+            self.ctx.emit("boxes_dropped", stage="predictions", phase=phase, step=step,
+                          non_finite=dropped.non_finite, degenerate=dropped.degenerate, clamped=dropped.clamped)
+        self._report_dropped("data", step)
+        classes = self.novel if phase == "test" else self.base
+        gt = {"images": images, "annotations": annotations,
+              "categories": [{"id": c, "name": self.test_data.categories[c]} for c in classes]}
+        map_all, map50 = coco_map(gt, detections)
+        if phase == "test":
+            self.test_files = (gt, detections)
+            return {"map": map_all, "map50": map50, "test_episodes": float(episodes)}
+        return {"map": map_all, "map50": map50}
+
+    def finish(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Write gt.json and detections.json and score exactly those files with pycocotools."""
+        if self.ctx.run_dir is None or self.test_files is None:
+            return metrics
+        gt, detections = self.test_files
+        gt_path, det_path = Path(self.ctx.run_dir) / "gt.json", Path(self.ctx.run_dir) / "detections.json"
+        gt_path.write_text(json.dumps(gt))
+        det_path.write_text(json.dumps(detections))
+        map_all, map50 = coco_map_files(gt_path, det_path)
+        self.ctx.emit("detection_spread", **detection_spread(gt, detections))
+        return {**metrics, "map": map_all, "map50": map50}
+
+    # ------------------------------------------------------------------ memory planning
+
+    def plan_phases(self) -> dict[str, Callable[[], Any]]:
+        """Fixed-shape stand-ins for one training episode and one test chunk (fake tensors cannot hold data)."""
+        return {"train": self._plan_train, "test": self._plan_test}
+
+    def _plan_batch(self, n_images: int, with_boxes: bool) -> Batch:
+        side = self.cfg.image_size
+        device = self.ctx.device
+        box = torch.tensor([side * 0.3, side * 0.3, side * 0.55, side * 0.55], device=device)
+        return Batch(torch.rand(n_images, 3, side, side, device=device), [box[None]] * n_images,
+                     [torch.zeros(1, dtype=torch.long, device=device)] * n_images if with_boxes else [],
+                     [(side, side)] * n_images, [""] * n_images)
+
+    def _plan_prototypes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        # unit vectors stand in for the support pass: it runs under no_grad, so its activations are freed before
+        # the query pass, and MemTracker cannot follow a module called twice in one phase
+        n_way, dim = self.cfg.n_way, self.cfg.embedding_dim
+        return (torch.nn.functional.normalize(torch.randn(n_way, dim, device=self.ctx.device), dim=1),
+                torch.nn.functional.normalize(torch.randn(n_way, dim, device=self.ctx.device), dim=1))
+
+    def _plan_train(self) -> None:
+        prototypes, pooled = self._plan_prototypes()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._backward(prototypes, pooled, self._plan_batch(self.cfg.n_way * self.cfg.n_query, True), 1.0)
+        self._optimizer_step()
+
+    def _plan_test(self) -> None:
+        prototypes, pooled = self._plan_prototypes()
+        queries = self._plan_batch(self.cfg.n_way * self.cfg.n_query, False)
+        self.model.candidates(queries.images, prototypes, pooled, self.proposals, self.cfg.proposals_top_k)
+
+    def plan_extra_bytes(self) -> dict[str, dict[str, int]]:
+        """The dense proposal grid (made before tracing starts), its per-image pooled descriptors and, at test,
+        the NMS inputs (boxes x classes) that the fixed-shape stand-in does not reach."""
+        cfg = self.cfg
+        n_scales = len(_parse_scales(cfg.proposal_scales))
+        per_side = math.ceil(cfg.image_size / cfg.proposal_step)
+        n_proposals = per_side * per_side * n_scales
+        images = cfg.n_way * cfg.n_query
+        grid = n_proposals * 4 * FLOAT
+        ranking = images * n_proposals * (cfg.embedding_dim + cfg.n_way + 1) * FLOAT
+        top_k = min(cfg.proposals_top_k, n_proposals)
+        nms = top_k * cfg.n_way * (4 + 1 + 1) * FLOAT  # one image at a time: boxes, scores, class ids
+        # the support pass the stand-in replaces by unit vectors: its images and feature maps, freed after it
+        stride = 16 if cfg.backbone == "resnet50" else 4
+        supports = cfg.n_way * cfg.k_shot
+        support = supports * (3 * cfg.image_size**2 + cfg.embedding_dim * (cfg.image_size // stride) ** 2) * FLOAT
+        return {"train": {"proposal_grid": grid, "proposal_ranking": ranking, "support_pass": support},
+                "test": {"proposal_grid": grid, "proposal_ranking": ranking, "nms_inputs": nms,
+                         "support_pass": support}}
+
+    # ------------------------------------------------------------------ episodes
+
+    def _query_chunks(self, episode: Episode) -> list[list[tuple[int, int]]]:
+        """The episode's (item, class) queries in micro-steps of cfg.n_query per class."""
+        per_class = self.cfg.n_query
+        n = max(len(q) for q in episode.query)
+        return [[(item, cls) for cls, items in zip(episode.classes, episode.query, strict=True)
+                 for item in items[start:start + per_class]] for start in range(0, n, per_class)]
+
+    def _support(self, data: Any, episode: Episode) -> Batch:
+        """One box per support image: the largest box of the class it was drawn for."""
+        images, boxes, labels, sizes, names = [], [], [], [], []
+        for label, (cls, items) in enumerate(zip(episode.classes, episode.support, strict=True)):
+            for item in items:
+                sample = data.item(item)
+                mine = sample.boxes[sample.labels == cls]
+                if not len(mine):
+                    raise BadInput(f"Support image {item} has no valid box of class {cls}.")
+                areas = (mine[:, 2] - mine[:, 0]) * (mine[:, 3] - mine[:, 1])
+                images.append(sample.image)
+                boxes.append(mine[int(areas.argmax())])
+                labels.append(torch.tensor([label]))
+                sizes.append((sample.width, sample.height))
+                names.append(str(item))
+        device = self.ctx.device
+        return Batch(torch.stack(images).to(device), [b.to(device) for b in boxes], [x.to(device) for x in labels],
+                     sizes, names)
+
+    def _queries(self, data: Any, chunk: list[tuple[int, int]], classes: tuple) -> Batch:
+        """Query images with their boxes of the episode's classes (other objects count as background)."""
+        index = {cls: i for i, cls in enumerate(classes)}
+        images, boxes, labels, sizes, names = [], [], [], [], []
+        device = self.ctx.device
+        for item, _ in chunk:
+            sample = data.item(item)
+            mine = torch.tensor([int(c) in index for c in sample.labels.tolist()], dtype=torch.bool)
+            images.append(sample.image)
+            boxes.append(sample.boxes[mine].to(device))
+            labels.append(torch.tensor([index[int(c)] for c in sample.labels[mine].tolist()],
+                                       dtype=torch.long, device=device))
+            sizes.append((sample.width, sample.height))
+            names.append(data.file_name(item))
+        return Batch(torch.stack(images).to(device), boxes, labels, sizes, names)
+
+    def _report_dropped(self, stage: str, step: int) -> int:
+        """Log the data boxes dropped since the last report; returns how many."""
+        total = BoxCounts()
+        for data in (self.train_data, self.test_data):
+            total.add(data.dropped)
+        new = BoxCounts(total.non_finite - self.dropped_seen.non_finite,
+                        total.degenerate - self.dropped_seen.degenerate, total.clamped - self.dropped_seen.clamped)
+        self.dropped_seen = total
+        if new.dropped or new.clamped:
+            self.ctx.emit("boxes_dropped", stage=stage, step=step, non_finite=new.non_finite,
+                          degenerate=new.degenerate, clamped=new.clamped)
+        return new.dropped
+
+
+class _WarmupCosine:
+    """Linear warm-up over the first 5% of episodes, then cosine decay to 5% of the rate."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.warmup = max(total, 1), max(1, total // 20)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _parse_scales(text: str) -> tuple[float, ...]:
+    try:
+        scales = tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        scales = ()
+    if not scales or not all(0 < s <= 1 for s in scales):
+        raise BadInput(f"--proposal-scales must be fractions in (0, 1], comma-separated, not {text!r}.")
+    return scales
+
+
+def _coco_box(box: torch.Tensor, category: int, image_id: int, id: int | None = None,
+              score: float | None = None) -> dict[str, Any]:
+    x0, y0, x1, y1 = (round(float(v), 2) for v in box)
+    entry: dict[str, Any] = {"image_id": image_id, "category_id": int(category),
+                             "bbox": [x0, y0, round(x1 - x0, 2), round(y1 - y0, 2)]}
+    if score is None:
+        entry.update(id=id, area=round((x1 - x0) * (y1 - y0), 2), iscrowd=0)
+    else:
+        entry["score"] = round(score, 6)
+    return entry
+
+
+def coco_map(gt: dict[str, Any], detections: list[dict[str, Any]]) -> tuple[float, float]:
+    """(mAP@[.5:.95], mAP@.5) by pycocotools for in-memory COCO ground truth and results."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()
+        coco_gt.dataset = json.loads(json.dumps(gt))  # pycocotools edits what it is given
+        coco_gt.createIndex()
+        return _score(coco_gt, json.loads(json.dumps(detections)))
+
+
+def coco_map_files(gt_path: Path | str, detections_path: Path | str) -> tuple[float, float]:
+    """(mAP@[.5:.95], mAP@.5) by pycocotools read from gt.json and detections.json."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO(str(gt_path))
+        return _score(coco_gt, json.loads(Path(detections_path).read_text()))
+
+
+def _score(coco_gt: COCO, detections: list[dict[str, Any]]) -> tuple[float, float]:
+    if not detections or not coco_gt.getAnnIds():
+        return 0.0, 0.0  # pycocotools cannot load an empty result list
+    evaluator = COCOeval(coco_gt, coco_gt.loadRes(detections), "bbox")
+    evaluator.evaluate()
+    evaluator.accumulate()
+    evaluator.summarize()
+    return max(0.0, float(evaluator.stats[0])), max(0.0, float(evaluator.stats[1]))
+
+
+def detection_spread(gt: dict[str, Any], detections: list[dict[str, Any]], min_score: float = 0.3,
+                     ) -> dict[str, Any]:
+    """Where confident detections sit: the share of box centres per image quadrant, against the ground truth."""
+    sizes = {im["id"]: (im["width"], im["height"]) for im in gt["images"]}
+
+    def quadrants(entries: list[dict[str, Any]]) -> list[float]:
+        counts = [0, 0, 0, 0]
+        for e in entries:
+            width, height = sizes[e["image_id"]]
+            x, y, w, h = e["bbox"]
+            counts[2 * int(y + h / 2 >= height / 2) + int(x + w / 2 >= width / 2)] += 1
+        total = max(1, sum(counts))
+        return [round(c / total, 3) for c in counts]
+
+    confident = [d for d in detections if d["score"] >= min_score]
+    return {"min_score": min_score, "detections": len(confident), "quadrants": quadrants(confident),
+            "gt_quadrants": quadrants(gt["annotations"]),
+            "quadrant_order": "top-left,top-right,bottom-left,bottom-right"}
+
+
+COMMAND = Command(name="detect-train", help="Episodic few-shot object detection: class prototypes matched over "
+                  "dense proposals, focal loss with hard negatives, scored by pycocotools on novel classes.",
+                  config=DetectConfig, presets=PRESETS, task=DetectTask, primary_metric="map50",
+                  plan_knobs=("n_query", "image_size", "proposals_top_k"))

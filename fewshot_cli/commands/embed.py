@@ -1,0 +1,279 @@
+"""embed-classify: training-free few-shot classification by cosine to class prototypes of frozen backbone
+embeddings, with an Unknown threshold; extraction streamed into a resumable on-disk store."""
+
+from __future__ import annotations
+
+import csv
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fewshot_cli.data.embed_layout import UNKNOWN, EmbedData, ImageRef, scan, write_synthetic
+from fewshot_cli.data.embedding_store import EmbeddingStore, FileKey, extract
+from fewshot_cli.errors import BadInput, RunFailed
+from fewshot_cli.models.embedders import BACKBONES, build_embedder
+from fewshot_cli.runner.config import BaseConfig, knob
+from fewshot_cli.runner.memory import probe
+from fewshot_cli.runner.metrics import RunningMean
+from fewshot_cli.runner.task import Command, RunContext, Task
+
+QUERY_CHUNK = 1024  # queries scored at once: bounds memory whatever the number of queries
+
+
+@dataclass
+class EmbedConfig(BaseConfig):
+    backbone: str = knob("small", "frozen feature extractor (small: built-in, no weights)", choices=BACKBONES)
+    weights: str | None = knob(None, "resnet50: a local state dict file (default: random weights)")
+    model_dir: str | None = knob(None, "clip / dinov2: a local Hugging Face model directory")
+    image_size: int = knob(32, "small backbone's input side; side of the built-in images", minimum=8)
+    batch_size: int = knob(32, "images per extraction batch", minimum=1)
+    threshold: str = knob("auto", "cosine below which a query is Unknown, or auto (leave-one-out on the support)")
+    cache_dir: str | None = knob(None, "embedding store to share across runs (default: RUN_DIR/embeddings)")
+    categories: int = knob(4, "built-in data: categories", minimum=1)
+    n_way: int = knob(3, "built-in data: classes per class-folder category", minimum=1)
+    k_shot: int = knob(5, "built-in data: support images per class", minimum=1)
+    n_query: int = knob(10, "built-in data: query images per class", minimum=1)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "cpu": {"batch_size": 32, "image_size": 32, "workers": 0},
+    "mps": {"batch_size": 64, "image_size": 64, "workers": 2},
+    "t4": {"batch_size": 64, "image_size": 64, "workers": 4},
+    "a100": {"batch_size": 128, "image_size": 64, "workers": 8},
+    "h100": {"batch_size": 128, "image_size": 64, "workers": 8},
+}
+
+
+def parse_threshold(text: str) -> float | None:
+    """None for auto, else the cosine threshold."""
+    if str(text).strip().lower() == "auto":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise BadInput(f"--threshold must be a number or auto, not {text!r}.") from None
+
+
+def l2_normalise(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def prototypes(support_by_class: list[np.ndarray]) -> np.ndarray:
+    """(C, D): per class the mean of its L2-normalised support embeddings, normalised so a dot is a cosine."""
+    return l2_normalise(np.stack([l2_normalise(e).mean(axis=0) for e in support_by_class]))
+
+
+def leave_one_out_threshold(support_by_class: list[np.ndarray]) -> float:
+    """The cosine threshold that best balances, over the support set, accepting a shot correctly by the
+    prototype of its class built without it, and rejecting a shot when its whole class is left out."""
+    protos = prototypes(support_by_class)
+    genuine, genuine_ok, impostor = [], [], []
+    for c, emb in enumerate(support_by_class):
+        e = l2_normalise(emb)
+        others = np.delete(protos, c, axis=0)
+        best_other = (e @ others.T).max(axis=1) if len(others) else None
+        if best_other is not None:
+            impostor.extend(best_other.tolist())
+        if len(e) >= 2:
+            loo = l2_normalise(e.sum(axis=0, keepdims=True) - e)  # row i: the prototype without shot i
+            own = (e * loo).sum(axis=1)
+            genuine.extend(own.tolist())
+            genuine_ok.extend((own > best_other).tolist() if best_other is not None else [True] * len(own))
+    if not genuine and not impostor:
+        return -1.0  # one single-shot class: nothing to calibrate on, so reject nothing
+    g, ok, imp = np.asarray(genuine), np.asarray(genuine_ok, dtype=bool), np.asarray(impostor)
+    values = np.unique(np.concatenate([g, imp]))
+    candidates = np.concatenate([[values[0] - 1e-6], (values[:-1] + values[1:]) / 2, [values[-1] + 1e-6]])
+    objective = np.zeros(len(candidates))
+    if len(g):
+        objective += ((g[None, :] >= candidates[:, None]) & ok[None, :]).mean(axis=1)
+    if len(imp):
+        objective += (imp[None, :] < candidates[:, None]).mean(axis=1)
+    best = np.flatnonzero(objective == objective.max())
+    return float(candidates[best[len(best) // 2]])
+
+
+def classify(queries: np.ndarray, protos: np.ndarray, threshold: float) -> tuple[np.ndarray, ...]:
+    """Per query: nearest class index, its cosine, margin to the runner-up (NaN with one class), accepted."""
+    scores = l2_normalise(queries) @ protos.T
+    order = np.argsort(-scores, axis=1, kind="stable")
+    nearest = order[:, 0]
+    top1 = scores[np.arange(len(scores)), nearest]
+    top2 = scores[np.arange(len(scores)), order[:, 1]] if protos.shape[0] > 1 else np.full(len(scores), np.nan)
+    return nearest, top1, top1 - top2, top1 >= threshold
+
+
+def _fmt(x: float) -> str:
+    return "" if np.isnan(x) else f"{x:.6f}"
+
+
+class EmbedTask(Task):
+    """Extract (streamed, cached) -> prototypes -> cosine with an Unknown threshold; no training steps."""
+
+    def __init__(self, cfg: EmbedConfig, ctx: RunContext) -> None:
+        super().__init__(cfg, ctx)
+        self.threshold = parse_threshold(cfg.threshold)
+        self.data: EmbedData | None = scan(Path(ctx.data)) if ctx.data else None
+        self.model = build_embedder(cfg.backbone, cfg.weights, cfg.model_dir, cfg.image_size).to(ctx.device)
+        self.model.eval()
+        self._scratch: tempfile.TemporaryDirectory | None = None
+        self.table: dict[str, Counter] = {}
+        self.classes: list[str] = []
+        self.unreadable: list[tuple[str, str]] = []
+        self.predictions_part: Path | None = None
+
+    def total_steps(self) -> int:
+        return 0
+
+    def train_step(self, step: int) -> dict[str, float]:
+        raise RuntimeError("embed-classify is training-free; it has no training steps")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}  # the embedding store is the resumable state, not a checkpoint
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def plan_phases(self) -> dict[str, Callable[[], Any]]:
+        side = self.model.preprocess(Image.new("RGB", (self.cfg.image_size,) * 2)).shape[-1]
+        pixels = torch.zeros(self.cfg.batch_size, 3, side, side, device=self.ctx.device)
+        return {"test": lambda: self.model(pixels)}
+
+    def _work_dir(self) -> Path:
+        if self.ctx.run_dir is not None:
+            return Path(self.ctx.run_dir)
+        if self._scratch is None:
+            self._scratch = tempfile.TemporaryDirectory(prefix="fewshot-embed-")
+        return Path(self._scratch.name)
+
+    def evaluate(self, phase: str, step: int) -> dict[str, float]:
+        cfg, work = self.cfg, self._work_dir()
+        data = self.data or scan(write_synthetic(work / "builtin-data", cfg.categories, cfg.n_way, cfg.k_shot,
+                                                 cfg.n_query, cfg.image_size, self.ctx.seed))
+        store = EmbeddingStore(Path(cfg.cache_dir) if cfg.cache_dir else work / "embeddings", self.model.identity)
+        try:
+            self.unreadable = []
+            report = extract(
+                self.model, sorted({ref.path for ref in (*data.support, *data.queries)}), store, self.ctx.device,
+                cfg.batch_size, cfg.workers, on_batch=self._on_batch, on_failure=self._on_failure)
+            self.ctx.emit("extraction", extracted=report.extracted, cached=report.cached,
+                          unreadable=report.unreadable, store=str(store.dir))
+            return self._score(data, store, report)
+        finally:
+            store.close()
+
+    def _on_batch(self, done: int, total: int) -> None:
+        self.ctx.emit("extract", phase="extract", images=done, of=total, mem=probe(self.ctx.device))
+
+    def _on_failure(self, path: str, error: str) -> None:
+        self.unreadable.append((path, error))
+        self.ctx.emit("unreadable_image", path=path, error=error)
+
+    def _rows(self, store: EmbeddingStore, refs: list[ImageRef]) -> tuple[list[ImageRef], list[int]]:
+        kept, rows = [], []
+        for ref in refs:
+            entry = store.lookup(FileKey.of(ref.path))
+            if entry is not None and "row" in entry:
+                kept.append(ref)
+                rows.append(entry["row"])
+        return kept, rows
+
+    def _score(self, data: EmbedData, store: EmbeddingStore, report: Any) -> dict[str, float]:
+        by_class: dict[str, list[int]] = {}
+        for ref in data.support:
+            by_class.setdefault(ref.label, [])
+        kept, rows = self._rows(store, list(data.support))
+        for ref, row in zip(kept, rows, strict=True):
+            by_class[ref.label].append(row)
+        for name in sorted(c for c, r in by_class.items() if not r):
+            self.ctx.emit("class_without_support", **{"class": name})
+            del by_class[name]
+        if not by_class:
+            raise RunFailed("No support image could be read, so there is no class to classify into.")
+        self.classes = sorted(by_class)
+        support = [store.vectors(by_class[name]) for name in self.classes]
+        protos = prototypes(support)
+        threshold = self.threshold if self.threshold is not None else leave_one_out_threshold(support)
+        del support
+        self.ctx.emit("threshold", value=threshold, source="auto" if self.threshold is None else "cli")
+
+        self.table = {category: Counter() for category in data.categories}
+        per_category: dict[str, list[int]] = {category: [0, 0] for category in data.categories}  # correct, labelled
+        unknown = scored = 0
+        part = self._work_dir() / "predictions.csv.part"
+        self.predictions_part = part
+        queries = sorted(data.queries, key=lambda r: r.name)
+        with part.open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle, lineterminator="\n")
+            writer.writerow(["path", "category", "predicted", "score", "margin", "nearest", "true_class"])
+            for start in range(0, len(queries), QUERY_CHUNK):
+                refs, rows = self._rows(store, queries[start:start + QUERY_CHUNK])
+                if not refs:
+                    continue
+                nearest, score, margin, accepted = classify(store.vectors(rows), protos, threshold)
+                for i, ref in enumerate(refs):
+                    predicted = self.classes[nearest[i]] if accepted[i] else UNKNOWN
+                    writer.writerow([ref.name, ref.category, predicted, _fmt(score[i]), _fmt(margin[i]),
+                                     self.classes[nearest[i]], ref.label or ""])
+                    self.table[ref.category][predicted] += 1
+                    unknown += predicted == UNKNOWN
+                    scored += 1
+                    if ref.label is not None:
+                        per_category[ref.category][0] += predicted == ref.label
+                        per_category[ref.category][1] += 1
+        self.per_category = per_category
+        accuracy = RunningMean()  # an episode is one category: its labelled queries, scored together
+        for correct, labelled in per_category.values():
+            if labelled:
+                accuracy.add(correct / labelled)
+        return {"accuracy": accuracy.mean, "accuracy_ci95": accuracy.ci95,
+                "unknown_rate": unknown / scored if scored else 0.0, "test_episodes": float(accuracy.count),
+                "threshold": float(threshold), "queries": float(scored),
+                "labelled_queries": float(sum(n for _, n in per_category.values())),
+                "classes": float(len(self.classes)), "images_extracted": float(report.extracted),
+                "images_cached": float(report.cached), "unreadable_images": float(report.unreadable)}
+
+    def finish(self, metrics: dict[str, float]) -> dict[str, float]:
+        run_dir = self.ctx.run_dir
+        if run_dir is None:
+            return metrics
+        run_dir = Path(run_dir)
+        if self.predictions_part is not None and self.predictions_part.exists():
+            os.replace(self.predictions_part, run_dir / "predictions.csv")
+        columns = [*self.classes, UNKNOWN]
+        total: Counter = Counter()
+        tmp = run_dir / "per_category.csv.part"
+        with tmp.open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle, lineterminator="\n")
+            writer.writerow(["category", "queries", *columns, "labelled", "correct", "accuracy"])
+            sum_correct = sum_labelled = 0
+            for category in sorted(self.table):
+                counts = self.table[category]
+                correct, labelled = self.per_category[category]
+                total.update(counts)
+                sum_correct, sum_labelled = sum_correct + correct, sum_labelled + labelled
+                writer.writerow([category, sum(counts.values()), *(counts[c] for c in columns), labelled, correct,
+                                 f"{correct / labelled:.6f}" if labelled else ""])
+            writer.writerow(["TOTAL", sum(total.values()), *(total[c] for c in columns), sum_labelled,
+                             sum_correct, f"{sum_correct / sum_labelled:.6f}" if sum_labelled else ""])
+        os.replace(tmp, run_dir / "per_category.csv")
+        tmp = run_dir / "unreadable.txt.part"
+        tmp.write_text("".join(f"{path}\t{error}\n" for path, error in sorted(self.unreadable)), encoding="utf-8")
+        os.replace(tmp, run_dir / "unreadable.txt")
+        return metrics
+
+
+COMMAND = Command(
+    name="embed-classify",
+    help="Training-free few-shot classification from frozen embeddings (cosine to prototypes, Unknown threshold).",
+    config=EmbedConfig, presets=PRESETS, task=EmbedTask, primary_metric="accuracy",
+    plan_knobs=("batch_size",))

@@ -1,0 +1,396 @@
+"""`fewshot triplet-train`: stage-2 episodic training of a few-shot video localiser with a triplet metric loss,
+validated in bounded memory by spatio-temporal IoU (ST-IoU) and box AP."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, get_worker_info
+
+from fewshot_cli.data.clips import (
+    ClipSource,
+    EpisodeBatch,
+    FrameCache,
+    frame_bytes,
+    load_episode,
+    make_source,
+    one_thread,
+)
+from fewshot_cli.episodes import EpisodeSampler
+from fewshot_cli.errors import BadInput
+from fewshot_cli.models.localiser import BACKBONES, Localiser, best_boxes, localisation_loss
+from fewshot_cli.runner.checkpoint import load_checkpoint
+from fewshot_cli.runner.config import EpisodicConfig, knob
+from fewshot_cli.runner.metrics import RunningMean
+from fewshot_cli.runner.task import BackoffKnob, Command, RunContext, Task
+
+MiB = 2**20
+
+
+@dataclass
+class TripletConfig(EpisodicConfig):
+    n_way: int = knob(4, "classes per episode", minimum=1)
+    k_shot: int = knob(5, "support images per class", minimum=1)
+    n_query: int = knob(8, "query clips per class", minimum=1)
+    image_size: int = knob(128, "frame and support image side in pixels", minimum=16)
+    clip_frames: int = knob(8, "frames per built-in synthetic clip", minimum=1)
+    backbone: str = knob("small", "feature extractor", choices=BACKBONES)
+    embedding_dim: int = knob(64, "backbone width and embedding size (match a --init checkpoint's)", minimum=8)
+    init: str | None = knob(None, "stage-1 checkpoint (checkpoint.pt or its run directory) to take the backbone from")
+    triplet_ratio: float = knob(0.3, "weight of the triplet loss; the localisation loss gets 1 minus it", minimum=0)
+    triplet_batch_size: int = knob(8, "(anchor, positive, negative) triplets per step", minimum=1)
+    triplet_margin: float = knob(0.2, "margin of the triplet loss", minimum=0)
+    num_aug: int = knob(5, "augmented views per support image in training", minimum=0)
+    frame_cache_size: int = knob(500, "decoded frames the LRU frame cache holds at most", minimum=0)
+    frame_cache_mb: int = knob(256, "MiB the LRU frame cache holds at most", minimum=0)
+    score_threshold: float = knob(0.3, "a frame's box counts as present when its score reaches this", minimum=0)
+    lr: float = knob(2e-3, "AdamW learning rate (cosine decay over the run)", minimum=0)
+
+
+_GPU = dict(n_way=4, k_shot=5, n_query=8, triplet_batch_size=8, num_aug=5, val_episodes=10, workers=4,
+            image_size=160, backbone="resnet50", embedding_dim=256, lr=3e-4, episodes=3000, val_every=100,
+            test_episodes=100, frame_cache_size=500, frame_cache_mb=512, checkpoint_every=200)
+PRESETS: dict[str, dict[str, Any]] = {
+    # small enough that 300 episodes with validation every 20 take a few minutes on two cores
+    "cpu": dict(n_way=4, k_shot=2, n_query=2, triplet_batch_size=8, num_aug=1, val_episodes=4, workers=0,
+                image_size=64, backbone="small", embedding_dim=32, episodes=300, val_every=20, test_episodes=20,
+                frame_cache_size=500, frame_cache_mb=64, checkpoint_every=100),
+    "t4": dict(_GPU, episodes=2000, n_query=4, image_size=128),  # 16 GB: the a100 episode plans at 16.5 GB
+    "mps": dict(_GPU, image_size=96, episodes=2000),
+    "a100": dict(_GPU),
+    "h100": dict(_GPU),
+}
+
+
+def st_iou(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Spatio-temporal IoU of one clip: intersections summed over frames divided by unions summed over frames.
+    Boxes are T x 4 xyxy with NaN rows where absent; a frame where only one side has a box adds its area to the
+    union and nothing to the intersection; frames where neither has one do not count; a clip where no frame
+    counts scores 1 (both agree the object never appears)."""
+    pred_present = ~np.isnan(pred).any(1)
+    gt_present = ~np.isnan(gt).any(1)
+    p, g = np.nan_to_num(pred), np.nan_to_num(gt)
+    area_p = np.where(pred_present, (p[:, 2] - p[:, 0]) * (p[:, 3] - p[:, 1]), 0.0)
+    area_g = np.where(gt_present, (g[:, 2] - g[:, 0]) * (g[:, 3] - g[:, 1]), 0.0)
+    width = np.clip(np.minimum(p[:, 2], g[:, 2]) - np.maximum(p[:, 0], g[:, 0]), 0, None)
+    height = np.clip(np.minimum(p[:, 3], g[:, 3]) - np.maximum(p[:, 1], g[:, 1]), 0, None)
+    inter = np.where(pred_present & gt_present, width * height, 0.0)
+    union = (area_p + area_g - inter).sum()
+    return float(inter.sum() / union) if union > 0 else 1.0
+
+
+def frame_ious(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """IoU per frame of two T x 4 box rows (0 where either is absent)."""
+    both = ~np.isnan(pred).any(1) & ~np.isnan(gt).any(1)
+    p, g = np.nan_to_num(pred), np.nan_to_num(gt)
+    width = np.clip(np.minimum(p[:, 2], g[:, 2]) - np.maximum(p[:, 0], g[:, 0]), 0, None)
+    height = np.clip(np.minimum(p[:, 3], g[:, 3]) - np.maximum(p[:, 1], g[:, 1]), 0, None)
+    inter = width * height
+    union = (p[:, 2] - p[:, 0]) * (p[:, 3] - p[:, 1]) + (g[:, 2] - g[:, 0]) * (g[:, 3] - g[:, 1]) - inter
+    return np.where(both & (union > 0), inter / np.where(union > 0, union, 1), 0.0)
+
+
+class BoxAP:
+    """AP at IoU 0.5 of each frame's top box, from fixed-size score histograms: memory does not grow with the
+    number of frames seen (scores within 1/bins of each other tie)."""
+
+    def __init__(self, bins: int = 1000) -> None:
+        self.bins = bins
+        self.true_pos = np.zeros(bins, dtype=np.int64)
+        self.false_pos = np.zeros(bins, dtype=np.int64)
+        self.n_gt = 0
+
+    def add(self, scores: np.ndarray, pred: np.ndarray, gt: np.ndarray) -> None:
+        gt_present = ~np.isnan(gt).any(1)
+        index = np.clip((scores * self.bins).astype(np.int64), 0, self.bins - 1)
+        hit = gt_present & (frame_ious(pred, gt) >= 0.5)
+        np.add.at(self.true_pos, index[hit], 1)
+        np.add.at(self.false_pos, index[~hit], 1)
+        self.n_gt += int(gt_present.sum())
+
+    def value(self) -> float:
+        if self.n_gt == 0:
+            return 0.0
+        tp = np.cumsum(self.true_pos[::-1])
+        fp = np.cumsum(self.false_pos[::-1])
+        recall = tp / self.n_gt
+        precision = np.maximum.accumulate((tp / np.maximum(tp + fp, 1))[::-1])[::-1]
+        return float(np.sum(np.diff(recall, prepend=0.0) * precision))
+
+
+def to_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 images to the float input the backbone expects, on the device."""
+    return images.to(device, non_blocking=True).float() / 255  # [0, 1], as `detect-train` feeds its backbone
+
+
+def load_backbone(model: Localiser, path: str, backbone: str) -> int:
+    """Copy the backbone weights of a stage-1 checkpoint (`detect-train` or `triplet-train`) into `model`;
+    returns how many tensors were loaded. A checkpoint without a matching backbone is a BadInput."""
+    source = Path(path)
+    if source.is_dir():
+        source = source / "checkpoint.pt"
+    if not source.is_file():
+        raise BadInput(f"--init {path}: no checkpoint there (give checkpoint.pt or the run directory holding it).")
+    try:
+        state = load_checkpoint(source)
+    except Exception as err:  # torch.load raises many kinds on a file that is not a checkpoint
+        raise BadInput(f"--init {source} is not a readable PyTorch checkpoint ({type(err).__name__}).") from None
+    weights = _find_model_state(state)
+    found = {key.split("backbone.", 1)[1]: value for key, value in (weights or {}).items()
+             if "backbone." in key and isinstance(value, torch.Tensor)}
+    target = model.backbone.state_dict()
+    missing = sorted(set(target) - set(found))
+    mismatched = [k for k in target if k in found and found[k].shape != target[k].shape]
+    if not found or missing or mismatched:
+        detail = ("it holds no backbone weights" if not found else
+                  f"{len(missing)} of its {len(target)} tensors are missing (e.g. {missing[0]})" if missing else
+                  f"{mismatched[0]} has shape {tuple(found[mismatched[0]].shape)}, not "
+                  f"{tuple(target[mismatched[0]].shape)} (is --embedding-dim the stage-1 run's?)")
+        raise BadInput(f"--init {source} has no backbone matching --backbone {backbone}: {detail}.")
+    model.backbone.load_state_dict({k: found[k] for k in target})
+    return len(target)
+
+
+def _find_model_state(state: Any) -> Mapping[str, Any] | None:
+    """The model's state dict inside a checkpoint, wherever the runner nested it."""
+    if isinstance(state, Mapping):
+        if any(isinstance(k, str) and "backbone." in k for k in state):
+            return state
+        for key in ("model", "task", "state"):
+            if key in state:
+                found = _find_model_state(state[key])
+                if found is not None:
+                    return found
+        for value in state.values():
+            found = _find_model_state(value)
+            if found is not None:
+                return found
+    return None
+
+
+class TrainEpisodes(Dataset):
+    """Training episodes `first..last` for DataLoader workers, each worker with its share of the frame cache."""
+
+    def __init__(self, source: ClipSource, sampler: EpisodeSampler, first: int, cfg: TripletConfig,
+                 triplet_count: int, seed: int) -> None:
+        self.source, self.sampler, self.first = source, sampler, first
+        self.count = cfg.episodes - first + 1
+        self.k_shot, self.num_aug, self.triplet_count, self.seed = cfg.k_shot, cfg.num_aug, triplet_count, seed
+        self.cache_share = (cfg.frame_cache_size // (cfg.workers + 1), cfg.frame_cache_mb * MiB // (cfg.workers + 1))
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, offset: int) -> EpisodeBatch:
+        episode = self.sampler.episode(self.first + offset)
+        return load_episode(self.source, episode, self.seed, "train", self.k_shot, self.num_aug, self.triplet_count)
+
+
+def _worker_cache(_: int) -> None:
+    # each worker process owns a cache; together with the main process's they stay within the bounds
+    dataset = get_worker_info().dataset
+    dataset.source.cache = FrameCache(*dataset.cache_share)
+
+
+def _as_is(batch: EpisodeBatch) -> EpisodeBatch:
+    return batch
+
+
+class TripletTask(Task):
+    """Episodes of n_way classes x n_query clips; loss = (1 - r) x localisation + r x triplet."""
+
+    backoff_knobs = (BackoffKnob("triplet_batch_size", floor=1), BackoffKnob("n_query", floor=1))
+
+    def __init__(self, cfg: TripletConfig, ctx: RunContext) -> None:
+        super().__init__(cfg, ctx)
+        parts = cfg.workers + 1 if cfg.workers else 1
+        self.cache = FrameCache(cfg.frame_cache_size // parts, cfg.frame_cache_mb * MiB // parts)
+        self.source = make_source(ctx.data, cfg.image_size, self.cache, cfg.clip_frames, ctx.seed)
+        # support images come from each class's support set, so an episode draws only query clips per class
+        self.samplers = {split: EpisodeSampler(self.source.items_by_class(split), cfg.n_way, 0, cfg.n_query,
+                                               ctx.seed, split) for split in ("train", "val", "test")}
+        self._check_supports()
+        if cfg.triplet_ratio > 0 and cfg.n_way < 2:
+            raise BadInput("The triplet loss needs a negative from another class: use --n-way 2 or more, "
+                           "or --triplet-ratio 0.")
+        if cfg.triplet_ratio > 1:
+            raise BadInput(f"--triplet-ratio must be between 0 and 1, not {cfg.triplet_ratio}.")
+        self.model = Localiser(cfg.backbone, cfg.embedding_dim)
+        if cfg.init:
+            loaded = load_backbone(self.model, cfg.init, cfg.backbone)
+            ctx.emit("init_backbone", path=str(cfg.init), tensors=loaded)
+        self.model.to(ctx.device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=1e-4)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(cfg.episodes, 1))
+        self.triplet_loss = nn.TripletMarginLoss(margin=cfg.triplet_margin)
+        # the episode keeps its full size after an OOM back-off; micro-steps split it instead
+        self.full_triplets = cfg.triplet_batch_size if cfg.triplet_ratio > 0 else 0
+        self._batches: Any = None
+        self._next_step = 0
+        self._planning = False
+
+    def _check_supports(self) -> None:
+        for split in ("train", "val", "test"):
+            for cls in self.samplers[split].classes:
+                if self.source.support_count(cls) < 1:
+                    raise BadInput(f"Class {cls} of the {split} split has no support images.")
+
+    def total_steps(self) -> int:
+        return self.cfg.episodes
+
+    def _train_batch(self, step: int) -> EpisodeBatch:
+        cfg = self.cfg
+        if cfg.workers == 0 or self._planning:
+            episode = self.samplers["train"].episode(step)
+            return load_episode(self.source, episode, self.ctx.seed, "train", cfg.k_shot, cfg.num_aug,
+                                self.full_triplets)
+        if self._batches is None or step != self._next_step:  # first step, or a resume elsewhere
+            dataset = TrainEpisodes(self.source, self.samplers["train"], step, cfg, self.full_triplets,
+                                    self.ctx.seed)
+            self._batches = iter(DataLoader(dataset, batch_size=None, num_workers=cfg.workers,
+                                            collate_fn=_as_is, worker_init_fn=_worker_cache,
+                                            pin_memory=self.ctx.device.type == "cuda"))
+        self._next_step = step + 1
+        batch = next(self._batches)
+        if step >= cfg.episodes:
+            self._batches = None  # let the workers go
+        return batch
+
+    def _threads(self) -> AbstractContextManager:
+        # this model's tensors are small: on CPU, intra-op threads mostly synchronise (a cpu-preset step took
+        # 6.8 s on two busy cores with 2 threads, 0.85 s with 1); other devices are left alone
+        return one_thread() if self.ctx.device.type == "cpu" else nullcontext()
+
+    def train_step(self, step: int) -> dict[str, float]:
+        with self._threads():
+            return self._train_step(step)
+
+    def _train_step(self, step: int) -> dict[str, float]:
+        batch = self._train_batch(step)
+        device, ratio = self.ctx.device, self.cfg.triplet_ratio
+        n_clips, n_triplets = len(batch.clip_frames), len(batch.triplets)
+        starts = np.concatenate([[0], np.cumsum(batch.clip_frames)])
+        self.optimizer.zero_grad(set_to_none=True)
+        loc_total = triplet_total = 0.0
+        # micro-steps take contiguous runs of clips and triplets: slices, so shapes never depend on the data
+        clip_chunks = np.array_split(np.arange(n_clips), self.accumulation)
+        triplet_chunks = np.array_split(np.arange(n_triplets), self.accumulation)
+        support = to_input(batch.support, device)
+        for clips, triplets in zip(clip_chunks, triplet_chunks, strict=True):
+            loss = torch.zeros((), device=device)
+            prototypes = self.model.prototypes(support)  # again per micro-step: each backward frees its graph
+            if len(clips):
+                first, last = int(starts[clips[0]]), int(starts[clips[-1] + 1])
+                logits, boxes = self.model(to_input(batch.frames[first:last], device),
+                                           prototypes[batch.frame_label[first:last].to(device)])
+                loc = localisation_loss(logits, boxes, batch.boxes[first:last].to(device), self.model.stride)
+                loss = loss + (1 - ratio) * loc * len(clips) / n_clips
+                loc_total += loc.item() * len(clips) / n_clips
+            if len(triplets) and ratio > 0:
+                images = batch.triplets[int(triplets[0]): int(triplets[-1]) + 1]
+                embeddings = self.model.embed(to_input(images.flatten(0, 1), device)).view(len(triplets), 3, -1)
+                trip = self.triplet_loss(embeddings[:, 0], embeddings[:, 1], embeddings[:, 2])
+                loss = loss + ratio * trip * len(triplets) / n_triplets
+                triplet_total += trip.item() * len(triplets) / n_triplets
+            loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        figures = {"loss": (1 - ratio) * loc_total + ratio * triplet_total, "loc_loss": loc_total,
+                   "triplet_loss": triplet_total, "lr": self.scheduler.get_last_lr()[0]}
+        figures.update(batch.cache)
+        return figures
+
+    def evaluate(self, phase: str, step: int) -> dict[str, float]:
+        with self._threads():
+            return self._evaluate(phase, step)
+
+    def _evaluate(self, phase: str, step: int) -> dict[str, float]:
+        cfg, device = self.cfg, self.ctx.device
+        episodes = cfg.val_episodes if phase == "val" else cfg.test_episodes
+        sampler = self.samplers["val" if phase == "val" else "test"]
+        # running sums and fixed-size histograms only: nothing here outlives this call
+        clip_st_iou, centre_st_iou, frame_st_iou, box_ap = RunningMean(), RunningMean(), RunningMean(), BoxAP()
+        size = cfg.image_size
+        for index in range(episodes):
+            batch = load_episode(self.source, sampler.episode(index), self.ctx.seed, phase, cfg.k_shot)
+            prototypes = self.model.prototypes(to_input(batch.support, device))
+            first = 0
+            for length in batch.clip_frames:
+                frames = slice(first, first + length)
+                first += length
+                logits, boxes = self.model(to_input(batch.frames[frames], device),
+                                           prototypes[batch.frame_label[frames].to(device)])
+                pred, scores = best_boxes(logits, boxes, size)
+                pred, scores = pred.cpu().numpy(), scores.cpu().numpy()
+                gt = batch.boxes[frames].numpy()
+                box_ap.add(scores, pred, gt)
+                clip_st_iou.add(st_iou(np.where((scores >= cfg.score_threshold)[:, None], pred, np.nan), gt))
+                if phase == "test":
+                    centre, whole = baseline_boxes(gt, size)
+                    centre_st_iou.add(st_iou(centre, gt))
+                    frame_st_iou.add(st_iou(whole, gt))
+        metrics = {"st_iou": clip_st_iou.mean, "st_iou_ci95": clip_st_iou.ci95, "box_ap50": box_ap.value()}
+        metrics.update(self.cache.stats())
+        if phase == "test":
+            metrics.update(test_episodes=float(episodes), st_iou_centre_box=centre_st_iou.mean,
+                           st_iou_whole_frame=frame_st_iou.mean)
+        return metrics
+
+    def finish(self, metrics: dict[str, float]) -> dict[str, float]:
+        self._batches = None
+        return metrics
+
+    def plan_phases(self) -> dict[str, Any]:
+        """One training step, its episode loaded in this process: worker processes cannot carry fake tensors
+        (the prefetched episodes are counted in `plan_extra_bytes` instead)."""
+
+        def train() -> None:
+            self._planning = True
+            try:
+                self.train_step(1)
+            finally:
+                self._planning = False
+
+        return {"train": train}
+
+    def plan_extra_bytes(self) -> dict[str, dict[str, int]]:
+        """The frame cache at its bound and the prefetched episodes, which tracing the step does not see."""
+        cfg = self.cfg
+        cache = min(cfg.frame_cache_size * frame_bytes(cfg.image_size), cfg.frame_cache_mb * MiB)
+        frames = cfg.n_way * cfg.n_query * cfg.clip_frames
+        images = cfg.n_way * cfg.k_shot * (1 + cfg.num_aug) + 3 * cfg.triplet_batch_size
+        episode = (frames + images) * frame_bytes(cfg.image_size)
+        prefetched = cfg.workers * 2 * episode  # DataLoader's default prefetch_factor is 2 per worker
+        train = {"frame_cache": cache, "episode_uint8": episode}
+        if prefetched:
+            train["prefetched_episodes"] = prefetched
+        return {"train": train}
+
+
+def baseline_boxes(gt: np.ndarray, image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Trivial per-frame predictions for a clip: a centred box of the clip's mean true box size (an oracle size,
+    so the strongest centred box), and the whole frame; both in every frame."""
+    present = ~np.isnan(gt).any(1)
+    if present.any():
+        width = float(np.mean(gt[present, 2] - gt[present, 0]))
+        height = float(np.mean(gt[present, 3] - gt[present, 1]))
+    else:
+        width = height = image_size / 2
+    c = image_size / 2
+    centre = np.tile([c - width / 2, c - height / 2, c + width / 2, c + height / 2], (len(gt), 1))
+    whole = np.tile([0.0, 0.0, float(image_size), float(image_size)], (len(gt), 1))
+    return centre.astype(np.float32), whole.astype(np.float32)
+
+
+COMMAND = Command(
+    name="triplet-train",
+    help="Stage-2 episodic training of a few-shot video localiser with a triplet loss; ST-IoU validation.",
+    config=TripletConfig, presets=PRESETS, task=TripletTask, primary_metric="st_iou",
+    plan_knobs=("triplet_batch_size", "n_query", "image_size"))

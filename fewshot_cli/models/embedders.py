@@ -1,0 +1,187 @@
+"""Frozen image embedders for embed-classify: each backbone with its own preprocessing, loaded from local files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+from torchvision import transforms
+from torchvision.models import resnet50
+
+from fewshot_cli.errors import BadInput
+
+BACKBONES = ("small", "resnet50", "clip", "dinov2")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+SMALL_SEED = 20240601  # fixed, not --seed: the small backbone is one network, so its cache key stays stable
+
+
+class Embedder(nn.Module):
+    """A frozen backbone: `preprocess` turns one RGB PIL image into a CHW float32 tensor, `forward` a batch of
+    them into (B, D) float32 embeddings; `identity` names what decides the numbers (the cache key)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.identity: dict[str, Any] = {}
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class SmallConvNet(Embedder):
+    """A three-layer conv net with fixed seeded random weights; mean- and max-pooled ReLU maps as the embedding.
+    Needs no weights file, runs fast on a CPU, and separates the built-in synthetic classes well."""
+
+    def __init__(self, image_size: int = 32, width: int = 32) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(SMALL_SEED)
+        chans = (3, width, 2 * width, 4 * width)
+        self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, padding=1) for a, b in zip(chans, chans[1:], strict=False))
+        with torch.no_grad():
+            for conv in self.convs:
+                fan_in = conv.in_channels * 9
+                conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * (2 / fan_in) ** 0.5)
+                conv.bias.zero_()
+        self.requires_grad_(False)
+        self.transform = transforms.Compose([
+            transforms.Resize((image_size, image_size)), transforms.ToTensor(),
+            transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
+        self.identity = {"backbone": "small", "image_size": image_size, "width": width, "seed": SMALL_SEED}
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        return self.transform(image)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        h = pixels
+        for i, conv in enumerate(self.convs):
+            h = torch.relu(conv(h))
+            if i < len(self.convs) - 1:
+                h = nn.functional.avg_pool2d(h, 2)
+        return torch.cat([h.mean((2, 3)), h.amax((2, 3))], dim=1)
+
+
+class ResNet50(Embedder):
+    """torchvision ResNet-50 without its classifier (2048-d pooled features); Resize 256, CenterCrop 224,
+    ImageNet mean/std, as the weights were trained with."""
+
+    def __init__(self, weights: str | None = None) -> None:
+        super().__init__()
+        self.net = resnet50(weights=None)
+        if weights:
+            self.net.load_state_dict(_load_state_dict(Path(weights)))
+        self.net.fc = nn.Identity()
+        self.requires_grad_(False)
+        self.transform = transforms.Compose([
+            transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        self.identity = {"backbone": "resnet50", "weights": file_digest(Path(weights)) if weights else "random"}
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        return self.transform(image)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.net(pixels)
+
+
+def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise BadInput(f"--weights {path} is not a file.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the user's bad input
+        raise BadInput(f"--weights {path} is not a readable PyTorch state dict ({type(err).__name__}).") from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise BadInput(f"--weights {path} holds no state dict.")
+    keys = set(resnet50(weights=None).state_dict())
+    if not keys & set(state):
+        raise BadInput(f"--weights {path} holds no ResNet-50 parameters.")
+    return {k: v for k, v in state.items() if k in keys}
+
+
+class HFEmbedder(Embedder):
+    """CLIP (image tower + projection) or DINOv2 (pooled CLS token) from a local Hugging Face model directory,
+    preprocessed by the directory's own image processor; never fetched from a hub."""
+
+    def __init__(self, kind: str, model_dir: str | None) -> None:
+        super().__init__()
+        if not model_dir:
+            raise BadInput(f"--backbone {kind} needs --model-dir, a local Hugging Face model directory.")
+        path = Path(model_dir)
+        if not (path / "config.json").is_file():
+            raise BadInput(f"--model-dir {path} is not a Hugging Face model directory (no config.json).")
+        try:
+            import transformers
+        except ImportError:
+            raise BadInput(f"--backbone {kind} needs the transformers package: pip install 'fewshot[hf]'.") from None
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        expected = {"clip": "clip", "dinov2": "dinov2"}[kind]
+        if model_type != expected:
+            raise BadInput(f"--model-dir {path} holds a {model_type!r} model, not {expected!r}.")
+        try:
+            if kind == "clip":
+                self.net = transformers.CLIPModel.from_pretrained(path, local_files_only=True)
+                self.processor = transformers.CLIPImageProcessor.from_pretrained(path, local_files_only=True)
+            else:
+                self.net = transformers.AutoModel.from_pretrained(path, local_files_only=True)
+                self.processor = transformers.AutoImageProcessor.from_pretrained(path, local_files_only=True)
+        except OSError as err:
+            raise BadInput(f"--model-dir {path} could not be loaded: {str(err).splitlines()[0]}") from None
+        self.net = self.net.float()
+        self.kind = kind
+        self.requires_grad_(False)
+        self.identity = {"backbone": kind, "model": directory_digest(path)}
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        pixels = self.processor(images=image, return_tensors="pt")["pixel_values"][0]
+        return pixels.float()
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self.kind == "clip":
+            out = self.net.get_image_features(pixel_values=pixels)
+            # transformers 5 returns an output object whose pooler_output is projected; 4.x the tensor itself
+            return out if isinstance(out, torch.Tensor) else out.pooler_output
+        return self.net(pixel_values=pixels).pooler_output
+
+
+def build_embedder(backbone: str, weights: str | None = None, model_dir: str | None = None,
+                   image_size: int = 32) -> Embedder:
+    """The named backbone, checked and loaded from local files only."""
+    if backbone == "small":
+        return SmallConvNet(image_size)
+    if backbone == "resnet50":
+        return ResNet50(weights)
+    if backbone in ("clip", "dinov2"):
+        return HFEmbedder(backbone, model_dir)
+    raise BadInput(f"--backbone must be one of {', '.join(BACKBONES)}, not {backbone!r}.")
+
+
+def file_digest(path: Path) -> str:
+    """sha1 of a file's bytes, read in chunks (weights files are large)."""
+    if not path.is_file():
+        raise BadInput(f"--weights {path} is not a file.")
+    digest = hashlib.sha1()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def directory_digest(path: Path) -> str:
+    """sha1 over a model directory's files (name and bytes), so new weights in the same place change the key."""
+    digest = hashlib.sha1()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(path)).encode())
+        with file.open("rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,306 @@
+"""Specifications of `detect-train`: proposals, box validation, the detector's heads, COCO data and scoring."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from fewshot_cli.commands import detect
+from fewshot_cli.commands.detect import PRESETS, DetectConfig, DetectTask
+from fewshot_cli.data.synthetic import SyntheticScenes
+from fewshot_cli.errors import BadInput
+from fewshot_cli.models import detection
+from fewshot_cli.models.detection import (
+    FewShotDetector,
+    build_backbone,
+    dense_proposals,
+    validate_box_array,
+    validate_boxes,
+)
+from fewshot_cli.runner.task import RunContext
+
+TINY = {"image_size": 64, "backbone": "small", "embedding_dim": 8, "head_hidden": 16, "objectness_hidden": 4,
+        "proposal_step": 16, "proposals_top_k": 8, "n_way": 2, "k_shot": 1, "n_query": 2, "episodes": 2,
+        "test_episodes": 2, "val_episodes": 1, "lr": 1e-3}
+
+
+def tiny_task(tmp_path: Path | None = None, data: Path | None = None, events: list | None = None,
+              **overrides: object) -> DetectTask:
+    cfg = DetectConfig(**{**TINY, **overrides})
+    emit = (lambda event, **fields: events.append((event, fields))) if events is not None else (lambda e, **f: None)
+    ctx = RunContext(device=torch.device("cpu"), seed=0, run_dir=tmp_path, data=data, emit=emit)
+    return DetectTask(cfg, ctx)
+
+
+def write_coco(root: Path, bad_box: bool = False) -> Path:
+    """A tiny COCO dataset drawn from the synthetic scenes: 6 classes, 40 train and 30 test images."""
+    (root / "images").mkdir(parents=True)
+    (root / "annotations").mkdir()
+    categories = [{"id": c + 1, "name": f"thing{c}"} for c in range(6)]
+    for split, count, seed in (("train", 40, 1), ("test", 30, 2)):
+        scenes = SyntheticScenes(image_size=64, n_classes=6, n_scenes=count, seed=seed)
+        images, annotations = [], []
+        for i in range(count):
+            scene = scenes[i]
+            name = f"{split}-{i}.png"
+            Image.fromarray((scene.image * 255).astype(np.uint8)).save(root / "images" / name)
+            images.append({"id": i + 1, "file_name": name, "width": 64, "height": 64})
+            for box, label in zip(scene.boxes.tolist(), scene.labels.tolist(), strict=True):
+                x0, y0, x1, y1 = box
+                annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": label + 1,
+                                    "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0),
+                                    "iscrowd": 0})
+        if bad_box:
+            annotations.append({"id": len(annotations) + 1, "image_id": 1, "category_id": 1,
+                                "bbox": [10, 10, 0, 5], "area": 0, "iscrowd": 0})
+        (root / "annotations" / f"{split}.json").write_text(
+            json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    return root
+
+
+# ---------------------------------------------------------------- proposals and boxes
+
+
+def test_proposals_cover_the_whole_image_at_the_configured_stride() -> None:
+    size, step = 100, 24
+    boxes = dense_proposals(size, step, (12.0, 30.0))
+    centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+    xs = torch.unique(torch.round(centres[:, 0]))
+    assert len(boxes) == 2 * math.ceil(size / step) ** 2
+    points = torch.stack(torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij"), -1)
+    points = points.reshape(-1, 2)
+    inside = ((points[:, None, 0] >= boxes[None, :, 0]) & (points[:, None, 0] <= boxes[None, :, 2])
+              & (points[:, None, 1] >= boxes[None, :, 1]) & (points[:, None, 1] <= boxes[None, :, 3]))
+    assert inside.any(dim=1).all()  # every pixel lies in some proposal
+    assert (boxes >= 0).all() and (boxes <= size).all()
+    assert xs[0] == step / 2 and float(xs[-1]) >= size - step / 2
+
+
+@pytest.mark.parametrize("on", ["device", "host"])
+def test_box_validation_drops_non_finite_and_degenerate_boxes_and_clamps_the_rest(on: str) -> None:
+    boxes = torch.tensor([
+        [10.0, 10.0, 20.0, 20.0],  # good
+        [float("nan"), 0.0, 5.0, 5.0],  # non-finite
+        [0.0, 0.0, float("inf"), 5.0],  # non-finite
+        [5.0, 5.0, 5.0, 9.0],  # zero width
+        [9.0, 9.0, 4.0, 4.0],  # inverted
+        [70.0, 70.0, 90.0, 90.0],  # wholly outside the 64x64 image
+        [-5.0, 50.0, 10.0, 80.0],  # partly outside: clamped, kept
+    ])
+    validate = validate_boxes if on == "device" else validate_box_array
+    kept, keep, counts = validate(boxes if on == "device" else boxes.numpy(), 64, 64)
+    assert keep.tolist() == [True, False, False, False, False, False, True]
+    assert kept[1].tolist() == [0.0, 50.0, 10.0, 64.0]
+    assert (counts.non_finite, counts.degenerate, counts.clamped) == (2, 3, 1)
+
+
+def test_box_deltas_round_trip() -> None:
+    proposals = torch.tensor([[0.0, 0.0, 10.0, 10.0], [5.0, 8.0, 30.0, 20.0]])
+    truth = torch.tensor([[1.0, 2.0, 12.0, 9.0], [4.0, 4.0, 40.0, 24.0]])
+    decoded = detection.decode_boxes(detection.encode_boxes(truth, proposals), proposals)
+    assert torch.allclose(decoded, truth, atol=1e-4)
+
+
+# ---------------------------------------------------------------- the detector
+
+
+@pytest.mark.parametrize("n_way", [1, 2, 5, 9])
+def test_objectness_input_has_the_embedding_size_for_every_n_way(n_way: int) -> None:
+    backbone, stride = build_backbone("small", 16)
+    model = FewShotDetector(backbone, stride, 16, 32, 8)
+    seen = []
+    model.objectness[0].register_forward_hook(lambda module, args, out: seen.append(args[0].shape))
+    prototypes = torch.nn.functional.normalize(torch.randn(n_way, 16), dim=1)
+    logits, objectness, deltas = model.score(torch.randn(7, 16), prototypes)
+    assert seen == [torch.Size([7, 16])]
+    assert logits.shape == (7, n_way) and objectness.shape == (7,) and deltas.shape == (7, 4)
+
+
+def test_support_encoder_is_frozen() -> None:
+    backbone, stride = build_backbone("small", 8)
+    model = FewShotDetector(backbone, stride, 8, 16, 4)
+    prototypes, pooled = model.prototypes(torch.rand(3, 3, 32, 32), torch.tensor([[4.0, 4.0, 20.0, 20.0]] * 3),
+                                          torch.tensor([0, 1, 1]), 2)
+    assert not prototypes.requires_grad and not pooled.requires_grad
+    assert prototypes.shape == (2, 8) and torch.allclose(prototypes.norm(dim=1), torch.ones(2))
+
+
+def test_nms_and_focal_loss_are_torchvisions(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert detection.batched_nms is torchvision.ops.batched_nms
+    assert detection.sigmoid_focal_loss is torchvision.ops.sigmoid_focal_loss
+    calls = {"nms": 0, "focal": 0}
+
+    def nms(*args: object, **kwargs: object) -> torch.Tensor:
+        calls["nms"] += 1
+        return torchvision.ops.batched_nms(*args, **kwargs)
+
+    def focal(*args: object, **kwargs: object) -> torch.Tensor:
+        calls["focal"] += 1
+        return torchvision.ops.sigmoid_focal_loss(*args, **kwargs)
+
+    monkeypatch.setattr(detection, "batched_nms", nms)
+    monkeypatch.setattr(detection, "sigmoid_focal_loss", focal)
+    task = tiny_task(score_threshold=0.0)
+    task.train_step(1)
+    assert calls["focal"] > 0
+    task.model.eval()
+    with torch.inference_mode():
+        task.evaluate("val", 1)
+    assert calls["nms"] > 0
+
+
+def test_hard_negative_mining_keeps_the_fixed_ratio() -> None:
+    task = tiny_task(negative_ratio=2.0)
+    figures = task.train_step(1)
+    assert figures["positives"] > 0
+    assert figures["hard_negatives"] == 2.0 * figures["positives"]
+
+
+def test_back_off_splits_the_same_queries_into_micro_steps() -> None:
+    task = tiny_task(n_query=4)
+    episode = task.samplers["train"].episode(0)
+    before = task._query_chunks(episode)
+    task.set_knob("n_query", 1, 4)
+    after = task._query_chunks(episode)
+    assert len(before) == 1 and len(after) == 4
+    assert sorted(q for chunk in after for q in chunk) == sorted(before[0])
+    assert math.isfinite(task.train_step(1)["loss"])
+
+
+# ---------------------------------------------------------------- data and scoring
+
+
+def test_built_in_scenes_train_on_base_classes_and_test_on_novel_ones() -> None:
+    task = tiny_task()
+    assert set(task.base).isdisjoint(task.novel)
+    for index in range(5):
+        assert set(task.samplers["train"].episode(index).classes) <= set(task.base)
+        assert set(task.samplers["test"].episode(index).classes) <= set(task.novel)
+
+
+def test_a_tiny_coco_dataset_trains_and_is_scored_by_pycocotools_from_the_written_files(tmp_path: Path) -> None:
+    data = write_coco(tmp_path / "data")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    task = tiny_task(run_dir, data=data, novel_classes="thing4,thing5", score_threshold=0.0)
+    for step in (1, 2):
+        assert math.isfinite(task.train_step(step)["loss"])
+    task.model.eval()
+    with torch.inference_mode():
+        metrics = task.finish(task.evaluate("test", 2))
+    gt = COCO(str(run_dir / "gt.json"))
+    assert {c["name"] for c in gt.dataset["categories"]} == {"thing4", "thing5"}
+    assert len(gt.getAnnIds()) > 0
+    evaluator = COCOeval(gt, gt.loadRes(str(run_dir / "detections.json")), "bbox")
+    evaluator.evaluate()
+    evaluator.accumulate()
+    evaluator.summarize()
+    assert metrics["map"] == max(0.0, float(evaluator.stats[0]))
+    assert metrics["map50"] == max(0.0, float(evaluator.stats[1]))
+    assert metrics["test_episodes"] == 2.0
+
+
+def test_coco_data_without_novel_classes_is_bad_input(tmp_path: Path) -> None:
+    data = write_coco(tmp_path / "data")
+    with pytest.raises(BadInput, match="--novel-classes"):
+        tiny_task(data=data)
+    with pytest.raises(BadInput, match="not a category"):
+        tiny_task(data=data, novel_classes="thing4,unicorn")
+
+
+def test_missing_coco_annotations_are_bad_input(tmp_path: Path) -> None:
+    (tmp_path / "images").mkdir()
+    with pytest.raises(BadInput, match="train.json"):
+        tiny_task(data=tmp_path, novel_classes="x")
+
+
+def test_dropped_coco_boxes_are_counted_in_the_log(tmp_path: Path) -> None:
+    data = write_coco(tmp_path / "data", bad_box=True)
+    events: list = []
+    tiny_task(data=data, novel_classes="5,6", events=events)
+    dropped = [fields for event, fields in events if event == "boxes_dropped"]
+    assert dropped and dropped[0]["degenerate"] == 2  # one bad box in each split
+
+
+# ---------------------------------------------------------------- weights and presets
+
+
+def test_weights_that_do_not_match_the_backbone_are_bad_input(tmp_path: Path) -> None:
+    path = tmp_path / "w.pt"
+    torch.save({"conv.weight": torch.zeros(1)}, path)
+    with pytest.raises(BadInput, match="does not match the small backbone"):
+        build_backbone("small", 8, str(path))
+    with pytest.raises(BadInput, match="not a file"):
+        build_backbone("small", 8, str(tmp_path / "missing.pt"))
+
+
+def test_matching_weights_load_strictly(tmp_path: Path) -> None:
+    source, _ = build_backbone("small", 8)
+    path = tmp_path / "w.pt"
+    torch.save(source.state_dict(), path)
+    loaded, _ = build_backbone("small", 8, str(path))
+    assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), loaded.state_dict().values(),
+                                                 strict=True))
+
+
+def test_t4_preset_is_the_seeds_configuration_after_its_oom_fix() -> None:
+    t4 = PRESETS["t4"]
+    assert (t4["image_size"], t4["embedding_dim"], t4["k_shot"], t4["n_query"], t4["proposal_step"],
+            t4["head_hidden"], t4["objectness_hidden"], t4["backbone"]) == (256, 256, 3, 10, 24, 512, 64, "resnet50")
+    assert set(PRESETS) == {"cpu", "t4", "mps", "a100", "h100"}
+
+
+def test_plan_extra_bytes_grow_with_proposal_density() -> None:
+    task = tiny_task()
+    sparse = task.plan_extra_bytes()["train"]["proposal_ranking"]
+    task.cfg.proposal_step = 8
+    assert task.plan_extra_bytes()["train"]["proposal_ranking"] == 4 * sparse
+
+
+def test_the_planner_can_trace_both_phases_under_fake_tensors() -> None:
+    plan = pytest.importorskip("fewshot_cli.plan")
+    phases = plan.trace(detect.COMMAND, DetectConfig(**TINY))
+    assert set(phases) == {"train", "test"}
+    assert phases["train"]["proposal_grid"] > 0 and phases["train"].get("activations", 0) > 0
+
+
+# ---------------------------------------------------------------- the command line
+
+CLI_TINY = ["--image-size", "64", "--embedding-dim", "8", "--head-hidden", "16", "--objectness-hidden", "4",
+            "--proposal-step", "16", "--proposals-top-k", "8", "--n-way", "2", "--k-shot", "1", "--n-query", "1",
+            "--episodes", "2", "--test-episodes", "1", "--score-threshold", "0.0", "--quiet"]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fewshot_cli", "detect-train", "--preset", "cpu", "--device", "cpu",
+                           *args], capture_output=True, text=True, timeout=300)
+
+
+def test_cli_run_writes_metrics_that_pycocotools_reproduces_from_the_run_files(tmp_path: Path) -> None:
+    data = write_coco(tmp_path / "data")
+    done = run_cli("--data", str(data), "--novel-classes", "thing4,thing5", "--out", str(tmp_path / "runs"),
+                   "--name", "r", *CLI_TINY)
+    assert done.returncode == 0, done.stderr
+    run_dir = tmp_path / "runs" / "r"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert set(metrics) >= {"map", "map50", "test_episodes"}
+    assert (metrics["map"], metrics["map50"]) == detect.coco_map_files(run_dir / "gt.json",
+                                                                       run_dir / "detections.json")
+
+
+def test_cli_coco_data_without_novel_classes_exits_2(tmp_path: Path) -> None:
+    data = write_coco(tmp_path / "data")
+    done = run_cli("--data", str(data), "--out", str(tmp_path / "runs"), *CLI_TINY)
+    assert done.returncode == 2
+    assert "--novel-classes" in done.stderr and "Traceback" not in done.stderr
