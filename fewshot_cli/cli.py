@@ -197,10 +197,31 @@ def _resumed_config(command: Command, run_dir: Path, knobs: dict[str, Any]) -> t
     return resolved, record
 
 
+def _device_preset_name(device) -> str:
+    from fewshot_cli.runner.device import device_preset
+
+    return device_preset(device) if device.type != "cuda" or _has_cuda() else "t4"
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _plan_command(command: Command, knobs: dict[str, Any], options: dict[str, Any]) -> None:
     from fewshot_cli import plan
+    from fewshot_cli.runner.device import parse_size
 
-    device, resolved, budget = resolve_run(command, knobs, options)
+    # a plan needs no device: `--preset t4` on a laptop plans for a T4
+    preset = options.get("preset") or "auto"
+    device, nominal = plan.target(preset, options["device"])
+    budget = parse_size(options["memory_budget"]) if options.get("memory_budget") else nominal
+    base = preset if preset in command.presets else _device_preset_name(device)
+    resolved = resolve(command.config, command.presets, base, knobs)
+    resolved.preset = preset
+    if preset == "auto":
+        plan.fit_to_budget(command, resolved, device, budget, {"force": True})
     report = plan.plan_run(command, resolved, device, budget)
     if options["json_out"]:
         typer.echo(json.dumps(report, sort_keys=True))

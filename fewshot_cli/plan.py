@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from contextlib import ExitStack, nullcontext
+from collections.abc import Callable
 from typing import Any
 from unittest.mock import patch
 
@@ -24,6 +25,9 @@ CUDA_CONTEXT = 500 * MiB  # CUDA context + kernels loaded by torch, outside the 
 CUDNN_WORKSPACE = 128 * MiB
 CUDA_BLOCK = 2 * MiB  # the caching allocator rounds large blocks to 2 MiB
 MPS_OVERHEAD = 1.15  # the MPS allocator's heaps round up; measured overhead factor
+#: the device each preset is made for and its memory, so a plan for it can be made from any machine
+PRESET_DEVICES = {"t4": ("cuda", int(15.89 * 1024**3)), "a100": ("cuda", 80 * 1024**3),
+                  "h100": ("cuda", 80 * 1024**3), "mps": ("mps", int(47.74 * 1024**3))}
 _KINDS = {"PARAM": "parameters", "BUFFER": "buffers", "GRAD": "gradients", "OPT": "optimizer_state",
           "ACT": "activations", "TEMP": "temporaries", "OTH": "other"}
 
@@ -78,7 +82,8 @@ def _fake() -> ExitStack:
     return stack
 
 
-def trace(command: Command, config: Any, seed: int = 0, fake: bool = True) -> dict[str, dict[str, int]]:
+def trace(command: Command, config: Any, seed: int = 0, fake: bool = True,
+          observe: Callable[[str, str], None] | None = None) -> dict[str, dict[str, int]]:
     """Per phase, the bytes of each kind at that phase's peak: with `fake`, nothing is allocated for real; without,
     the same steps run for real on the CPU under the same tracker (to check the prediction)."""
     cfg = copy.deepcopy(config)
@@ -92,8 +97,12 @@ def trace(command: Command, config: Any, seed: int = 0, fake: bool = True) -> di
             tracker.track_external(*(m for m in (task.model, getattr(task, "optimizer", None)) if m is not None))
             train = phase == "train"
             task.model.train(train)
+            if observe is not None:
+                observe(phase, "start")
             with tracker, (nullcontext() if train else torch.inference_mode()):
                 step()
+            if observe is not None:
+                observe(phase, "end")
             snapshot = tracker.get_tracker_snapshot("peak")
             components: dict[str, int] = {}
             for per_device in snapshot.values():
@@ -104,6 +113,24 @@ def trace(command: Command, config: Any, seed: int = 0, fake: bool = True) -> di
             components.update(extra.get(phase, {}))
             phases[phase] = components
     return phases
+
+
+def target(preset: str, device_name: str) -> tuple[torch.device, int | None]:
+    """The device a plan is for and its memory: an explicit --device if it is here, else the preset's device."""
+    from fewshot_cli.runner.device import resolve_device
+
+    name = (device_name or "auto").lower()
+    if name == "auto" and preset in PRESET_DEVICES:
+        kind, memory = PRESET_DEVICES[preset]
+        return torch.device(kind), memory
+    try:
+        device = resolve_device(name)
+    except BadInput:
+        if name.split(":")[0] not in ("cuda", "mps"):
+            raise
+        device = torch.device(name)  # planning for a device that is not on this machine
+        return device, PRESET_DEVICES.get(preset, PRESET_DEVICES["t4" if device.type == "cuda" else "mps"])[1]
+    return device, device_memory_bytes(device)
 
 
 def device_terms(device: torch.device, components: dict[str, int]) -> dict[str, int]:

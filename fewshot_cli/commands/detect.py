@@ -400,4 +400,5 @@ def detection_spread(gt: dict[str, Any], detections: list[dict[str, Any]], min_s
 COMMAND = Command(name="detect-train", help="Episodic few-shot object detection: class prototypes matched over "
                   "dense proposals, focal loss with hard negatives, scored by pycocotools on novel classes.",
                   config=DetectConfig, presets=PRESETS, task=DetectTask, primary_metric="map50",
-                  plan_knobs=("n_query", "image_size", "proposals_top_k"))
+                  plan_knobs=("n_query", "image_size", "proposals_top_k"),
+                  demo={"episodes": 40, "test_episodes": 5})

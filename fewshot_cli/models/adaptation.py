@@ -11,16 +11,19 @@ VARIANTS = ("cosine", "euclidean")
 
 class SetToSetAttention(nn.Module):
     """Self-attention over a set of embeddings with a residual and LayerNorm; `cosine` attends by scaled cosine
-    similarity of queries and keys, `euclidean` by negative squared distance."""
+    similarity of queries and keys, `euclidean` by negative squared distance. Queries, keys and values live in an
+    inner space of at most `inner_dim` (as in FS-CT's heads x dim_head), so a 25,088-dim input costs d x 512
+    weights, not d x d."""
 
-    def __init__(self, dim: int, variant: str = "cosine", dropout: float = 0.1) -> None:
+    def __init__(self, dim: int, variant: str = "cosine", dropout: float = 0.1, inner_dim: int = 512) -> None:
         super().__init__()
         self.variant = variant
-        self.q, self.k, self.v = (nn.Linear(dim, dim, bias=False) for _ in range(3))
-        self.out = nn.Linear(dim, dim)
+        inner = min(dim, inner_dim)
+        self.q, self.k, self.v = (nn.Linear(dim, inner, bias=False) for _ in range(3))
+        self.out = nn.Linear(inner, dim)
         self.norm = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(dropout)
-        self.temperature = nn.Parameter(torch.tensor(10.0 if variant == "cosine" else dim**-0.5))
+        self.temperature = nn.Parameter(torch.tensor(10.0 if variant == "cosine" else inner**-0.5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.q(x), self.k(x), self.v(x)
