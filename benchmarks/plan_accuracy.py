@@ -65,7 +65,8 @@ def main() -> None:
     parser.add_argument("--commands", nargs="*", help="only these commands")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    lines = ["| command | phase | predicted MiB | measured (tracker) MiB | error | RSS rise MiB |", "|---|---|---|---|---|---|"]
+    lines = ["| command | phase | predicted MiB | measured (tracker) MiB | error | RSS rise MiB |",
+             "|---|---|---|---|---|---|"]
     for name, command in load_commands().items():
         if args.commands and name not in args.commands:
             continue
@@ -77,7 +78,8 @@ def main() -> None:
         for phase in predicted:
             p, m = sum(predicted[phase].values()), sum(measured[phase].values())
             error = f"{100 * (p - m) / m:+.1f}%" if m else "-"
-            lines.append(f"| {name} | {phase} | {p / MiB:,.1f} | {m / MiB:,.1f} | {error} | {rss.rise(phase) / MiB:,.1f} |")
+            rise = rss.rise(phase) / MiB
+            lines.append(f"| {name} | {phase} | {p / MiB:,.1f} | {m / MiB:,.1f} | {error} | {rise:,.1f} |")
             print(lines[-1], flush=True)
     table = "\n".join(lines) + "\n"
     print(table)

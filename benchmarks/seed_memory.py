@@ -54,7 +54,8 @@ def main() -> None:
         resolved = resolve(commands[name].config, commands[name].presets, preset, knobs)
         report = plan_run(commands[name], resolved, torch.device(kind), budget)
         phase = max(report["phases"], key=lambda p: report["phases"][p]["peak_bytes"])
-        lines.append(f"| {seed} | {label} | {preset} {kind} ({budget / GiB:.2f} GiB) | {report['peak_bytes'] / GiB:,.2f} "
+        peak = report["peak_bytes"] / GiB
+        lines.append(f"| {seed} | {label} | {preset} {kind} ({budget / GiB:.2f} GiB) | {peak:,.2f} "
                      f"| {phase} | {'yes' if report['fits'] else 'no'} | {says} |")
         print(lines[-1], flush=True)
     cov = ["", "The Mahalanobis covariance term alone (5 classes, float32, the d x d matrices only):", "",

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import copy
-from contextlib import ExitStack, nullcontext
 from collections.abc import Callable
+from contextlib import ExitStack, nullcontext
 from typing import Any
 from unittest.mock import patch
 

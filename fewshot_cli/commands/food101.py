@@ -1,0 +1,367 @@
+"""`fewshot classify-food101`: supervised Food-101 classification that fits an Apple-silicon memory budget."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from fewshot_cli.data.food101 import (
+    EvalSamples,
+    FoodImages,
+    StepBatches,
+    TrainSamples,
+    check_files,
+    check_layout,
+    eval_transform,
+    food101_split,
+    stratified_subset,
+    synthetic_split,
+    train_transform,
+)
+from fewshot_cli.errors import BadInput
+from fewshot_cli.models.classifiers import MODELS, build_classifier
+from fewshot_cli.runner.config import BaseConfig, knob
+from fewshot_cli.runner.task import BackoffKnob, Command, RunContext, Task
+
+#: torch refuses to start MPS above this ratio on unified memory (MPSAllocator.mm), and its default low ratio
+MPS_WATERMARK_UPPER_BOUND = 2.0
+MPS_DEFAULT_LOW_WATERMARK = 1.4
+PREFETCH_FACTOR = 2
+
+
+@dataclass
+class Food101Config(BaseConfig):
+    """Knobs of classify-food101: a step is one batch, a run is `epochs` passes over the train split."""
+
+    val_episodes: int = knob(10, "unused: validation scores the whole test split", cli=False)
+    epochs: int = knob(10, "passes over the train split", minimum=0)
+    batch_size: int = knob(24, "images per optimiser step (OOM back-off keeps it with gradient accumulation)",
+                           minimum=1)
+    image_size: int = knob(224, "side of the square network input in pixels", minimum=16)
+    model: str = knob("efficientnet_b0", "torchvision classification network", choices=MODELS)
+    weights: str | None = knob(None, "local state dict to start from; its class layer is replaced")
+    freeze_backbone: bool = knob(False, "train only the classification head (needs --weights)")
+    lr: float = knob(1e-3, "AdamW peak learning rate (cosine schedule, 5% warm-up)", minimum=0)
+    weight_decay: float = knob(0.05, "AdamW weight decay", minimum=0)
+    dev_samples: int = knob(0, "N train and N/3 test images per class, stratified and seeded (0: all)", minimum=0)
+    empty_cache_every: int | None = knob(None, "steps between empty_cache calls (default: 10 on MPS, else never)",
+                                         minimum=0)
+    mps_high_watermark: float | None = knob(None, "PYTORCH_MPS_HIGH_WATERMARK_RATIO, 0 to 2 (0: no limit)",
+                                            minimum=0)
+    amp: bool = knob(False, "mixed precision: bf16 (fp16 where bf16 is missing) on CUDA, fp16 on MPS, bf16 on CPU")
+    synthetic_classes: int = knob(101, "classes of the built-in data (used without --data)", minimum=2)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # two cores: small inputs and a light network so a default run ends in minutes
+    "cpu": {"epochs": 12, "batch_size": 64, "image_size": 32, "model": "mobilenet_v3_large", "lr": 2e-3,
+            "synthetic_classes": 20, "workers": 0, "checkpoint_every": 100},
+    # the seed's fix: 224 px at batch 24 stays under 48 GB where 1024 px at 32 did not
+    "mps": {"epochs": 10, "batch_size": 24, "image_size": 224, "model": "efficientnet_b0",
+            "empty_cache_every": 10, "workers": 4, "checkpoint_every": 500},
+    "t4": {"epochs": 10, "batch_size": 64, "image_size": 224, "model": "efficientnet_b0", "amp": True,
+           "workers": 4, "checkpoint_every": 500},
+    "a100": {"epochs": 10, "batch_size": 128, "image_size": 224, "model": "efficientnet_b0", "amp": True,
+             "workers": 8, "checkpoint_every": 500},
+    "h100": {"epochs": 10, "batch_size": 256, "image_size": 224, "model": "efficientnet_b0", "amp": True,
+             "workers": 8, "checkpoint_every": 500},
+}
+
+
+def apply_mps_env(cfg: Any) -> dict[str, str]:
+    """Set PYTORCH_MPS_HIGH_WATERMARK_RATIO from --mps-high-watermark (a config or the CLI's knob dict), and the
+    low ratio with it so that low <= high (else torch refuses to start MPS). Call before torch first allocates
+    on MPS; returns what it set."""
+    high = cfg.get("mps_high_watermark") if isinstance(cfg, dict) else getattr(cfg, "mps_high_watermark", None)
+    if high is None:
+        return {}
+    if not 0.0 <= high <= MPS_WATERMARK_UPPER_BOUND:
+        raise BadInput(f"--mps-high-watermark must be between 0 and {MPS_WATERMARK_UPPER_BOUND} "
+                       f"(0: no limit), not {high}.")
+    env = {"PYTORCH_MPS_HIGH_WATERMARK_RATIO": repr(float(high))}
+    if high > 0:  # high 0 disables the limit; torch then checks low against the upper bound only
+        low = float(os.environ.get("PYTORCH_MPS_LOW_WATERMARK_RATIO", MPS_DEFAULT_LOW_WATERMARK))
+        env["PYTORCH_MPS_LOW_WATERMARK_RATIO"] = repr(min(low, float(high)))
+    os.environ.update(env)
+    return env
+
+
+def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
+    """The autocast dtype for --amp on this device, or None for full precision."""
+    if not amp:
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "mps":
+        return torch.float16
+    return torch.bfloat16
+
+
+def empty_cache(device: torch.device) -> None:
+    """Hand cached blocks back to the driver (the seed's MPS fix)."""
+    if device.type == "mps":
+        torch.mps.empty_cache()
+    elif device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def warmup_cosine(total: int) -> Callable[[int], float]:
+    """The learning-rate factor after `done` steps: linear warm-up over 5% of the run, then cosine to zero."""
+    warmup = max(1, round(0.05 * total))
+
+    def factor(done: int) -> float:
+        if done < warmup:
+            return (done + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (done - warmup) / max(1, total - warmup))))
+    return factor
+
+
+class RankShare(torch.utils.data.Sampler):
+    """One rank's share of each step's batch, every N-th key from its rank on (as DistributedSampler splits), so
+    it stays a pure function of (seed, epoch, step) and N ranks together load exactly the one batch."""
+
+    def __init__(self, batches: StepBatches, rank: int, world_size: int) -> None:
+        self.batches, self.rank, self.world_size = batches, rank, world_size
+
+    def __iter__(self):
+        for batch in self.batches:
+            yield batch[self.rank::self.world_size]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class Food101Task(Task):
+    """Train a torchvision classifier on Food-101's train split; top-1 / top-5 on its test split every epoch."""
+
+    backoff_knobs = (BackoffKnob("batch_size", floor=1),)
+
+    def __init__(self, cfg: Food101Config, ctx: RunContext) -> None:
+        super().__init__(cfg, ctx)
+        apply_mps_env(cfg)  # a no-op when the CLI already did it before torch touched MPS
+        self.device = ctx.device
+        self.train_split, self.test_split = self._splits(cfg, ctx)
+        self.train_indices = self._choose(self.train_split, cfg.dev_samples, "train")
+        self.test_indices = self._choose(self.test_split, math.ceil(cfg.dev_samples / 3), "test")
+        check_files(self.train_split, self.train_indices, "train")
+        check_files(self.test_split, self.test_indices, "test")
+        self.classes = self.train_split.classes
+        # the effective batch survives OOM back-off: cfg.batch_size becomes the micro-batch
+        self.effective_batch = cfg.batch_size
+        group = ctx.distributed
+        if group is not None and self.effective_batch < group.world_size:
+            raise BadInput(f"--batch-size {self.effective_batch} is smaller than the {group.world_size} processes "
+                           f"that share each batch; raise it or start fewer processes.")
+        self.steps_per_epoch = max(1, len(self.train_indices) // self.effective_batch)
+
+        weights = Path(cfg.weights) if cfg.weights else None
+        self.model = build_classifier(cfg.model, len(self.classes), weights, cfg.freeze_backbone).to(self.device)
+        if self.device.type == "cuda":
+            self.model.to(memory_format=torch.channels_last)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(self.total_steps()))
+        self.amp_dtype = autocast_dtype(self.device, cfg.amp)
+        # fp16 gradients underflow without loss scaling; bf16 and fp32 need none
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.cache_every = cfg.empty_cache_every if cfg.empty_cache_every is not None else (
+            10 if self.device.type == "mps" else 0)
+        self.best_top1 = -1.0
+        self._loader: Iterator | None = None
+        self._next_step = 0
+        self._last: tuple[int, torch.Tensor, torch.Tensor] | None = None
+        ctx.emit("dataset", source=str(ctx.data) if ctx.data else "built-in", classes=len(self.classes),
+                 train_images=len(self.train_indices), test_images=len(self.test_indices),
+                 steps_per_epoch=self.steps_per_epoch)
+
+    @staticmethod
+    def _splits(cfg: Food101Config, ctx: RunContext) -> tuple[FoodImages, FoodImages]:
+        if ctx.data is None:
+            return tuple(synthetic_split(cfg.synthetic_classes, cfg.image_size, ctx.seed, split)
+                         for split in ("train", "test"))
+        root = Path(ctx.data)
+        check_layout(root)
+        return food101_split(root, "train"), food101_split(root, "test")
+
+    def _choose(self, split: FoodImages, per_class: int, name: str) -> list[int]:
+        if not per_class:
+            return list(range(len(split)))
+        return stratified_subset(split.labels, per_class, self.ctx.seed, name)
+
+    def total_steps(self) -> int:
+        return self.cfg.epochs * self.steps_per_epoch
+
+    def validate_now(self, step: int) -> bool:
+        if step >= self.total_steps():
+            return False  # the final test evaluation scores the last epoch
+        if self.cfg.val_every:
+            return step % self.cfg.val_every == 0
+        return step % self.steps_per_epoch == 0
+
+    def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step `step`'s batch; a resumed or retried step starts a fresh loader at that step."""
+        if self._last is not None and self._last[0] == step:
+            return self._last[1], self._last[2]  # an OOM retry of the same step
+        if self._loader is None or self._next_step != step:
+            batches = StepBatches(self.train_indices, self.effective_batch, self.ctx.seed, step,
+                                  max(step, self.total_steps()))
+            if self.ctx.distributed is not None:
+                batches = RankShare(batches, self.ctx.distributed.rank, self.ctx.distributed.world_size)
+            self._loader = iter(self._data_loader(TrainSamples(self.train_split, train_transform(
+                self.cfg.image_size)), batch_sampler=batches))
+        images, labels = next(self._loader)
+        self._next_step = step + 1
+        self._last = (step, images, labels)
+        return images, labels
+
+    def _data_loader(self, dataset: torch.utils.data.Dataset, **kwargs: Any) -> DataLoader:
+        workers = self.cfg.workers
+        # its own generator: starting a loader must not draw from the global stream the runner seeds per step
+        return DataLoader(dataset, num_workers=workers, pin_memory=self.device.type == "cuda",
+                          prefetch_factor=PREFETCH_FACTOR if workers else None,
+                          generator=torch.Generator().manual_seed(self.ctx.seed), **kwargs)
+
+    def _to_device(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images
+
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    def _optimise(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One optimiser step on a batch, as micro-batches of cfg.batch_size when back-off has shrunk it.
+        Data-parallel, `images` are this rank's share of the batch and the gradients are summed across ranks."""
+        batch = self.effective_batch if self.ctx.distributed is not None else len(labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device)
+        for micro_images, micro_labels in zip(images.split(self.cfg.batch_size), labels.split(self.cfg.batch_size),
+                                              strict=True):
+            x, y = self._to_device(micro_images), micro_labels.to(self.device, non_blocking=True)
+            with self._autocast():
+                logits = self.model(x)
+                loss = F.cross_entropy(logits, y)
+            # weighted so the accumulated gradient is the full batch's mean
+            share = len(y) / batch
+            self.scaler.scale(loss * share).backward()
+            loss_sum += loss.detach().float() * share
+            correct += (logits.detach().argmax(1) == y).sum()
+        self.sync_gradients()  # before the scaler's inf check, so every rank skips or steps alike
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return {"loss": loss_sum, "correct": correct}
+
+    def train_step(self, step: int) -> dict[str, float]:
+        images, labels = self._batch(step)
+        out = self.all_sum({name: float(value) for name, value in self._optimise(images, labels).items()})
+        if self.cache_every and step % self.cache_every == 0:
+            empty_cache(self.device)
+        batch = self.effective_batch if self.ctx.distributed is not None else len(labels)
+        return {"loss": out["loss"], "train_top1": out["correct"] / batch,
+                "lr": self.optimizer.param_groups[0]["lr"]}
+
+    def _score(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
+        """(top-1 hits, top-5 hits) of one evaluation batch."""
+        y = labels.to(self.device)
+        with self._autocast():
+            logits = self.model(self._to_device(images))
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top == y[:, None]
+        return int(hits[:, 0].sum()), int(hits.any(dim=1).sum())
+
+    def evaluate(self, phase: str, step: int) -> dict[str, float]:
+        # data-parallel, each rank scores every N-th test image; the hit counts add up exactly
+        indices = self.my_share(self.test_indices)
+        samples = EvalSamples(self.test_split, indices, eval_transform(self.cfg.image_size))
+        top1 = top5 = 0
+        if indices:
+            for images, labels in self._data_loader(samples, batch_size=self.cfg.batch_size):
+                hits1, hits5 = self._score(images, labels)
+                top1, top5 = top1 + hits1, top5 + hits5
+        if self.cache_every:
+            empty_cache(self.device)
+        hits = self.all_sum({"top1": top1, "top5": top5})
+        metrics = {"top1": hits["top1"] / len(self.test_indices), "top5": hits["top5"] / len(self.test_indices)}
+        if metrics["top1"] > self.best_top1:
+            self.best_top1 = metrics["top1"]
+            self._save_model(step, metrics)
+        return metrics
+
+    def _save_model(self, step: int, metrics: dict[str, float]) -> None:
+        """The best model so far as `model.pt`: the torchvision network's state dict and what it classifies."""
+        if self.ctx.run_dir is None:
+            return
+        path = Path(self.ctx.run_dir) / "model.pt"
+        partial = path.with_suffix(".pt.partial")
+        torch.save({"model": self.model.net.state_dict(), "model_name": self.cfg.model, "classes": self.classes,
+                    "image_size": self.cfg.image_size, "step": step, **metrics}, partial)
+        os.replace(partial, path)  # a reader never sees half a file
+
+    def set_knob(self, name: str, value: int, accumulation: int) -> None:
+        super().set_knob(name, value, accumulation)
+        self.ctx.emit("micro_batch", batch_size=self.effective_batch, micro_batch=value,
+                      micro_batches=math.ceil(self.effective_batch / value))
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state.update(scaler=self.scaler.state_dict(), best_top1=self.best_top1, effective_batch=self.effective_batch)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.scaler.load_state_dict(state["scaler"])
+        self.best_top1 = state["best_top1"]
+        if state["effective_batch"] != self.effective_batch:
+            raise BadInput(f"The checkpoint was trained with batches of {state['effective_batch']}; "
+                           f"resume it with --batch-size {state['effective_batch']}.")
+        self._loader, self._last = None, None
+
+    def finish(self, metrics: dict[str, float]) -> dict[str, float]:
+        self._loader = None  # stops the worker processes
+        return {**metrics, "best_top1": self.best_top1}
+
+    def plan_phases(self) -> dict[str, Callable[[], Any]]:
+        """Train and test on a batch of zeros of the run's shape, so the planner traces no image decoding."""
+        def batch() -> tuple[torch.Tensor, torch.Tensor]:
+            size = self.cfg.image_size
+            return torch.zeros(self.cfg.batch_size, 3, size, size), torch.zeros(self.cfg.batch_size, dtype=torch.long)
+
+        def test() -> tuple[int, int]:
+            self.model.eval()
+            try:
+                with torch.inference_mode():
+                    return self._score(*batch())
+            finally:
+                self.model.train()
+        return {"train": lambda: self._optimise(*batch()), "test": test}
+
+    def plan_extra_bytes(self) -> dict[str, dict[str, int]]:
+        """Batches the loader's workers hold ready in host memory (the same pool as the GPU's on Apple silicon)."""
+        size = self.cfg.image_size
+        batch_bytes = self.effective_batch * 3 * size * size * 4
+        prefetch = self.cfg.workers * PREFETCH_FACTOR * batch_bytes
+        return {"train": {"loader_prefetch": prefetch}, "test": {"loader_prefetch": prefetch}} if prefetch else {}
+
+
+COMMAND = Command(
+    name="classify-food101",
+    help="Supervised Food-101 classification (its on-disk layout) with a torchvision network.",
+    config=Food101Config,
+    presets=PRESETS,
+    task=Food101Task,
+    primary_metric="top1",
+    plan_knobs=("batch_size",),
+    demo={"epochs": 2},
+    prepare=apply_mps_env,
+)
