@@ -241,7 +241,7 @@ def test_weights_that_do_not_match_the_backbone_are_bad_input(tmp_path: Path) ->
     torch.save({"conv.weight": torch.zeros(1)}, path)
     with pytest.raises(BadInput, match="does not match the small backbone"):
         build_backbone("small", 8, str(path))
-    with pytest.raises(BadInput, match="not a file"):
+    with pytest.raises(BadInput, match="does not exist"):
         build_backbone("small", 8, str(tmp_path / "missing.pt"))
 
 

@@ -9,6 +9,7 @@ import torchvision
 from torch import nn
 
 from fewshot_cli.errors import BadInput
+from fewshot_cli.models.weights import read_state_dict
 
 BACKBONES = ("conv4", "conv6", "resnet12", "resnet18", "resnet34", "resnet50")
 
@@ -83,17 +84,7 @@ def feature_dim(backbone: nn.Module, image_size: int) -> int:
 
 def load_weights(module: nn.Module, path: str | Path) -> None:
     """Load a local state dict strictly; a missing file or a mismatch is a BadInput that says what differs."""
-    path = Path(path)
-    if not path.is_file():
-        raise BadInput(f"--weights {path} does not exist.")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
-        raise BadInput(f"--weights {path} is not a readable PyTorch state dict ({type(err).__name__}).") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise BadInput(f"--weights {path} holds a {type(state).__name__}, not a state dict.")
+    state = read_state_dict(path)
     result = module.load_state_dict(_match_prefix(module, state), strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise BadInput(f"--weights {path} does not match the backbone: {len(result.missing_keys)} missing keys "

@@ -9,6 +9,7 @@ import torchvision
 from torch import nn
 
 from fewshot_cli.errors import BadInput
+from fewshot_cli.models.weights import read_state_dict
 
 #: each network's head module (trained when the backbone is frozen) and, inside it, the layer sized to the classes
 HEADS = {
@@ -50,17 +51,7 @@ class Classifier(nn.Module):
 def load_weights(net: nn.Module, name: str, path: Path) -> None:
     """Load a local state dict into `net` except the class layer (replaced to our class count); every other
     tensor must match by name and shape, else a BadInput naming the first differences."""
-    if not path.is_file():
-        raise BadInput(f"--weights {path} does not exist.")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several kinds for a file that is not a state dict
-        raise BadInput(f"--weights {path} is not a PyTorch state dict ({err.__class__.__name__}).") from err
-    if isinstance(state, dict) and isinstance(state.get("model") or state.get("state_dict"), dict):
-        state = state.get("model") or state["state_dict"]  # our model.pt and common training checkpoints
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise BadInput(f"--weights {path} does not hold a state dict of tensors.")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+    state = read_state_dict(path)
     layer = HEADS[name][1] + "."
     own = {k: v for k, v in net.state_dict().items() if not k.startswith(layer)}
     given = {k: v for k, v in state.items() if not k.startswith(layer)}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -14,6 +13,7 @@ from torch import Tensor, nn
 from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, roi_align, sigmoid_focal_loss
 
 from fewshot_cli.errors import BadInput
+from fewshot_cli.models.weights import read_state_dict
 
 ROI_SIZE = 7
 # Faster R-CNN's delta weights: keep the regression targets near unit scale
@@ -142,17 +142,7 @@ class ResNet50Features(nn.Module):
 
 def load_weights(module: nn.Module, path: str, what: str) -> None:
     """Load a local state dict strictly; a missing file or mismatched keys is a BadInput naming the problem."""
-    file = Path(path)
-    if not file.is_file():
-        raise BadInput(f"--weights {path} is not a file.")
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several kinds for a file that is not a state dict
-        raise BadInput(f"--weights {path} could not be read as a torch state dict ({type(err).__name__}).") from err
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise BadInput(f"--weights {path} holds a {type(state).__name__}, not a state dict.")
+    state = read_state_dict(path)
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as err:

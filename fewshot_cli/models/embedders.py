@@ -14,6 +14,7 @@ from torchvision import transforms
 from torchvision.models import resnet50
 
 from fewshot_cli.errors import BadInput
+from fewshot_cli.models.weights import read_state_dict
 
 BACKBONES = ("small", "resnet50", "clip", "dinov2")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -91,15 +92,7 @@ class ResNet50(Embedder):
 
 
 def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise BadInput(f"--weights {path} is not a file.")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file is the user's bad input
-        raise BadInput(f"--weights {path} is not a readable PyTorch state dict ({type(err).__name__}).") from None
-    state = state.get("state_dict", state) if isinstance(state, dict) else state
-    if not isinstance(state, dict):
-        raise BadInput(f"--weights {path} holds no state dict.")
+    state = read_state_dict(path)
     keys = set(resnet50(weights=None).state_dict())
     if not keys & set(state):
         raise BadInput(f"--weights {path} holds no ResNet-50 parameters.")
