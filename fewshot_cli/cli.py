@@ -148,31 +148,55 @@ def resolve_run(command: Command, knobs: dict[str, Any], options: dict[str, Any]
 
 
 def _run_command(command: Command, knobs: dict[str, Any], options: dict[str, Any]) -> None:
-    from fewshot_cli import plan
-    from fewshot_cli.runner.device import cap_memory, resolve_device
-    from fewshot_cli.runner.loop import RunOptions, run
+    from fewshot_cli.runner import distributed
 
-    extra: dict[str, Any] = {}
-    if options.get("resume") is not None:
-        run_dir = Path(options["resume"])
-        resolved, record = _resumed_config(command, run_dir, knobs)
-        device = resolve_device(options["device"] if options["device"] != "auto" else record["device"].split(":")[0])
-        opts = RunOptions(device=device, seed=record["seed"], resume=run_dir, quiet=options["quiet"],
-                          data=Path(record["data"]) if record.get("data") else None,
-                          budget_bytes=record.get("memory_budget_bytes"))
-    else:
-        device, resolved, budget = resolve_run(command, knobs, options)
-        extra["plan"] = plan.fit_to_budget(command, resolved, device, budget, options)
-        opts = RunOptions(device=device, seed=options["seed"], out=Path(options["out"]), name=options["name"],
-                          data=Path(options["data"]) if options.get("data") else None, budget_bytes=budget,
-                          quiet=options["quiet"])
-    if opts.budget_bytes:
-        cap_memory(opts.device, opts.budget_bytes)
-    metrics = run(command, resolved, opts, extra_config=extra)
+    group = distributed.from_env()  # under torchrun: every rank runs this, rank 0 alone writes and prints
+    try:
+        metrics = _run_prepared(command, knobs, options, group)
+    finally:
+        distributed.shutdown(group)
+    if group is not None and not group.is_main:
+        return
     if options["json_out"]:
         typer.echo(json.dumps(metrics, sort_keys=True))
     else:
         typer.echo("  ".join(f"{k}={_fmt(v)}" for k, v in sorted(metrics.items())))
+
+
+def _run_prepared(command: Command, knobs: dict[str, Any], options: dict[str, Any], group) -> dict[str, float]:
+    from fewshot_cli import plan
+    from fewshot_cli.runner.device import cap_memory, resolve_device
+    from fewshot_cli.runner.distributed import agreed
+    from fewshot_cli.runner.loop import RunOptions, run
+
+    extra: dict[str, Any] = {}
+
+    def prepare() -> tuple[Resolved, RunOptions]:
+        if options.get("resume") is not None:
+            run_dir = Path(options["resume"])
+            resolved, record = _resumed_config(command, run_dir, knobs)
+            name = options["device"] if options["device"] != "auto" else record["device"].split(":")[0]
+            device = resolve_device(name)
+            opts = RunOptions(device=device, seed=record["seed"], resume=run_dir, quiet=options["quiet"],
+                              data=Path(record["data"]) if record.get("data") else None,
+                              budget_bytes=record.get("memory_budget_bytes"))
+        else:
+            device, resolved, budget = resolve_run(command, knobs, options)
+            if group is not None:
+                device = group.place(device)
+            extra["plan"] = plan.fit_to_budget(command, resolved, device, budget, options)
+            opts = RunOptions(device=device, seed=options["seed"], out=Path(options["out"]), name=options["name"],
+                              data=Path(options["data"]) if options.get("data") else None, budget_bytes=budget,
+                              quiet=options["quiet"])
+        if group is not None:
+            opts.device, opts.distributed = group.place(opts.device), group
+            extra["world_size"] = group.world_size
+        return resolved, opts
+
+    resolved, opts = agreed(group, prepare)
+    if opts.budget_bytes:
+        cap_memory(opts.device, opts.budget_bytes)
+    return run(command, resolved, opts, extra_config=extra)
 
 
 def _fmt(value: Any) -> str:

@@ -121,16 +121,23 @@ class DetectTask(Task):
                                                    torch.cat(support.labels), self.cfg.n_way)
         chunks = self._query_chunks(episode)
         n_queries = sum(map(len, chunks))
+        if len(chunks) < self.micro_steps():  # data-parallel: at least one micro-step per rank
+            flat, parts = [q for c in chunks for q in c], self.micro_steps()
+            chunks = [flat[i * n_queries // parts:(i + 1) * n_queries // parts] for i in range(parts)]
         self.optimizer.zero_grad(set_to_none=True)
         sums = dict.fromkeys(("loss", "classification", "objectness", "regression", "positives", "hard_negatives"),
                              0.0)
-        for chunk in chunks:
+        for chunk in self.my_share(chunks):
+            if not chunk:
+                continue
             share = len(chunk) / n_queries
             terms = self._backward(prototypes, pooled, self._queries(self.train_data, chunk, episode.classes), share)
             for name, value in zip(sums, terms, strict=True):
                 # the losses are means over the episode, the counts totals
                 sums[name] += float(value) * (1.0 if name in ("positives", "hard_negatives") else share)
+        self.sync_gradients()
         self._optimizer_step()
+        sums = self.all_sum(sums)
         sums["boxes_dropped"] = float(self._report_dropped("data", step))
         sums["lr"] = self.scheduler.get_last_lr()[0]
         return sums

@@ -126,10 +126,13 @@ class MahalanobisTask(Task):
         support_items, support_labels = episode.support_items()
         query_items, query_labels = episode.query_items()
         s_labels = torch.tensor(support_labels, device=self.ctx.device)
-        chunks = [c.tolist() for c in np.array_split(np.arange(len(query_items)), self.accumulation) if len(c)]
+        # micro-steps of the episode's queries; data-parallel, each rank takes its share of them
+        chunks = [c.tolist() for c in np.array_split(np.arange(len(query_items)), self.micro_steps())]
         self.optimizer.zero_grad(set_to_none=True)
         total_loss, correct = 0.0, 0
-        for chunk in chunks:
+        for chunk in self.my_share(chunks):
+            if not chunk:
+                continue
             support = self.model.embed(self._images(support_items))
             query = self.model.embed(self._images([query_items[i] for i in chunk]))
             q_labels = torch.tensor([query_labels[i] for i in chunk], device=self.ctx.device)
@@ -138,8 +141,10 @@ class MahalanobisTask(Task):
             loss.backward()
             total_loss += float(loss.detach())
             correct += int((logits.argmax(1) == q_labels).sum())
+        self.sync_gradients()
         self.optimizer.step()
-        return {"loss": total_loss, "accuracy": correct / len(query_items), "episode_hash": episode.hash}
+        sums = self.all_sum({"loss": total_loss, "correct": correct})
+        return {"loss": sums["loss"], "accuracy": sums["correct"] / len(query_items), "episode_hash": episode.hash}
 
     def evaluate(self, phase: str, step: int) -> dict[str, float]:
         n = self.cfg.val_episodes if phase == "val" else self.cfg.test_episodes

@@ -280,10 +280,13 @@ class TripletTask(Task):
         self.optimizer.zero_grad(set_to_none=True)
         loc_total = triplet_total = 0.0
         # micro-steps take contiguous runs of clips and triplets: slices, so shapes never depend on the data
-        clip_chunks = np.array_split(np.arange(n_clips), self.accumulation)
-        triplet_chunks = np.array_split(np.arange(n_triplets), self.accumulation)
+        # data-parallel, each rank takes its share of the micro-steps
+        clip_chunks = self.my_share(np.array_split(np.arange(n_clips), self.micro_steps()))
+        triplet_chunks = self.my_share(np.array_split(np.arange(n_triplets), self.micro_steps()))
         support = to_input(batch.support, device)
         for clips, triplets in zip(clip_chunks, triplet_chunks, strict=True):
+            if not len(clips) and not (len(triplets) and ratio > 0):
+                continue
             loss = torch.zeros((), device=device)
             prototypes = self.model.prototypes(support)  # again per micro-step: each backward frees its graph
             if len(clips):
@@ -300,8 +303,11 @@ class TripletTask(Task):
                 loss = loss + ratio * trip * len(triplets) / n_triplets
                 triplet_total += trip.item() * len(triplets) / n_triplets
             loss.backward()
+        self.sync_gradients()
         self.optimizer.step()
         self.scheduler.step()
+        sums = self.all_sum({"loc": loc_total, "triplet": triplet_total})
+        loc_total, triplet_total = sums["loc"], sums["triplet"]
         figures = {"loss": (1 - ratio) * loc_total + ratio * triplet_total, "loc_loss": loc_total,
                    "triplet_loss": triplet_total, "lr": self.scheduler.get_last_lr()[0]}
         figures.update(batch.cache)

@@ -20,6 +20,7 @@ from fewshot_cli.errors import BadInput, RunFailed
 from fewshot_cli.runner import faults
 from fewshot_cli.runner.checkpoint import load_checkpoint, save_checkpoint, save_json
 from fewshot_cli.runner.config import Resolved
+from fewshot_cli.runner.distributed import Distributed, StepFailedElsewhere, agreed
 from fewshot_cli.runner.leaks import LeakDetector
 from fewshot_cli.runner.log import RunLog, read_log
 from fewshot_cli.runner.memory import is_oom, probe, release
@@ -45,6 +46,8 @@ class RunOptions:
     resume: Path | None = None
     budget_bytes: int | None = None
     quiet: bool = False
+    #: set under torchrun with several processes: only rank 0 writes the run directory
+    distributed: Distributed | None = None
 
 
 def versions() -> dict[str, str]:
@@ -55,6 +58,16 @@ def versions() -> dict[str, str]:
 def step_seed(seed: int, step: int) -> int:
     """The torch seed of one training step: a pure function of (seed, step), so resume replays exactly."""
     return int(np.random.SeedSequence([seed, 77, step]).generate_state(1)[0])
+
+
+class _NoLog:
+    """What ranks other than 0 write to: nothing."""
+
+    def write(self, event: str, **fields: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class _StopFlag:
@@ -83,7 +96,8 @@ class _StopFlag:
 
 def build_task(command: Command, resolved: Resolved, opts: RunOptions, emit: Callable[..., None]) -> Task:
     torch.manual_seed(opts.seed)
-    ctx = RunContext(device=opts.device, seed=opts.seed, run_dir=None, data=opts.data, emit=emit)
+    ctx = RunContext(device=opts.device, seed=opts.seed, run_dir=None, data=opts.data, emit=emit,
+                     distributed=opts.distributed)
     return command.task(resolved.config, ctx)
 
 
@@ -99,10 +113,16 @@ def prepare_run_dir(opts: RunOptions, command: Command) -> Path:
 
 def run(command: Command, resolved: Resolved, opts: RunOptions, extra_config: dict[str, Any] | None = None
         ) -> dict[str, float]:
-    """Run a command's task to its end and return the final metrics (written to `metrics.json`)."""
-    run_dir = prepare_run_dir(opts, command)
+    """Run a command's task to its end and return the final metrics (written to `metrics.json`).
+
+    Under torchrun every rank runs this; rank 0 alone writes the run directory."""
+    group = opts.distributed
+    main = group is None or group.is_main
+    run_dir = agreed(group, lambda: prepare_run_dir(opts, command) if main else None)
+    if group is not None:  # the default name holds rank 0's clock
+        run_dir = group.broadcast(run_dir)
     pending: list[tuple[str, dict[str, Any]]] = []  # events the task emits before the log exists
-    log: RunLog | None = None
+    log: RunLog | _NoLog | None = None
 
     def emit(event: str, **fields: Any) -> None:
         if log is None:
@@ -110,21 +130,33 @@ def run(command: Command, resolved: Resolved, opts: RunOptions, extra_config: di
         else:
             log.write(event, **fields)
 
-    task = build_task(command, resolved, opts, emit)
     checkpoint_path = run_dir / "checkpoint.pt"
-    start_step, elapsed_offset = 0, 0.0
-    if opts.resume is not None:
-        if (run_dir / "metrics.json").exists():
-            raise BadInput(f"{run_dir} already completed; there is nothing to resume.")
-        past = read_log(run_dir / "log.jsonl") if (run_dir / "log.jsonl").exists() else []
-        elapsed_offset = past[-1]["elapsed_s"] if past else 0.0
-        if checkpoint_path.exists():
-            state = load_checkpoint(checkpoint_path)
-            task.load_state_dict(state["task"])
-            for name, value in state.get("knobs", {}).items():
-                task.set_knob(name, value, state.get("accumulation", 1))
-            start_step = state["step"]
-    else:
+
+    def start() -> tuple[Task, int, float]:
+        task = build_task(command, resolved, opts, emit)
+        start_step, elapsed_offset = 0, 0.0
+        if opts.resume is not None:
+            if (run_dir / "metrics.json").exists():
+                raise BadInput(f"{run_dir} already completed; there is nothing to resume.")
+            past = read_log(run_dir / "log.jsonl") if main and (run_dir / "log.jsonl").exists() else []
+            elapsed_offset = past[-1]["elapsed_s"] if past else 0.0
+            # every rank reads the one checkpoint: it holds no rank's own state, so any number of ranks resumes it
+            if checkpoint_path.exists():
+                state = load_checkpoint(checkpoint_path)
+                task.load_state_dict(state["task"])
+                for name, value in state.get("knobs", {}).items():
+                    task.set_knob(name, value, state.get("accumulation", 1))
+                start_step = state["step"]
+        return task, start_step, elapsed_offset
+
+    task, start_step, elapsed_offset = agreed(group, start)
+    if group is not None:
+        group.broadcast_model(task.model)
+        if not main:
+            log = _NoLog()
+            metrics = _loop(task, command, log, opts, checkpoint_path, start_step)
+            return metrics
+    if opts.resume is None:
         run_dir.mkdir(parents=True)
         config = {"command": command.name, "preset": resolved.preset, "knobs": resolved.record(),
                   "seed": opts.seed, "device": str(opts.device), "data": str(opts.data) if opts.data else None,
@@ -159,39 +191,49 @@ def run(command: Command, resolved: Resolved, opts: RunOptions, extra_config: di
     return metrics
 
 
-def _loop(task: Task, command: Command, log: RunLog, opts: RunOptions, checkpoint_path: Path,
+def _loop(task: Task, command: Command, log: RunLog | _NoLog, opts: RunOptions, checkpoint_path: Path,
           start_step: int) -> dict[str, float]:
-    device, cfg = opts.device, task.cfg
+    device, cfg, group = opts.device, task.cfg, opts.distributed
+    main = group is None or group.is_main
     total = task.total_steps()
     leaks = LeakDetector.for_run(total)
     every = max(1, getattr(cfg, "checkpoint_every", 50))
     stop = _StopFlag()
     knobs_changed: dict[str, int] = {}
     probe(device)  # resets the CUDA peak so the first step's peak is its own
-    with stop.installed(), Progress(total, start_step, enabled=not opts.quiet, label=command.name) as bar:
+    with stop.installed(), Progress(total, start_step, enabled=main and not opts.quiet, label=command.name) as bar:
         for step in range(start_step + 1, total + 1):
             torch.manual_seed(step_seed(opts.seed, step))
             started = time.perf_counter()
-            figures = _step_with_backoff(task, step, log, knobs_changed)
+            figures = _step_with_backoff(task, step, log, knobs_changed, group)
             mem = probe(device)
+            ranks: dict[str, Any] = {}
+            stopping = stop.signal is not None
+            if group is not None:
+                group.sync_buffers(task.model)
+                mems = group.gather(mem)
+                ranks["mem_ranks"] = mems
+                stopping = group.any(stopping)  # SIGTERM on any rank stops every rank after this same step
+                # leaks are judged on the worst rank
+                mem = {**mem, **{k: max(m.get(k, 0.0) for m in mems) for k in mem}}
             log.write("step", phase="train", step=step, **figures, step_s=round(time.perf_counter() - started, 4),
-                      mem=mem)
+                      mem=mems[0] if group is not None else mem, **ranks)
             for verdict in leaks.observe(step, mem):
                 log.write("leak_warning", series=verdict.series, growth_mb=verdict.growth_mb,
                           window_steps=verdict.window_steps, step=step)
             bar.update(step, figures.get("loss"), mem["rss_mb"])
             if task.validate_now(step):
                 log.write("eval", phase="val", step=step, **_evaluate(task, "val", step), mem=probe(device))
-            if step % every == 0 or step == total or stop.signal is not None:
+            if (step % every == 0 or step == total or stopping) and main:
                 _checkpoint(task, step, checkpoint_path, knobs_changed, log)
-            if stop.signal is not None:
+            if stopping:
                 raise Interrupted()
     metrics = _evaluate(task, "test", total)
     log.write("eval", phase="test", step=total, **metrics, mem=probe(device))
     return task.finish(metrics)
 
 
-def _checkpoint(task: Task, step: int, path: Path, knobs: dict[str, int], log: RunLog) -> None:
+def _checkpoint(task: Task, step: int, path: Path, knobs: dict[str, int], log: RunLog | _NoLog) -> None:
     save_checkpoint(path, {"step": step, "task": task.state_dict(), "knobs": dict(knobs),
                            "accumulation": task.accumulation})
     log.write("checkpoint", step=step, path=str(path))
@@ -206,21 +248,28 @@ def _evaluate(task: Task, phase: str, step: int) -> dict[str, float]:
         task.model.train()
 
 
-def _step_with_backoff(task: Task, step: int, log: RunLog, knobs_changed: dict[str, int]) -> dict[str, Any]:
-    """Run one step; on OOM release memory, shrink the first knob above its floor, and try the step again."""
+def _step_with_backoff(task: Task, step: int, log: RunLog | _NoLog, knobs_changed: dict[str, int],
+                       group: Distributed | None = None) -> dict[str, Any]:
+    """Run one step; on OOM release memory, shrink the first knob above its floor, and try the step again.
+    Data-parallel, every rank backs off together: the rank that ran out tells the others at the gradient sum."""
     while True:
+        here = False
         try:
             faults.before_step(task.cfg)
             return task.train_step(step)
+        except StepFailedElsewhere as err:
+            oom_message = str(err)
         except Exception as err:  # noqa: BLE001 - only OOM is handled, the rest re-raised
             if not is_oom(err):
                 raise
-            oom_message = str(err).splitlines()[0]
+            oom_message, here = str(err).splitlines()[0], True
         release(task.ctx.device)  # outside the except block, so the traceback's frames are gone
+        if here and group is not None:
+            group.report_failure(task.model)
         _back_off(task, step, log, knobs_changed, oom_message)
 
 
-def _back_off(task: Task, step: int, log: RunLog, knobs_changed: dict[str, int], message: str) -> None:
+def _back_off(task: Task, step: int, log: RunLog | _NoLog, knobs_changed: dict[str, int], message: str) -> None:
     for knob in task.backoff_knobs:
         value = getattr(task.cfg, knob.name)
         if value // 2 >= knob.floor:

@@ -31,6 +31,7 @@ class RunContext:
     run_dir: Path | None
     data: Path | None = None
     emit: Callable[..., None] = field(default=lambda event, **fields: None)
+    #: a `runner.distributed.Distributed` under torchrun with several processes, else None
     distributed: Any = None
 
 
@@ -73,6 +74,30 @@ class Task(ABC):
         """Apply an OOM back-off: the knob's new (per-micro-step) value and the gradient accumulation."""
         setattr(self.cfg, name, value)
         self.accumulation = accumulation
+
+    # ------------------------------------------------------------------ data parallel (no-ops in one process)
+
+    def micro_steps(self) -> int:
+        """How many micro-steps one step's work is split into across all ranks: the gradient accumulation, and at
+        least one per rank."""
+        group = self.ctx.distributed
+        return max(self.accumulation, group.world_size if group is not None else 1)
+
+    def my_share(self, parts: list[Any]) -> list[Any]:
+        """This rank's micro-steps of a step's `micro_steps()` parts: parts rank, rank + N, ..."""
+        group = self.ctx.distributed
+        return parts if group is None else parts[group.rank::group.world_size]
+
+    def sync_gradients(self) -> None:
+        """Sum the gradients of every rank's micro-steps; call after the last backward, before clipping or
+        stepping the optimizer. Loss weights stay those of the whole step (a micro-step's share of it)."""
+        if self.ctx.distributed is not None:
+            self.ctx.distributed.sync_gradients(self.model)
+
+    def all_sum(self, figures: dict[str, float]) -> dict[str, float]:
+        """Figures that add up across ranks (share-weighted losses, counts), summed over all ranks."""
+        group = self.ctx.distributed
+        return dict(figures) if group is None else group.sum(figures)
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"model": self.model.state_dict()}
