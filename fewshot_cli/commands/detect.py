@@ -408,4 +408,4 @@ COMMAND = Command(name="detect-train", help="Episodic few-shot object detection:
                   "dense proposals, focal loss with hard negatives, scored by pycocotools on novel classes.",
                   config=DetectConfig, presets=PRESETS, task=DetectTask, primary_metric="map50",
                   plan_knobs=("n_query", "image_size", "proposals_top_k"),
-                  demo={"episodes": 40, "test_episodes": 5})
+                  demo={"test_episodes": 20})

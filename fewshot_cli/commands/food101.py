@@ -362,6 +362,6 @@ COMMAND = Command(
     task=Food101Task,
     primary_metric="top1",
     plan_knobs=("batch_size",),
-    demo={"epochs": 2},
+    demo={"epochs": 8},
     prepare=apply_mps_env,
 )

@@ -198,5 +198,5 @@ COMMAND = Command(
     help="Episodic few-shot classification: set-to-set adaptation and a Mahalanobis / cosine / euclidean head.",
     config=MahalanobisConfig, presets=PRESETS, task=_CheckedTask, primary_metric="accuracy",
     plan_knobs=("n_query", "image_size"),
-    demo={"episodes": 100, "test_episodes": 200, "val_every": 50, "val_episodes": 20},
+    demo={"episodes": 200, "test_episodes": 300, "val_every": 100, "val_episodes": 20},
 )

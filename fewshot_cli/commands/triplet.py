@@ -400,4 +400,4 @@ COMMAND = Command(
     help="Stage-2 episodic training of a few-shot video localiser with a triplet loss; ST-IoU validation.",
     config=TripletConfig, presets=PRESETS, task=TripletTask, primary_metric="st_iou",
     plan_knobs=("triplet_batch_size", "n_query", "image_size"),
-    demo={"episodes": 30, "val_every": 15, "val_episodes": 2, "test_episodes": 4})
+    demo={"episodes": 120, "val_every": 40, "val_episodes": 2, "test_episodes": 10})
