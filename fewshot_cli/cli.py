@@ -358,7 +358,8 @@ def demo_command(
             knobs = {f.name: None for f in config_fields(command.config)} | dict(command.demo)
             _run_command(command, knobs, options)
             runs.append(out / name)
-        typer.echo(results.render_table(results.summary_table(runs), "md"), nl=False)
+        primary = {c.name: c.primary_metric for c in COMMANDS.values()}
+        typer.echo(results.render_table(results.summary_table(runs, primary), "md"), nl=False)
 
     _guarded(debug, act)
 

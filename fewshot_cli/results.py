@@ -44,10 +44,11 @@ def render_presets(table: dict[str, dict[str, dict[str, Any]]]) -> str:
     for command, presets in table.items():
         names = list(presets)
         knobs = sorted({k for values in presets.values() for k in values})
+        width = max(len(n) for n in [*names, *(str(v) for values in presets.values() for v in values.values())]) + 2
         out.append(f"{command}")
-        out.append("  " + f"{'knob':<24}" + "".join(f"{n:>12}" for n in names))
+        out.append("  " + f"{'knob':<24}" + "".join(f"{n:>{width}}" for n in names))
         for k in knobs:
-            out.append("  " + f"{k:<24}" + "".join(f"{str(presets[n].get(k, '')):>12}" for n in names))
+            out.append("  " + f"{k:<24}" + "".join(f"{str(presets[n].get(k, '')):>{width}}" for n in names))
         out.append("")
     return "\n".join(out)
 
@@ -168,6 +169,7 @@ def build_table(run_dirs: list[Path], metrics: list[str], group_by: list[str]) -
         if not any(m in r["metrics"] or m in r["log"] for r in done):
             have = sorted({name for r in done for name in [*r["metrics"], *r["log"]]})
             raise BadInput(f"No run has a metric {m!r}; they have {', '.join(have)}.")
+    values = {id(r): {m: _metric_value(r, m) for m in metrics} for r in done}  # every run checked before any row
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in done:
         groups[tuple(_key_value(r, k) for k in group_by)].append(r)
@@ -178,11 +180,11 @@ def build_table(run_dirs: list[Path], metrics: list[str], group_by: list[str]) -
         row: dict[str, Any] = dict(zip(group_by, key, strict=True))
         row["runs"] = len(members)
         for m in metrics:
-            values = [_metric_value(r, m) for r in members]
-            mean: float | int = math.fsum(values) / len(values)
-            if all(isinstance(v, int) for v in values) and float(mean).is_integer():
+            column = [values[id(r)][m] for r in members]
+            mean: float | int = math.fsum(column) / len(column)
+            if all(isinstance(v, int) for v in column) and float(mean).is_integer():
                 mean = int(mean)
-            row[m] = (mean, _ci95([float(v) for v in values]))
+            row[m] = (mean, _ci95([float(v) for v in column]))
         rows.append(row)
     machine = [m for m in metrics if m in LOG_METRICS]
     return {"keys": list(group_by), "metrics": metrics, "rows": rows, "incomplete": incomplete,
@@ -220,16 +222,20 @@ def _sort_key(key: tuple) -> tuple:
     return tuple((0, v, "") if _is_number(v) else (1, 0, str(v)) for v in key)
 
 
-def summary_table(run_dirs: list[Path]) -> dict[str, Any]:
-    """One row per (command, metric) of any runs: their final metrics side by side (the demo's table)."""
+def summary_table(run_dirs: list[Path], primary: dict[str, str] | None = None) -> dict[str, Any]:
+    """One row per (command, metric) of any runs: their final metrics side by side (the demo's table); with
+    `primary` ({command: metric}), only that metric, its confidence interval and the test episodes."""
     rows, incomplete = [], []
     for d in run_dirs:
         r = load_run(Path(d))
         if r["metrics"] is None:
             incomplete.append((str(r["dir"]), r["status"]))
             continue
+        command = r["config"].get("command")
+        keep = None if primary is None or command not in primary else {
+            primary[command], f"{primary[command]}_ci95", "test_episodes"}
         for name, value in r["metrics"].items():
-            if _is_number(value):
+            if _is_number(value) and (keep is None or name in keep):
                 rows.append({"command": r["config"].get("command"), "metric": name, "runs": 1,
                              "value": (value, None)})
     rows.sort(key=lambda row: (str(row["command"]), row["metric"]))
@@ -378,7 +384,12 @@ def _series_by_phase(events: list[dict[str, Any]]) -> dict[str, dict[str, list[t
     phases: dict[str, dict[str, list[tuple[int, float]]]] = defaultdict(lambda: defaultdict(list))
     for e in events:
         if isinstance(e.get("mem"), dict) and ("phase" in e or e.get("event") == "step"):
-            for series, value in e["mem"].items():
+            mem = dict(e["mem"])
+            for rank_mem in e.get("mem_ranks") or []:  # under torchrun: the worst rank
+                for k, v in rank_mem.items():
+                    if _is_number(v):
+                        mem[k] = max(mem.get(k, v), v)
+            for series, value in mem.items():
                 if _is_number(value):
                     phases[e.get("phase", "train")][series].append((int(e.get("step", 0)), float(value)))
     return phases
@@ -449,6 +460,9 @@ def plot_memory(run_dir: Path, path: Path) -> None:
     for phase, colour in (("val", "#ffd166"), ("test", "#06d6a0")):
         for step in sorted({p[0] for pts in phases.get(phase, {}).values() for p in pts}):
             ax.axvspan(step - 0.5, step + 0.5, color=colour, alpha=0.35, label=f"{phase} evaluation")
+        for series, points in sorted(phases.get(phase, {}).items()):
+            ax.scatter([p[0] for p in points], [p[1] for p in points], marker="x", color="black", zorder=3,
+                       label=f"{series} at the end of an evaluation")
     for e in events:
         if e.get("event") == "leak_warning":
             ax.axvline(e.get("step", 0), color="red", linestyle="--", label=f"leak warning ({e.get('series')})")

@@ -106,3 +106,18 @@ def test_presets_list_every_preset_for_every_command() -> None:
 def test_env_reports_versions_and_devices() -> None:
     info = json.loads(fewshot("env", "--json").stdout)
     assert {"python", "torch", "torchvision", "fewshot", "cuda_devices", "ram_bytes"} <= set(info)
+
+
+def test_one_jump_in_a_short_run_is_not_a_leak() -> None:
+    import random
+
+    rng = random.Random(1)
+    for jump_at in range(12, 31):  # wherever an evaluation's one-off rise falls in a 40-step run
+        detector = LeakDetector.for_run(40)
+        series = [830 + (60 if s > jump_at else 0) + rng.uniform(-3, 3) for s in range(1, 41)]
+        assert not [v for s, value in enumerate(series, 1) for v in detector.observe(s, {"rss_mb": value})], jump_at
+
+
+def test_a_leak_in_a_short_run_is_still_flagged() -> None:
+    detector = LeakDetector.for_run(45)
+    assert [v for s in range(1, 46) for v in detector.observe(s, {"rss_mb": 800 + 8.0 * s})]

@@ -7,6 +7,7 @@ from collections import deque
 from dataclasses import dataclass
 
 PARTS = 5
+PART_STEPS = 4  # a part's median needs a few samples, or one jump after an evaluation reads as steady growth
 
 
 @dataclass(frozen=True)
@@ -26,13 +27,13 @@ class LeakDetector:
     """
 
     def __init__(self, window: int = 30, warmup: int = 10, min_growth_mb: float = 32.0) -> None:
-        self.window, self.warmup, self.min_growth_mb = max(window, 2 * PARTS), warmup, min_growth_mb
+        self.window, self.warmup, self.min_growth_mb = max(window, PART_STEPS * PARTS), warmup, min_growth_mb
         self._series: dict[str, deque[float]] = {}
         self._seen = 0
 
     @classmethod
     def for_run(cls, total_steps: int, min_growth_mb: float = 32.0) -> LeakDetector:
-        window = max(2 * PARTS, min(60, total_steps // 3))
+        window = max(PART_STEPS * PARTS, min(60, total_steps // 3))
         return cls(window=window, warmup=min(10, max(2, total_steps // 10)), min_growth_mb=min_growth_mb)
 
     def observe(self, step: int, mem: dict[str, float]) -> list[LeakVerdict]:
@@ -56,7 +57,7 @@ class LeakDetector:
     def _growth(self, values: list[float]) -> float | None:
         part = len(values) // PARTS
         medians = [statistics.median(values[i * part:(i + 1) * part]) for i in range(PARTS)]
-        step = 0.1 * self.min_growth_mb / (PARTS - 1)
+        step = 0.5 * self.min_growth_mb / (PARTS - 1)  # each part rises by a real share of the growth
         rising = all(b - a > step for a, b in zip(medians, medians[1:], strict=False))
         growth = medians[-1] - medians[0]
         return growth if rising and growth >= self.min_growth_mb else None
