@@ -41,12 +41,12 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 # Options every experiment command shares: (name, annotation, default, flags, help)
 SHARED = [
-    ("preset", str | None, None, ("--preset",), f"one of {', '.join(PRESET_CHOICES)} [default: the device's]"),
+    ("preset", str | None, None, ("--preset",), f"one of {', '.join(PRESET_CHOICES)} (default: the device's own)"),
     ("device", str, "auto", ("--device",), "auto, cpu, cuda, cuda:N or mps"),
-    ("data", Path | None, None, ("--data",), "a dataset on disk [default: built-in synthetic data]"),
+    ("data", Path | None, None, ("--data",), "a dataset on disk (default: built-in synthetic data)"),
     ("seed", int, 0, ("--seed",), "every random choice derives from it"),
     ("out", Path, Path("runs"), ("--out",), "where run directories go"),
-    ("name", str | None, None, ("--name",), "the run directory's name [default: COMMAND-UTCSTAMP]"),
+    ("name", str | None, None, ("--name",), "the run directory's name (default: COMMAND-UTCSTAMP)"),
     ("resume", Path | None, None, ("--resume",), "continue the run in RUN_DIR from its checkpoint"),
     ("memory_budget", str | None, None, ("--memory-budget",), "e.g. 15GiB; refuse a plan over it, cap CUDA"),
     ("force", bool, False, ("--force",), "run even when the plan exceeds the budget"),
@@ -340,24 +340,28 @@ def memreport_command(
 
 @app.command("demo")
 def demo_command(
-    out: Path = typer.Option(Path("runs/demo"), "--out", help="where the demo's run directories go"),
+    out: Path | None = typer.Option(None, "--out",
+                                    help="where the demo's run directories go (default: runs/demo-UTCSTAMP)"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
     """Every experiment command, briefly, on the built-in data at the `cpu` preset, then the combined table."""
     from fewshot_cli import results
 
     def act() -> None:
+        import time
+
+        root = out or Path("runs") / f"demo-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
         runs = []
         for command in COMMANDS.values():
             name = f"{command.name}-demo"
-            if (out / name).exists():
-                raise BadInput(f"{out / name} already exists; remove it or pass another --out.")
+            if (root / name).exists():
+                raise BadInput(f"{root / name} already exists; remove it or pass another --out.")
             typer.echo(f"== {command.name}", err=True)
-            options = {"device": "cpu", "preset": "cpu", "seed": 0, "out": out, "name": name, "resume": None,
+            options = {"device": "cpu", "preset": "cpu", "seed": 0, "out": root, "name": name, "resume": None,
                        "memory_budget": None, "quiet": True, "json_out": False, "data": None, "force": False}
             knobs = {f.name: None for f in config_fields(command.config)} | dict(command.demo)
             _run_command(command, knobs, options)
-            runs.append(out / name)
+            runs.append(root / name)
         primary = {c.name: c.primary_metric for c in COMMANDS.values()}
         typer.echo(results.render_table(results.summary_table(runs, primary), "md"), nl=False)
 
