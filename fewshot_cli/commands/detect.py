@@ -100,9 +100,8 @@ class DetectTask(Task):
         self.proposals = dense_proposals(cfg.image_size, cfg.proposal_step,
                                          tuple(s * cfg.image_size for s in scales)).to(ctx.device)
         backbone, stride = build_backbone(cfg.backbone, cfg.embedding_dim, cfg.weights)
-        self.model = FewShotDetector(backbone, stride, cfg.embedding_dim, cfg.head_hidden, cfg.objectness_hidden)
-        if ctx.device.type != "cpu":  # a module built on the host is there already (and .to fails on fake tensors)
-            self.model.to(ctx.device)
+        self.model = FewShotDetector(backbone, stride, cfg.embedding_dim, cfg.head_hidden,
+                                     cfg.objectness_hidden).to(ctx.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=1e-4)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _WarmupCosine(cfg.episodes))
         self.dropped_seen = BoxCounts()
