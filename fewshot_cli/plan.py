@@ -161,8 +161,9 @@ def fit_to_budget(command: Command, resolved: Resolved, device: torch.device, bu
     if resolved.preset != "auto" and budget is None:
         return None
     if resolved.preset == "auto":
-        _choose(command, resolved, device, budget)
-    report = plan_run(command, resolved, device, budget)
+        report = _choose(command, resolved, device, budget)
+    else:
+        report = plan_run(command, resolved, device, budget)
     if not report["fits"] and not options.get("force"):
         raise BadInput(f"The plan does not fit: predicted peak {report['peak_bytes'] / MiB:,.0f} MiB, usable "
                        f"{report['usable_bytes'] / MiB:,.0f} MiB of the budget.\n{render(report)}"
@@ -170,21 +171,25 @@ def fit_to_budget(command: Command, resolved: Resolved, device: torch.device, bu
     return {"peak_bytes": report["peak_bytes"], "budget_bytes": report["budget_bytes"], "fits": report["fits"]}
 
 
-def _choose(command: Command, resolved: Resolved, device: torch.device, budget: int | None) -> None:
-    """Start every planner knob the user did not set at its largest preset value; shrink them in declared order."""
+def _choose(command: Command, resolved: Resolved, device: torch.device, budget: int | None) -> dict[str, Any]:
+    """Start every planner knob the user did not set at its largest preset value; shrink them in declared order.
+    Returns the plan of the configuration chosen (each configuration is traced once)."""
     cfg = resolved.config
     free = [k for k in command.plan_knobs if resolved.sources.get(k) != "cli"]
     floors = {k.name: k.floor for k in command.task.backoff_knobs}
     for name in free:
         largest = max(p.get(name, getattr(cfg, name)) for p in command.presets.values())
         resolved.set(name, largest, "planner", "largest preset value")
+    report = plan_run(command, resolved, device, budget)
     for name in free:
         floor = floors.get(name, 32 if name == "image_size" else 1)
-        while not plan_run(command, resolved, device, budget)["fits"] and getattr(cfg, name) // 2 >= floor:
+        while not report["fits"] and getattr(cfg, name) // 2 >= floor:
             value = getattr(cfg, name) // 2
             resolved.set(name, value, "planner", f"halved until the plan fits {_budget_text(device, budget)}")
-        if plan_run(command, resolved, device, budget)["fits"]:
-            return
+            report = plan_run(command, resolved, device, budget)
+        if report["fits"]:
+            break
+    return report
 
 
 def _budget_text(device: torch.device, budget: int | None) -> str:
