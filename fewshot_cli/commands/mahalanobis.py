@@ -101,6 +101,8 @@ class MahalanobisTask(Task):
 
     def __init__(self, cfg: MahalanobisConfig, ctx: RunContext) -> None:
         super().__init__(cfg, ctx)
+        if cfg.flatten and cfg.backbone not in ("resnet18", "resnet34", "resnet50"):
+            raise BadInput("--flatten applies to the torchvision ResNets (resnet18, resnet34, resnet50) only.")
         if ctx.data is None:
             self.data = SyntheticImages(cfg.image_size, seed=ctx.seed)
             splits = ("train", "val", "test")
@@ -182,21 +184,10 @@ class MahalanobisTask(Task):
         return {"test": {"evaluation_features": images * self.model.embedding_dim * 4}}
 
 
-def _check(cfg: MahalanobisConfig) -> None:
-    if cfg.flatten and not cfg.backbone.startswith("resnet") or cfg.backbone == "resnet12" and cfg.flatten:
-        raise BadInput("--flatten applies to the torchvision ResNets (resnet18, resnet34, resnet50) only.")
-
-
-class _CheckedTask(MahalanobisTask):
-    def __init__(self, cfg: MahalanobisConfig, ctx: RunContext) -> None:
-        _check(cfg)
-        super().__init__(cfg, ctx)
-
-
 COMMAND = Command(
     name="mahalanobis-train",
     help="Episodic few-shot classification: set-to-set adaptation and a Mahalanobis / cosine / euclidean head.",
-    config=MahalanobisConfig, presets=PRESETS, task=_CheckedTask, primary_metric="accuracy",
+    config=MahalanobisConfig, presets=PRESETS, task=MahalanobisTask, primary_metric="accuracy",
     plan_knobs=("n_query", "image_size"),
     demo={"episodes": 200, "test_episodes": 300, "val_every": 100, "val_episodes": 20},
 )
