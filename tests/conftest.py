@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 # A mahalanobis-train run of a few seconds: tiny images, few episodes, a short test.
 SMALL = ["--preset", "cpu", "--image-size", "16", "--episodes", "6", "--n-query", "4", "--test-episodes", "10",
@@ -30,3 +31,12 @@ def events(run_dir: Path, name: str | None = None) -> list[dict]:
 @pytest.fixture
 def runs(tmp_path: Path) -> Path:
     return tmp_path / "runs"
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op thread, as the CLI tests run: tiny tensors only lose time to thread hand-offs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

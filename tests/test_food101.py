@@ -22,13 +22,7 @@ CLASSES = ("apple_pie", "bibimbap", "churros")
 COLOURS = {"apple_pie": (200, 150, 60), "bibimbap": (40, 160, 60), "churros": (60, 60, 200)}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread, as the CLI tests run: tiny convolutions only lose time to thread hand-offs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_food101(root: Path, train_per_class: int = 6, test_per_class: int = 2) -> Path:

@@ -29,13 +29,7 @@ from fewshot_cli.runner.task import RunContext
 NAN = [np.nan] * 4
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    # tiny tensors: intra-op threads only add synchronisation, badly so on a busy machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def boxes(*rows) -> np.ndarray:
