@@ -2,9 +2,7 @@
 # Every experiment command at the cpu preset on the built-in data (the demo's settings), its main metric.
 # Rebuilds results/commands.md.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-fewshot() { if [ -x .venv/bin/fewshot ]; then .venv/bin/fewshot "$@"; else command fewshot "$@"; fi; }
-python() { if [ -x .venv/bin/python ]; then .venv/bin/python "$@"; else command python3 "$@"; fi; }
+source "$(dirname "$0")/lib.sh"
 runs=runs/recipes/commands
 rm -rf "$runs"
 fewshot detect-train --preset cpu --test-episodes 20 --quiet --out "$runs" --name detect > /dev/null

@@ -2,9 +2,7 @@
 # Accuracy by head and shot: mahalanobis-train, cosine / euclidean / mahalanobis x 1 / 5 shots, 3 seeds each,
 # at the cpu preset on the built-in data, 150 training episodes; writes results/heads.{md,csv,png}.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-fewshot() { if [ -x .venv/bin/fewshot ]; then .venv/bin/fewshot "$@"; else command fewshot "$@"; fi; }
-export -f fewshot
+source "$(dirname "$0")/lib.sh"
 export OMP_NUM_THREADS=1  # two runs at a time, one thread each; results do not depend on it
 
 NAME=heads

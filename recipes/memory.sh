@@ -3,9 +3,7 @@
 # planner's predictions against real steps. Memory figures are machine-dependent: this rebuilds the plot
 # results/triplet_memory.png, results/triplet_memory.md (marked machine-dependent) and results/plan_accuracy.md.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-fewshot() { if [ -x .venv/bin/fewshot ]; then .venv/bin/fewshot "$@"; else command fewshot "$@"; fi; }
-python() { if [ -x .venv/bin/python ]; then .venv/bin/python "$@"; else command python3 "$@"; fi; }
+source "$(dirname "$0")/lib.sh"
 runs=runs/recipes/memory
 rm -rf "$runs"
 fewshot triplet-train --preset cpu --quiet --out "$runs" --name triplet > /dev/null
