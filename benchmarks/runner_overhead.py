@@ -16,8 +16,8 @@ import torch
 from fewshot_cli.commands.mahalanobis import COMMAND
 from fewshot_cli.runner.config import resolve
 from fewshot_cli.runner.log import read_log
-from fewshot_cli.runner.loop import RunOptions, run, step_seed
-from fewshot_cli.runner.task import RunContext
+from fewshot_cli.runner.loop import RunOptions, run
+from fewshot_cli.runner.task import RunContext, step_seed
 
 
 def config(episodes: int):

@@ -35,6 +35,13 @@ class Episode:
         return _flatten(self.query)
 
 
+def steps_hash(episodes: Sequence[Episode]) -> str:
+    """The hash a training step logs: its episode's, or of its episodes' hashes in order."""
+    if len(episodes) == 1:
+        return episodes[0].hash
+    return hashlib.sha1(" ".join(e.hash for e in episodes).encode()).hexdigest()[:12]
+
+
 def _flatten(groups: tuple[tuple[int, ...], ...]) -> tuple[list[int], list[int]]:
     items = [item for group in groups for item in group]
     labels = [label for label, group in enumerate(groups) for _ in group]

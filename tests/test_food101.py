@@ -121,6 +121,20 @@ def test_a_steps_batch_does_not_depend_on_where_the_loader_started():
     assert from_start.batch(1) != from_start.batch(7)  # epoch 2 reshuffles
 
 
+@pytest.mark.parametrize("n_images", [50, 5])  # 5: one short batch, which DistributedSampler's padding must not fill
+def test_ranks_share_each_batch_of_one_process_image_for_image(n_images: int):
+    one = StepBatches(range(n_images), batch_size=8, seed=3, first_step=1, last_step=14)
+    ranks = [StepBatches(range(n_images), batch_size=8, seed=3, first_step=1, last_step=14, rank=r, world_size=4)
+             for r in range(4)]
+    for step in range(1, 15):
+        whole = one.batch(step)
+        assert len(whole) == min(8, n_images)
+        assert [key for r in range(4) for key in ranks[r].batch(step)] != [] and all(
+            ranks[r].batch(step) == whole[r::4] for r in range(4))  # same images, same augmentation seeds
+    with pytest.raises(ValueError, match="does not split evenly"):
+        StepBatches(range(50), batch_size=6, seed=3, first_step=1, last_step=2, rank=0, world_size=4)
+
+
 def test_resume_mid_epoch_gives_exactly_the_uninterrupted_weights():
     cfg = tiny_config(epochs=1, synthetic_classes=4)
     straight = make_task(cfg)
@@ -152,6 +166,11 @@ def test_weights_file_loads_all_but_the_class_layer(tmp_path):
     assert loaded.classifier[3].out_features == 3
     trainable = {name for name, p in loaded.named_parameters() if p.requires_grad}
     assert trainable == {name for name, _ in loaded.named_parameters() if name.startswith("classifier.")}
+    # the frozen backbone's BatchNorm keeps the loaded statistics from the first step on, not from the first eval
+    assert not loaded.features.training and loaded.classifier.training
+    before = loaded.features[1].block[0][1].running_mean.clone()
+    task.train_step(1)
+    assert torch.equal(loaded.features[1].block[0][1].running_mean, before)
 
 
 def test_weights_of_another_network_are_bad_input(tmp_path):

@@ -23,6 +23,7 @@ from fewshot_cli.runner.config import EpisodicConfig, knob
 from fewshot_cli.runner.task import BackoffKnob, Command, RunContext, Task
 
 FLOAT = 4  # bytes per float32
+COUNTS = ("positives", "hard_negatives")  # step figures that add up; the others are means
 
 
 @dataclass
@@ -103,7 +104,7 @@ class DetectTask(Task):
         self.model = FewShotDetector(backbone, stride, cfg.embedding_dim, cfg.head_hidden,
                                      cfg.objectness_hidden).to(ctx.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=1e-4)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _WarmupCosine(cfg.episodes))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _WarmupCosine(cfg.steps()))
         self.dropped_seen = BoxCounts()
         self.test_files: tuple[dict[str, Any], list[dict[str, Any]]] | None = None
         self._report_dropped("data", 0)
@@ -111,43 +112,47 @@ class DetectTask(Task):
     # ------------------------------------------------------------------ training
 
     def total_steps(self) -> int:
-        return self.cfg.episodes
+        return self.cfg.steps()
 
     def train_step(self, step: int) -> dict[str, float]:
-        episode = self.samplers["train"].episode(step - 1)
-        support = self._support(self.train_data, episode)
-        prototypes, pooled = self.model.prototypes(support.images, torch.stack(support.boxes),
-                                                   torch.cat(support.labels), self.cfg.n_way)
-        chunks = self._query_chunks(episode)
-        n_queries = sum(map(len, chunks))
-        if len(chunks) < self.micro_steps():  # data-parallel: at least one micro-step per rank
-            flat, parts = [q for c in chunks for q in c], self.micro_steps()
-            chunks = [flat[i * n_queries // parts:(i + 1) * n_queries // parts] for i in range(parts)]
+        """The step's episodes (one by default), each one's queries in micro-steps of cfg.n_query per class (an
+        OOM back-off lowers it); data-parallel, each rank takes its share of the episodes."""
+        episodes = [self.samplers["train"].episode(i) for i in self.cfg.step_episodes(step)]
+        weight = 1.0 / len(episodes)
+
+        def micro_steps(j: int) -> list[tuple[torch.Tensor, torch.Tensor, Batch, float]]:
+            episode = episodes[j]
+            support = self._support(self.train_data, episode)
+            prototypes, pooled = self.model.prototypes(support.images, torch.stack(support.boxes),
+                                                       torch.cat(support.labels), self.cfg.n_way)
+            chunks = self._query_chunks(episode)
+            n_queries = sum(map(len, chunks))
+            return [(prototypes, pooled, self._queries(self.train_data, chunk, episode.classes),
+                     len(chunk) / n_queries) for chunk in chunks if chunk]
+
+        def compute(_: int, part: tuple[torch.Tensor, torch.Tensor, Batch, float]
+                    ) -> tuple[torch.Tensor, dict[str, float]]:
+            prototypes, pooled, queries, share = part
+            total, terms = self._loss(prototypes, pooled, queries)
+            # the losses are means over the step's episodes, the counts totals
+            return total * (share * weight), {
+                name: float(value) * (1.0 if name in COUNTS else share * weight) for name, value in terms.items()}
+
         self.optimizer.zero_grad(set_to_none=True)
-        sums = dict.fromkeys(("loss", "classification", "objectness", "regression", "positives", "hard_negatives"),
-                             0.0)
-        for chunk in self.my_share(chunks):
-            if not chunk:
-                continue
-            share = len(chunk) / n_queries
-            terms = self._backward(prototypes, pooled, self._queries(self.train_data, chunk, episode.classes), share)
-            for name, value in zip(sums, terms, strict=True):
-                # the losses are means over the episode, the counts totals
-                sums[name] += float(value) * (1.0 if name in ("positives", "hard_negatives") else share)
-        self.sync_gradients()
+        sums = self.accumulate(step, len(episodes), micro_steps, compute)
         self._optimizer_step()
-        sums = self.all_sum(sums)
-        sums["boxes_dropped"] = float(self._report_dropped("data", step))
+        sums["boxes_dropped"] = self.all_sum({"n": self._report_dropped("data", step)})["n"]
         sums["lr"] = self.scheduler.get_last_lr()[0]
         return sums
 
-    def _backward(self, prototypes: torch.Tensor, pooled: torch.Tensor, queries: Batch,
-                  weight: float) -> tuple[torch.Tensor, ...]:
+    def _loss(self, prototypes: torch.Tensor, pooled: torch.Tensor, queries: Batch
+              ) -> tuple[torch.Tensor, dict[str, float]]:
         loss = self.model.loss(queries.images, queries.boxes, queries.labels, prototypes, pooled, self.proposals,
                                self.cfg.proposals_top_k, self.cfg.negative_ratio)
-        (loss.total * weight).backward()
-        return (loss.total.detach(), loss.classification.detach(), loss.objectness.detach(),
-                loss.regression.detach(), loss.positives, loss.negatives)
+        terms = {"loss": loss.total.detach(), "classification": loss.classification.detach(),
+                 "objectness": loss.objectness.detach(), "regression": loss.regression.detach(),
+                 "positives": loss.positives, "hard_negatives": loss.negatives}
+        return loss.total, {name: float(value) for name, value in terms.items()}
 
     def _optimizer_step(self) -> None:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 10.0)
@@ -236,7 +241,7 @@ class DetectTask(Task):
     def _plan_train(self) -> None:
         prototypes, pooled = self._plan_prototypes()
         self.optimizer.zero_grad(set_to_none=True)
-        self._backward(prototypes, pooled, self._plan_batch(self.cfg.n_way * self.cfg.n_query, True), 1.0)
+        self._loss(prototypes, pooled, self._plan_batch(self.cfg.n_way * self.cfg.n_query, True))[0].backward()
         self._optimizer_step()
 
     def _plan_test(self) -> None:
@@ -323,7 +328,7 @@ class DetectTask(Task):
 
 
 class _WarmupCosine:
-    """Linear warm-up over the first 5% of episodes, then cosine decay to 5% of the rate."""
+    """Linear warm-up over the first 5% of steps, then cosine decay to 5% of the rate."""
 
     def __init__(self, total: int) -> None:
         self.total, self.warmup = max(total, 1), max(1, total // 20)

@@ -124,25 +124,11 @@ def warmup_cosine(total: int) -> Callable[[int], float]:
     return factor
 
 
-class RankShare(torch.utils.data.Sampler):
-    """One rank's share of each step's batch, every N-th key from its rank on (as DistributedSampler splits), so
-    it stays a pure function of (seed, epoch, step) and N ranks together load exactly the one batch."""
-
-    def __init__(self, batches: StepBatches, rank: int, world_size: int) -> None:
-        self.batches, self.rank, self.world_size = batches, rank, world_size
-
-    def __iter__(self):
-        for batch in self.batches:
-            yield batch[self.rank::self.world_size]
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-
 class Food101Task(Task):
     """Train a torchvision classifier on Food-101's train split; top-1 / top-5 on its test split every epoch."""
 
     backoff_knobs = (BackoffKnob("batch_size", floor=1),)
+    sync_batchnorm = True  # data-parallel on CUDA: BatchNorm over the whole batch, as in one process
 
     def __init__(self, cfg: Food101Config, ctx: RunContext) -> None:
         super().__init__(cfg, ctx)
@@ -157,10 +143,12 @@ class Food101Task(Task):
         # the effective batch survives OOM back-off: cfg.batch_size becomes the micro-batch
         self.effective_batch = cfg.batch_size
         group = ctx.distributed
-        if group is not None and self.effective_batch < group.world_size:
-            raise BadInput(f"--batch-size {self.effective_batch} is smaller than the {group.world_size} processes "
-                           f"that share each batch; raise it or start fewer processes.")
+        if group is not None and self.effective_batch % group.world_size:
+            raise BadInput(f"--batch-size {self.effective_batch} does not split evenly over the {group.world_size} "
+                           f"processes that share each batch; make it a multiple of {group.world_size}.")
         self.steps_per_epoch = max(1, len(self.train_indices) // self.effective_batch)
+        # images in each step's batch (over all ranks): fewer than a batch only when the split is
+        self.batch_images = min(self.effective_batch, len(self.train_indices))
 
         weights = Path(cfg.weights) if cfg.weights else None
         self.model = build_classifier(cfg.model, len(self.classes), weights, cfg.freeze_backbone).to(self.device)
@@ -211,10 +199,9 @@ class Food101Task(Task):
         if self._last is not None and self._last[0] == step:
             return self._last[1], self._last[2]  # an OOM retry of the same step
         if self._loader is None or self._next_step != step:
+            group = self.ctx.distributed
             batches = StepBatches(self.train_indices, self.effective_batch, self.ctx.seed, step,
-                                  max(step, self.total_steps()))
-            if self.ctx.distributed is not None:
-                batches = RankShare(batches, self.ctx.distributed.rank, self.ctx.distributed.world_size)
+                                  max(step, self.total_steps()), *((group.rank, group.world_size) if group else ()))
             self._loader = iter(self._data_loader(TrainSamples(self.train_split, train_transform(
                 self.cfg.image_size)), batch_sampler=batches))
         images, labels = next(self._loader)
@@ -238,37 +225,37 @@ class Food101Task(Task):
     def _autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
-    def _optimise(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _optimise(self, step: int, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         """One optimiser step on a batch, as micro-batches of cfg.batch_size when back-off has shrunk it.
-        Data-parallel, `images` are this rank's share of the batch and the gradients are summed across ranks."""
-        batch = self.effective_batch if self.ctx.distributed is not None else len(labels)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), device=self.device)
-        for micro_images, micro_labels in zip(images.split(self.cfg.batch_size), labels.split(self.cfg.batch_size),
-                                              strict=True):
-            x, y = self._to_device(micro_images), micro_labels.to(self.device, non_blocking=True)
+        Data-parallel, `images` are this rank's share of the batch (one part of the step per rank)."""
+        group = self.ctx.distributed
+
+        def micro_steps(_: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+            return list(zip(images.split(self.cfg.batch_size), labels.split(self.cfg.batch_size), strict=True))
+
+        def compute(_: int, part: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+            x, y = self._to_device(part[0]), part[1].to(self.device, non_blocking=True)
             with self._autocast():
                 logits = self.model(x)
                 loss = F.cross_entropy(logits, y)
-            # weighted so the accumulated gradient is the full batch's mean
-            share = len(y) / batch
-            self.scaler.scale(loss * share).backward()
-            loss_sum += loss.detach().float() * share
-            correct += (logits.detach().argmax(1) == y).sum()
-        self.sync_gradients()  # before the scaler's inf check, so every rank skips or steps alike
-        self.scaler.step(self.optimizer)
+            # weighted so the accumulated gradient is the whole batch's mean
+            share = len(y) / self.batch_images
+            return self.scaler.scale(loss * share), {"loss": float(loss.detach().float() * share),
+                                                     "correct": int((logits.detach().argmax(1) == y).sum())}
+
+        self.optimizer.zero_grad(set_to_none=True)
+        sums = self.accumulate(step, group.world_size if group is not None else 1, micro_steps, compute)
+        self.scaler.step(self.optimizer)  # DistributedDataParallel summed the gradients: every rank steps alike
         self.scaler.update()
         self.scheduler.step()
-        return {"loss": loss_sum, "correct": correct}
+        return sums
 
     def train_step(self, step: int) -> dict[str, float]:
         images, labels = self._batch(step)
-        out = self.all_sum({name: float(value) for name, value in self._optimise(images, labels).items()})
+        out = self._optimise(step, images, labels)
         if self.cache_every and step % self.cache_every == 0:
             empty_cache(self.device)
-        batch = self.effective_batch if self.ctx.distributed is not None else len(labels)
-        return {"loss": out["loss"], "train_top1": out["correct"] / batch,
+        return {"loss": out["loss"], "train_top1": out["correct"] / self.batch_images,
                 "lr": self.optimizer.param_groups[0]["lr"]}
 
     def _score(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
@@ -344,7 +331,7 @@ class Food101Task(Task):
                     return self._score(*batch())
             finally:
                 self.model.train()
-        return {"train": lambda: self._optimise(*batch()), "test": test}
+        return {"train": lambda: self._optimise(1, *batch()), "test": test}
 
     def plan_extra_bytes(self) -> dict[str, dict[str, int]]:
         """Batches the loader's workers hold ready in host memory (the same pool as the GPU's on Apple silicon)."""

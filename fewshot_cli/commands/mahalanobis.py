@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from fewshot_cli.data.folders import ImageFolderSplits
 from fewshot_cli.data.synthetic import SyntheticImages
-from fewshot_cli.episodes import Episode, EpisodeSampler
+from fewshot_cli.episodes import Episode, EpisodeSampler, steps_hash
 from fewshot_cli.errors import BadInput
 from fewshot_cli.models.adaptation import VARIANTS, SetToSetAttention
 from fewshot_cli.models.backbones import BACKBONES, build_backbone, feature_dim, load_weights
@@ -115,7 +115,7 @@ class MahalanobisTask(Task):
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
 
     def total_steps(self) -> int:
-        return self.cfg.episodes
+        return self.cfg.steps()
 
     def validate_now(self, step: int) -> bool:
         return "val" in self.samplers and super().validate_now(step)
@@ -124,29 +124,35 @@ class MahalanobisTask(Task):
         return torch.stack([self.data[i][0] for i in items]).to(self.ctx.device)
 
     def train_step(self, step: int) -> dict[str, float]:
-        episode = self.samplers["train"].episode(step)
-        support_items, support_labels = episode.support_items()
-        query_items, query_labels = episode.query_items()
-        s_labels = torch.tensor(support_labels, device=self.ctx.device)
-        # micro-steps of the episode's queries; data-parallel, each rank takes its share of them
-        chunks = [c.tolist() for c in np.array_split(np.arange(len(query_items)), self.micro_steps())]
-        self.optimizer.zero_grad(set_to_none=True)
-        total_loss, correct = 0.0, 0
-        for chunk in self.my_share(chunks):
-            if not chunk:
-                continue
+        """The step's episodes (one by default); each one's queries in `accumulation` micro-steps after an OOM
+        back-off; data-parallel, each rank takes its share of the episodes."""
+        sampler, indices = self.samplers["train"], self.cfg.step_episodes(step)
+        episodes = [sampler.episode(i + 1) for i in indices]
+        weight = 1.0 / len(episodes)
+
+        def micro_steps(j: int) -> list[tuple[Episode, list[int]]]:
+            n_query = len(episodes[j].query_items()[0])
+            chunks = np.array_split(np.arange(n_query), min(self.accumulation, n_query))
+            return [(episodes[j], c.tolist()) for c in chunks]
+
+        def compute(_: int, part: tuple[Episode, list[int]]) -> tuple[torch.Tensor, dict[str, float]]:
+            episode, chunk = part
+            (support_items, support_labels), (query_items, query_labels) = (episode.support_items(),
+                                                                            episode.query_items())
             support = self.model.embed(self._images(support_items))
             query = self.model.embed(self._images([query_items[i] for i in chunk]))
             q_labels = torch.tensor([query_labels[i] for i in chunk], device=self.ctx.device)
-            logits = self.model.logits(support, s_labels, query, self.cfg.n_way)
-            loss = F.cross_entropy(logits, q_labels) * len(chunk) / len(query_items)
-            loss.backward()
-            total_loss += float(loss.detach())
-            correct += int((logits.argmax(1) == q_labels).sum())
-        self.sync_gradients()
+            logits = self.model.logits(support, torch.tensor(support_labels, device=self.ctx.device), query,
+                                       self.cfg.n_way)
+            loss = F.cross_entropy(logits, q_labels) * len(chunk) / len(query_items) * weight
+            return loss, {"loss": float(loss.detach()), "correct": int((logits.argmax(1) == q_labels).sum()),
+                          "queries": len(chunk)}
+
+        self.optimizer.zero_grad(set_to_none=True)
+        sums = self.accumulate(step, len(episodes), micro_steps, compute)
         self.optimizer.step()
-        sums = self.all_sum({"loss": total_loss, "correct": correct})
-        return {"loss": sums["loss"], "accuracy": sums["correct"] / len(query_items), "episode_hash": episode.hash}
+        return {"loss": sums["loss"], "accuracy": sums["correct"] / sums["queries"],
+                "episode_hash": steps_hash(episodes)}
 
     def evaluate(self, phase: str, step: int) -> dict[str, float]:
         n = self.cfg.val_episodes if phase == "val" else self.cfg.test_episodes

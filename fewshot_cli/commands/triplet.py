@@ -176,20 +176,20 @@ def _find_model_state(state: Any) -> Mapping[str, Any] | None:
 
 
 class TrainEpisodes(Dataset):
-    """Training episodes `first..last` for DataLoader workers, each worker with its share of the frame cache."""
+    """The training episodes `indices`, in order, for DataLoader workers, each worker with its share of the frame
+    cache."""
 
-    def __init__(self, source: ClipSource, sampler: EpisodeSampler, first: int, cfg: TripletConfig,
+    def __init__(self, source: ClipSource, sampler: EpisodeSampler, indices: list[int], cfg: TripletConfig,
                  triplet_count: int, seed: int) -> None:
-        self.source, self.sampler, self.first = source, sampler, first
-        self.count = cfg.episodes - first + 1
+        self.source, self.sampler, self.indices = source, sampler, indices
         self.k_shot, self.num_aug, self.triplet_count, self.seed = cfg.k_shot, cfg.num_aug, triplet_count, seed
         self.cache_share = (cfg.frame_cache_size // (cfg.workers + 1), cfg.frame_cache_mb * MiB // (cfg.workers + 1))
 
     def __len__(self) -> int:
-        return self.count
+        return len(self.indices)
 
     def __getitem__(self, offset: int) -> EpisodeBatch:
-        episode = self.sampler.episode(self.first + offset)
+        episode = self.sampler.episode(self.indices[offset])
         return load_episode(self.source, episode, self.seed, "train", self.k_shot, self.num_aug, self.triplet_count)
 
 
@@ -228,12 +228,13 @@ class TripletTask(Task):
             ctx.emit("init_backbone", path=str(cfg.init), tensors=loaded)
         self.model.to(ctx.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=1e-4)
-        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(cfg.episodes, 1))
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(cfg.steps(), 1))
         self.triplet_loss = nn.TripletMarginLoss(margin=cfg.triplet_margin)
         # the episode keeps its full size after an OOM back-off; micro-steps split it instead
         self.full_triplets = cfg.triplet_batch_size if cfg.triplet_ratio > 0 else 0
         self._batches: Any = None
-        self._next_step = 0
+        self._order: list[int] = []
+        self._position = 0
         self._planning = False
 
     def _check_supports(self) -> None:
@@ -243,23 +244,29 @@ class TripletTask(Task):
                     raise BadInput(f"Class {cls} of the {split} split has no support images.")
 
     def total_steps(self) -> int:
-        return self.cfg.episodes
+        return self.cfg.steps()
 
-    def _train_batch(self, step: int) -> EpisodeBatch:
+    def _step_indices(self, step: int) -> list[int]:
+        """Sampler indices of the step's training episodes (episode s of one-episode steps is index s)."""
+        return [i + 1 for i in self.cfg.step_episodes(step)]
+
+    def _train_batch(self, step: int, index: int) -> EpisodeBatch:
         cfg = self.cfg
         if cfg.workers == 0 or self._planning:
-            episode = self.samplers["train"].episode(step)
-            return load_episode(self.source, episode, self.ctx.seed, "train", cfg.k_shot, cfg.num_aug,
-                                self.full_triplets)
-        if self._batches is None or step != self._next_step:  # first step, or a resume elsewhere
-            dataset = TrainEpisodes(self.source, self.samplers["train"], step, cfg, self.full_triplets,
+            return load_episode(self.source, self.samplers["train"].episode(index), self.ctx.seed, "train",
+                                cfg.k_shot, cfg.num_aug, self.full_triplets)
+        if self._batches is None or self._order[self._position] != index:  # first step, a retry, or a resume
+            # this rank's episodes from this step to the end, as the steps take them
+            self._order = [i for s in range(step, self.total_steps() + 1) for i in self.my_share(self._step_indices(s))]
+            self._position = 0
+            dataset = TrainEpisodes(self.source, self.samplers["train"], self._order, cfg, self.full_triplets,
                                     self.ctx.seed)
             self._batches = iter(DataLoader(dataset, batch_size=None, num_workers=cfg.workers,
                                             collate_fn=_as_is, worker_init_fn=_worker_cache,
                                             pin_memory=self.ctx.device.type == "cuda"))
-        self._next_step = step + 1
         batch = next(self._batches)
-        if step >= cfg.episodes:
+        self._position += 1
+        if self._position == len(self._order):
             self._batches = None  # let the workers go
         return batch
 
@@ -273,44 +280,54 @@ class TripletTask(Task):
             return self._train_step(step)
 
     def _train_step(self, step: int) -> dict[str, float]:
-        batch = self._train_batch(step)
+        """The step's episodes (one by default); after an OOM back-off, each in `accumulation` micro-steps of
+        contiguous runs of clips and triplets (slices, so shapes never depend on the data); data-parallel, each
+        rank takes its share of the episodes."""
         device, ratio = self.ctx.device, self.cfg.triplet_ratio
-        n_clips, n_triplets = len(batch.clip_frames), len(batch.triplets)
-        starts = np.concatenate([[0], np.cumsum(batch.clip_frames)])
-        self.optimizer.zero_grad(set_to_none=True)
-        loc_total = triplet_total = 0.0
-        # micro-steps take contiguous runs of clips and triplets: slices, so shapes never depend on the data
-        # data-parallel, each rank takes its share of the micro-steps
-        clip_chunks = self.my_share(np.array_split(np.arange(n_clips), self.micro_steps()))
-        triplet_chunks = self.my_share(np.array_split(np.arange(n_triplets), self.micro_steps()))
-        support = to_input(batch.support, device)
-        for clips, triplets in zip(clip_chunks, triplet_chunks, strict=True):
-            if not len(clips) and not (len(triplets) and ratio > 0):
-                continue
+        indices = self._step_indices(step)
+        weight = 1.0 / len(indices)
+        cache: dict[str, float] = {}
+
+        def micro_steps(j: int) -> list[tuple[EpisodeBatch, Any, torch.Tensor, np.ndarray, np.ndarray]]:
+            batch = self._train_batch(step, indices[j])
+            cache.update(batch.cache)
+            starts = np.concatenate([[0], np.cumsum(batch.clip_frames)])
+            support = to_input(batch.support, device)
+            chunks = zip(np.array_split(np.arange(len(batch.clip_frames)), self.accumulation),
+                         np.array_split(np.arange(len(batch.triplets)), self.accumulation), strict=True)
+            return [(batch, starts, support, clips, triplets) for clips, triplets in chunks
+                    if len(clips) or (len(triplets) and ratio > 0)]
+
+        def compute(_: int, part: tuple[EpisodeBatch, Any, torch.Tensor, np.ndarray, np.ndarray]
+                    ) -> tuple[torch.Tensor, dict[str, float]]:
+            batch, starts, support, clips, triplets = part
+            n_clips, n_triplets = len(batch.clip_frames), len(batch.triplets)
             loss = torch.zeros((), device=device)
+            figures = {"loc": 0.0, "triplet": 0.0}
             prototypes = self.model.prototypes(support)  # again per micro-step: each backward frees its graph
             if len(clips):
                 first, last = int(starts[clips[0]]), int(starts[clips[-1] + 1])
                 logits, boxes = self.model(to_input(batch.frames[first:last], device),
                                            prototypes[batch.frame_label[first:last].to(device)])
                 loc = localisation_loss(logits, boxes, batch.boxes[first:last].to(device), self.model.stride)
-                loss = loss + (1 - ratio) * loc * len(clips) / n_clips
-                loc_total += loc.item() * len(clips) / n_clips
+                loss = loss + (1 - ratio) * loc * len(clips) / n_clips * weight
+                figures["loc"] = loc.item() * len(clips) / n_clips * weight
             if len(triplets) and ratio > 0:
                 images = batch.triplets[int(triplets[0]): int(triplets[-1]) + 1]
                 embeddings = self.model.embed(to_input(images.flatten(0, 1), device)).view(len(triplets), 3, -1)
                 trip = self.triplet_loss(embeddings[:, 0], embeddings[:, 1], embeddings[:, 2])
-                loss = loss + ratio * trip * len(triplets) / n_triplets
-                triplet_total += trip.item() * len(triplets) / n_triplets
-            loss.backward()
-        self.sync_gradients()
+                loss = loss + ratio * trip * len(triplets) / n_triplets * weight
+                figures["triplet"] = trip.item() * len(triplets) / n_triplets * weight
+            return loss, figures
+
+        self.optimizer.zero_grad(set_to_none=True)
+        sums = self.accumulate(step, len(indices), micro_steps, compute)
         self.optimizer.step()
         self.scheduler.step()
-        sums = self.all_sum({"loc": loc_total, "triplet": triplet_total})
         loc_total, triplet_total = sums["loc"], sums["triplet"]
         figures = {"loss": (1 - ratio) * loc_total + ratio * triplet_total, "loc_loss": loc_total,
                    "triplet_loss": triplet_total, "lr": self.scheduler.get_last_lr()[0]}
-        figures.update(batch.cache)
+        figures.update(cache)  # this rank's frame cache
         return figures
 
     def evaluate(self, phase: str, step: int) -> dict[str, float]:

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data.distributed import DistributedSampler
 from torchvision import datasets
 from torchvision.transforms import v2
 
@@ -200,24 +201,47 @@ class EvalSamples(torch.utils.data.Dataset):
 
 
 class StepBatches(torch.utils.data.Sampler):
-    """The keys of each training step's batch from `first_step` on; step s's batch is a pure function of
-    (seed, epoch, s), so a run resumed mid-epoch sees exactly the batches it would have seen."""
+    """This rank's share of each training step's batch, as image keys, from `first_step` on.
 
-    def __init__(self, indices: Sequence[int], batch_size: int, seed: int, first_step: int, last_step: int) -> None:
+    Each epoch's order is DistributedSampler's (shuffled from seed + epoch; one process is a world of one), and a
+    step's batch is `batch_size` consecutive images of it: rank r of N holds images r, r + N, ... of every batch,
+    so N ranks together load exactly the batches one process does. Step s's batch is a pure function of
+    (seed, epoch, s): a run resumed mid-epoch, with any number of ranks, sees the batches it would have seen."""
+
+    def __init__(self, indices: Sequence[int], batch_size: int, seed: int, first_step: int, last_step: int,
+                 rank: int = 0, world_size: int = 1) -> None:
+        if batch_size % world_size:
+            raise ValueError(f"a batch of {batch_size} does not split evenly over {world_size} ranks")
         self.indices = np.asarray(indices)
         self.batch_size, self.seed = batch_size, seed
         self.first_step, self.last_step = first_step, last_step
+        self.rank, self.world_size = rank, world_size
+        self._epoch_order: tuple[int, list[int]] | None = None
 
     @property
     def batches_per_epoch(self) -> int:
         return max(1, len(self.indices) // self.batch_size)
 
+    def _order(self, epoch: int) -> list[int]:
+        """This rank's positions of the epoch's shuffled order: every N-th from its rank on."""
+        if self._epoch_order is None or self._epoch_order[0] != epoch:
+            sampler = DistributedSampler(range(len(self.indices)), num_replicas=self.world_size, rank=self.rank,
+                                         shuffle=True, seed=self.seed)
+            sampler.set_epoch(epoch)
+            self._epoch_order = (epoch, list(sampler))
+        return self._epoch_order[1]
+
     def batch(self, step: int) -> list[tuple[int, int]]:
         epoch, position = divmod(step - 1, self.batches_per_epoch)
-        order = np.random.default_rng([self.seed, epoch, 5]).permutation(len(self.indices))
-        start = position * self.batch_size
-        picks = order[start:start + self.batch_size]
-        return [(int(self.indices[p]), sample_seed(self.seed, epoch, start + k)) for k, p in enumerate(picks)]
+        share = self.batch_size // self.world_size
+        picks = self._order(epoch)[position * share:(position + 1) * share]
+        keys = []
+        for k, pick in enumerate(picks):
+            # the image's place in the epoch's order: its augmentation seed, the same however many ranks
+            place = position * self.batch_size + self.rank + self.world_size * k
+            if place < len(self.indices):  # DistributedSampler pads the order to a multiple of N; one process not
+                keys.append((int(self.indices[pick]), sample_seed(self.seed, epoch, place)))
+        return keys
 
     def __iter__(self):
         for step in range(self.first_step, self.last_step + 1):

@@ -32,6 +32,7 @@ class Classifier(nn.Module):
                 parameter.requires_grad_(False)
             for parameter in self.head().parameters():
                 parameter.requires_grad_(True)
+            self.train()  # the frozen backbone's BatchNorm in eval mode from the first step on
 
     def head(self) -> nn.Module:
         """The head module (kept out of the module tree so the state dict names each tensor once)."""

@@ -33,10 +33,21 @@ class EpisodicConfig(BaseConfig):
     """Knobs shared by the episodic commands."""
 
     episodes: int = knob(100, "training episodes", minimum=0)
+    episodes_per_step: int = knob(1, "episodes per optimiser step, its effective batch (torchrun ranks share them)",
+                                  minimum=1)
     test_episodes: int = knob(100, "test episodes at the end", minimum=1)
     n_way: int = knob(5, "classes per episode", minimum=1)
     k_shot: int = knob(5, "support images per class", minimum=1)
     n_query: int = knob(15, "query images per class", minimum=1)
+
+    def steps(self) -> int:
+        """Optimiser steps: the training episodes in groups of `episodes_per_step` (the last may be short)."""
+        return -(-self.episodes // self.episodes_per_step)
+
+    def step_episodes(self, step: int) -> range:
+        """The training episodes of step `step` (1-based), numbered from 0."""
+        first = (step - 1) * self.episodes_per_step
+        return range(first, min(first + self.episodes_per_step, self.episodes))
 
 
 def config_fields(cls: type) -> list[dataclasses.Field]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -10,15 +11,15 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from fewshot_cli.errors import BadInput
 
 T = TypeVar("T")
-BUCKET_BYTES = 25 * 1024 * 1024  # gradients travel in buckets of this size, as DistributedDataParallel's do
 
 
 class StepFailedElsewhere(Exception):
-    """Another rank ran out of memory in this step: every rank backs off the same knob and retries the step."""
+    """A rank ran out of memory in this step: every rank backs off the same knob and retries the step."""
 
 
 @dataclass
@@ -74,77 +75,49 @@ class Distributed:
 
     # ------------------------------------------------------------------ model state
 
-    def sync_gradients(self, model: nn.Module) -> None:
-        """Sum every parameter's gradient across ranks; first agree that no rank failed the step, and on which
-        parameters have a gradient at all (a parameter no rank touched keeps no gradient, as in one process)."""
-        params = list(model.parameters())
-        status = torch.tensor([0] + [int(p.grad is not None) for p in params], dtype=torch.int64)
-        dist.all_reduce(status, op=dist.ReduceOp.MAX)
-        if status[0]:
-            raise StepFailedElsewhere("another rank ran out of memory in this step")
-        with_grad = []
-        for param, has in zip(params, status[1:].tolist(), strict=True):
-            if has:
-                if param.grad is None:  # this rank's micro-steps did not reach it; the others did
-                    param.grad = torch.zeros_like(param)
-                with_grad.append(param.grad)
-        for bucket in _buckets(with_grad):
-            flat = torch.cat([g.reshape(-1) for g in bucket])
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-            offset = 0
-            for grad in bucket:
-                grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
-                offset += grad.numel()
+    def wrap(self, model: nn.Module, sync_batchnorm: bool = False) -> DistributedDataParallel:
+        """`model` under DistributedDataParallel: its constructor starts every rank from rank 0's parameters and
+        buffers, and every synchronised backward all-reduces the gradients in buckets while it runs.
 
-    def report_failure(self, model: nn.Module) -> None:
-        """Called by a rank whose step ran out of memory: meets the other ranks' `sync_gradients` and tells
-        them, so that every rank leaves the step and backs off together."""
-        status = torch.zeros(1 + len(list(model.parameters())), dtype=torch.int64)
-        status[0] = 1
-        dist.all_reduce(status, op=dist.ReduceOp.MAX)
+        The gradients are summed, not averaged: a task weighs each micro-step's loss by its share of the whole
+        step, so the sum over ranks is one process's gradient. Buffers are not broadcast at each forward (a
+        step's BatchNorm statistics are merged by `Task.accumulate`); with `sync_batchnorm` on CUDA, BatchNorm
+        normalises over every rank's share of the batch (nn.SyncBatchNorm runs on CUDA only)."""
+        if sync_batchnorm and next(model.parameters()).device.type == "cuda":
+            nn.SyncBatchNorm.convert_sync_batchnorm(model)  # in place below the root: the optimizer's parameters
+        # named forward_sync_buffers from torch 2.14 on; both still sync buffers once, at construction
+        no_forward_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in _DDP_PARAMETERS
+                           else {"broadcast_buffers": False})
+        ddp = DistributedDataParallel(_Forward(model), find_unused_parameters=True, **no_forward_sync)
+        ddp.register_comm_hook(state=None, hook=_sum_hook)
+        return ddp
 
-    def sync_buffers(self, model: nn.Module) -> None:
-        """BatchNorm running statistics saw only this rank's micro-steps: average them (counters: the largest),
-        so every rank holds the same model and rank 0's checkpoint serves any number of ranks."""
-        buffers = list(model.buffers())
-        for buffer in buffers:
-            if not buffer.is_floating_point():
-                dist.all_reduce(buffer, op=dist.ReduceOp.MAX)
-        for bucket in _buckets([b for b in buffers if b.is_floating_point()]):
-            flat = torch.cat([b.reshape(-1) for b in bucket])
-            spread = torch.cat([flat, -flat])
-            dist.all_reduce(spread, op=dist.ReduceOp.MAX)
-            mean = flat.clone()
-            dist.all_reduce(mean, op=dist.ReduceOp.SUM)
-            # values every rank shares stay bit for bit (a mean of N equal floats need not round back to them)
-            same = spread[:len(flat)] == -spread[len(flat):]
-            flat = torch.where(same, flat, mean / self.world_size)
-            offset = 0
-            for buffer in bucket:
-                buffer.copy_(flat[offset:offset + buffer.numel()].view_as(buffer))
-                offset += buffer.numel()
-
-    def broadcast_model(self, model: nn.Module) -> None:
-        """Start every rank from rank 0's parameters and buffers (as DistributedDataParallel does)."""
-        with torch.no_grad():
-            for tensor in [*model.parameters(), *model.buffers()]:
-                dist.broadcast(tensor, src=0)
+    def reduce_tensors(self, tensors: Sequence[torch.Tensor], op: str) -> None:
+        """Sum (`op="sum"`) or take the largest (`"max"`) of tensors across ranks, in place."""
+        for tensor in tensors:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
 
 
-def _buckets(grads: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
-    """Consecutive gradients of one device and dtype, up to BUCKET_BYTES each (one flat copy at a time)."""
-    buckets: list[list[torch.Tensor]] = []
-    size = 0
-    for grad in grads:
-        last = buckets[-1] if buckets else None
-        if (last is None or size + grad.numel() * grad.element_size() > BUCKET_BYTES
-                or (last[0].device, last[0].dtype) != (grad.device, grad.dtype)):
-            buckets.append([grad])
-            size = grad.numel() * grad.element_size()
-        else:
-            last.append(grad)
-            size += grad.numel() * grad.element_size()
-    return buckets
+_DDP_PARAMETERS = inspect.signature(DistributedDataParallel.__init__).parameters
+
+
+class _Forward(nn.Module):
+    """A task's model with a forward that runs any computation of the task on it. DistributedDataParallel joins a
+    backward to its gradient all-reduce through forward only, and tasks call their model's own methods (embed,
+    prototypes, loss) rather than one forward: `ddp(fn, *args)` runs `fn(*args)` as the model's forward."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return fn(*args)
+
+
+def _sum_hook(state, bucket):  # noqa: ANN001, ANN202 - DDP reads these annotations: GradBucket objects or none
+    """DistributedDataParallel's all-reduce, without its division by the number of ranks."""
+    return dist.all_reduce(bucket.buffer(), op=dist.ReduceOp.SUM, async_op=True).get_future().then(
+        lambda done: done.value()[0])
 
 
 def from_env() -> Distributed | None:

@@ -1,6 +1,7 @@
 """Fault injection for testing the runner end to end through the CLI (set by environment variables only).
 
-FEWSHOT_SIMULATE_OOM="KNOB>N": a training step raises an out-of-memory error while the knob is above N.
+FEWSHOT_SIMULATE_OOM="KNOB>N": a training step's micro-steps raise an out-of-memory error while the knob is above N
+  (with FEWSHOT_SIMULATE_OOM_RANK="R" under torchrun, on rank R only).
 FEWSHOT_SIMULATE_LEAK_MB="N": every training step keeps N MiB alive for the rest of the run.
 """
 
@@ -14,12 +15,16 @@ import torch
 _kept: list[torch.Tensor] = []
 
 
-def before_step(cfg: Any) -> None:
+def in_micro_step(cfg: Any) -> None:
     rule = os.environ.get("FEWSHOT_SIMULATE_OOM")
-    if rule:
+    rank = os.environ.get("FEWSHOT_SIMULATE_OOM_RANK")
+    if rule and (rank is None or rank == os.environ.get("RANK", "0")):
         name, limit = rule.split(">")
         if getattr(cfg, name.strip()) > int(limit):
             raise torch.OutOfMemoryError(f"CUDA out of memory (simulated: {name.strip()} above {limit})")
+
+
+def before_step(cfg: Any) -> None:
     leak_mb = float(os.environ.get("FEWSHOT_SIMULATE_LEAK_MB", "0") or 0)
     if leak_mb:
         _kept.append(torch.ones(int(leak_mb * 1024 * 1024 / 4)))

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torchvision
 
@@ -25,7 +24,7 @@ from fewshot_cli.runner.leaks import LeakDetector
 from fewshot_cli.runner.log import RunLog, read_log
 from fewshot_cli.runner.memory import is_oom, probe, release
 from fewshot_cli.runner.progress import Progress
-from fewshot_cli.runner.task import Command, RunContext, Task
+from fewshot_cli.runner.task import Command, RunContext, Task, step_seed
 
 
 class Interrupted(Exception):
@@ -53,11 +52,6 @@ class RunOptions:
 def versions() -> dict[str, str]:
     return {"python": platform.python_version(), "torch": torch.__version__,
             "torchvision": torchvision.__version__, "fewshot": fewshot_cli.__version__}
-
-
-def step_seed(seed: int, step: int) -> int:
-    """The torch seed of one training step: a pure function of (seed, step), so resume replays exactly."""
-    return int(np.random.SeedSequence([seed, 77, step]).generate_state(1)[0])
 
 
 class _NoLog:
@@ -95,6 +89,11 @@ class _StopFlag:
 
 
 def build_task(command: Command, resolved: Resolved, opts: RunOptions, emit: Callable[..., None]) -> Task:
+    group, per_step = opts.distributed, getattr(resolved.config, "episodes_per_step", None)
+    if group is not None and per_step is not None and per_step < group.world_size:
+        raise BadInput(f"--episodes-per-step {per_step} leaves some of the {group.world_size} processes without an "
+                       f"episode: ranks share each step's episodes, so use --episodes-per-step {group.world_size} "
+                       f"(or a multiple of it), or start fewer processes.")
     torch.manual_seed(opts.seed)
     ctx = RunContext(device=opts.device, seed=opts.seed, run_dir=None, data=opts.data, emit=emit,
                      distributed=opts.distributed)
@@ -151,7 +150,7 @@ def run(command: Command, resolved: Resolved, opts: RunOptions, extra_config: di
 
     task, start_step, elapsed_offset = agreed(group, start)
     if group is not None:
-        group.broadcast_model(task.model)
+        task.wrap_data_parallel()  # DistributedDataParallel starts every rank from rank 0's model
         if not main:
             log = _NoLog()
             metrics = _loop(task, command, log, opts, checkpoint_path, start_step)
@@ -205,12 +204,11 @@ def _loop(task: Task, command: Command, log: RunLog | _NoLog, opts: RunOptions, 
         for step in range(start_step + 1, total + 1):
             torch.manual_seed(step_seed(opts.seed, step))
             started = time.perf_counter()
-            figures = _step_with_backoff(task, step, log, knobs_changed, group)
+            figures = _step_with_backoff(task, step, log, knobs_changed)
             mem = probe(device)
             ranks: dict[str, Any] = {}
             stopping = stop.signal is not None
             if group is not None:
-                group.sync_buffers(task.model)
                 mems = group.gather(mem)
                 ranks["mem_ranks"] = mems
                 stopping = group.any(stopping)  # SIGTERM on any rank stops every rank after this same step
@@ -248,12 +246,11 @@ def _evaluate(task: Task, phase: str, step: int) -> dict[str, float]:
         task.model.train()
 
 
-def _step_with_backoff(task: Task, step: int, log: RunLog | _NoLog, knobs_changed: dict[str, int],
-                       group: Distributed | None = None) -> dict[str, Any]:
+def _step_with_backoff(task: Task, step: int, log: RunLog | _NoLog, knobs_changed: dict[str, int]
+                       ) -> dict[str, Any]:
     """Run one step; on OOM release memory, shrink the first knob above its floor, and try the step again.
-    Data-parallel, every rank backs off together: the rank that ran out tells the others at the gradient sum."""
+    Data-parallel, every rank backs off together: `Task.accumulate` tells the others at the gradient sum."""
     while True:
-        here = False
         try:
             faults.before_step(task.cfg)
             return task.train_step(step)
@@ -262,10 +259,8 @@ def _step_with_backoff(task: Task, step: int, log: RunLog | _NoLog, knobs_change
         except Exception as err:  # noqa: BLE001 - only OOM is handled, the rest re-raised
             if not is_oom(err):
                 raise
-            oom_message, here = str(err).splitlines()[0], True
+            oom_message = str(err).splitlines()[0]
         release(task.ctx.device)  # outside the except block, so the traceback's frames are gone
-        if here and group is not None:
-            group.report_failure(task.model)
         _back_off(task, step, log, knobs_changed, oom_message)
 
 
