@@ -172,6 +172,9 @@ def _run_prepared(command: Command, knobs: dict[str, Any], options: dict[str, An
     extra: dict[str, Any] = {}
 
     def prepare() -> tuple[Resolved, RunOptions]:
+        if group is not None and not command.data_parallel:
+            raise BadInput(f"{command.name} runs in one process: start it with `fewshot {command.name}`, not "
+                           f"under torchrun with {group.world_size} processes.")
         if options.get("resume") is not None:
             run_dir = Path(options["resume"])
             resolved, record = _resumed_config(command, run_dir, knobs)

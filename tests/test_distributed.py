@@ -171,6 +171,30 @@ def test_a_two_rank_run_resumes_in_one_process(interrupted: dict) -> None:
     assert [s["loss"] for s in events(run, "step")] == [s["loss"] for s in events(run.parent / "straight", "step")]
 
 
+def test_a_one_process_run_resumes_under_two_ranks(tmp_path: Path) -> None:
+    args = [*MAHALANOBIS, "--episodes", "40", "--json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.Popen([sys.executable, "-m", "fewshot_cli", *map(str, args), "--out", tmp_path, "--name", "r"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        _step_reached(tmp_path / "r", 2)
+        single.send_signal(signal.SIGTERM)
+        single.communicate(timeout=60)
+    finally:
+        if single.poll() is None:
+            single.kill()
+    assert single.returncode == 130
+    stopped_at = load_checkpoint(tmp_path / "r" / "checkpoint.pt")["step"]
+    resumed = torchrun("mahalanobis-train", "--resume", tmp_path / "r", "--quiet", "--json")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    straight = fewshot(*args, "--out", tmp_path, "--name", "straight")
+    assert json.loads(resumed.stdout) == json.loads(straight.stdout)
+    steps = events(tmp_path / "r", "step")
+    assert [s["step"] for s in steps] == list(range(1, 21))
+    assert [s["loss"] for s in steps] == [s["loss"] for s in events(tmp_path / "straight", "step")]
+    assert all(("mem_ranks" in s) == (s["step"] > stopped_at) for s in steps)
+
+
 @pytest.mark.parametrize(("extra", "message"), [
     (["--data", "missing"], "error: --data"),
     (["--episodes-per-step", "1"], "use --episodes-per-step 2"),  # rank 1 would never train
@@ -273,6 +297,13 @@ def test_classify_food101_shares_each_batch_and_the_test_images_across_ranks(tmp
         assert metrics[name] * test_images == pytest.approx(round(metrics[name] * test_images), abs=1e-9)
     assert (run / "model.pt").is_file() and len(events(run, "run_start")) == 1
     assert all(len(s["mem_ranks"]) == 2 for s in steps_two)
+
+
+def test_embed_classify_is_refused_under_torchrun_with_exit_2(tmp_path: Path) -> None:
+    result = torchrun("embed-classify", "--preset", "cpu", "--out", tmp_path / "runs")
+    assert result.stderr.count("embed-classify runs in one process") == 2, result.stderr[-2000:]
+    assert "exitcode  : 2" in result.stderr or "exitcode: 2" in result.stderr.replace(" ", "")
+    assert not (tmp_path / "runs").exists()
 
 
 def test_a_batch_that_does_not_split_over_the_ranks_is_bad_input(tmp_path: Path) -> None:

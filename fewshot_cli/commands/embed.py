@@ -276,4 +276,4 @@ COMMAND = Command(
     name="embed-classify",
     help="Training-free few-shot classification from frozen embeddings (cosine to prototypes, Unknown threshold).",
     config=EmbedConfig, presets=PRESETS, task=EmbedTask, primary_metric="accuracy",
-    plan_knobs=("batch_size",))
+    plan_knobs=("batch_size",), data_parallel=False)

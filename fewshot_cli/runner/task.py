@@ -257,3 +257,5 @@ class Command:
     demo: dict[str, Any] = field(default_factory=dict)
     #: called with the command-line knob values before torch touches the device (e.g. MPS environment)
     prepare: Callable[[dict[str, Any]], None] | None = None
+    #: runs data-parallel under torchrun (its task builds each step's gradient with `Task.accumulate`)
+    data_parallel: bool = True
