@@ -134,6 +134,8 @@ class Task(ABC):
                 if stats is not None:
                     stats.add()
         except Exception as err:  # noqa: BLE001 - only OOM is handled, the rest re-raised
+            if stats is not None:  # a retried step starts from the statistics this one started from
+                stats.restore()
             if group is None or not is_oom(err):
                 raise
             if in_synced_backward:  # part of the all-reduce ran; the ranks cannot meet again in this step
