@@ -110,7 +110,7 @@ class Task(ABC):
         give one process's step. A rank out of memory still meets the all-reduce, and every rank then raises
         StepFailedElsewhere, so all of them back off together."""
         group, ddp = self.ctx.distributed, self._ddp
-        mine = list(range(parts)) if group is None else list(range(group.rank, parts, group.world_size))
+        mine = self.my_share(list(range(parts)))
         stats = _RunningStats(self.model) if parts > 1 or group is not None else None
         figures: dict[str, float] = {}
         synced = in_synced_backward = False
