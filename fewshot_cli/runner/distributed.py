@@ -65,13 +65,13 @@ class Distributed:
         return bool(value.item())
 
     def sum(self, values: dict[str, float]) -> dict[str, float]:
-        """Sums across ranks, in float64 so that counts stay exact and sums lose next to nothing."""
-        if not values:
-            return {}
-        names = sorted(values)
-        total = torch.tensor([float(values[n]) for n in names], dtype=torch.float64)
-        dist.all_reduce(total, op=dist.ReduceOp.SUM)
-        return dict(zip(names, total.tolist(), strict=True))
+        """Sums across ranks of each name any rank has (a rank may have none, e.g. no episode in a short step),
+        added in rank order as Python floats: for two ranks, the very sum one process makes of the two parts."""
+        totals: dict[str, float] = {}
+        for share in self.gather(values):
+            for name, value in share.items():
+                totals[name] = totals.get(name, 0.0) + value
+        return totals
 
     # ------------------------------------------------------------------ model state
 

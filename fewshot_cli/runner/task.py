@@ -153,11 +153,7 @@ class Task(ABC):
                 if stats is not None:
                     stats.restore()
                 raise StepFailedElsewhere(failure or "another rank ran out of memory in this step")
-            totals: dict[str, float] = {}
-            for share in group.gather(figures):  # in rank order: for two ranks, the sum one process makes
-                for name, value in share.items():
-                    totals[name] = totals.get(name, 0.0) + value
-            figures = totals
+            figures = group.sum(figures)
         if stats is not None:
             stats.merge(parts, group)
         return figures
