@@ -10,7 +10,6 @@ import typing
 from pathlib import Path
 from typing import Any
 
-import click
 import typer
 
 import fewshot_cli
@@ -121,7 +120,7 @@ def _guarded(debug: bool, action) -> None:
         typer.echo("interrupted: checkpoint written; continue with --resume RUN_DIR", err=True)
         raise typer.Exit(130) from None
     except (RunFailed, Exception) as err:  # noqa: BLE001 - an unexpected error is still one line without --debug
-        if debug or isinstance(err, typer.Exit | click.exceptions.Exit):
+        if debug or isinstance(err, typer.Exit):
             raise
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None
