@@ -15,8 +15,9 @@ import typer
 import fewshot_cli
 from fewshot_cli.commands import load_commands
 from fewshot_cli.errors import BadInput, RunFailed
+from fewshot_cli.help import knob_help, knob_panel, machine_preset, option_panel, panel_rank
+from fewshot_cli.runner.command import Command
 from fewshot_cli.runner.config import PRESET_CHOICES, Resolved, config_fields, from_record, option_name, resolve
-from fewshot_cli.runner.task import Command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Few-shot learning experiments that do not run out of memory.")
@@ -56,10 +57,10 @@ SHARED = [
 PLAN_SHARED = {"preset", "device", "data", "seed", "memory_budget", "json_out", "debug"}
 
 
-def _knob_parameters(config_cls: type) -> list[inspect.Parameter]:
-    hints = typing.get_type_hints(config_cls)
+def _knob_parameters(command: Command) -> list[inspect.Parameter]:
+    hints = typing.get_type_hints(command.config)
     params = []
-    for f in config_fields(config_cls):
+    for f in config_fields(command.config):
         kind = hints[f.name]
         base = next((a for a in typing.get_args(kind) if a is not type(None)), kind)
         flag = f"--{option_name(f.name)}"
@@ -69,7 +70,8 @@ def _knob_parameters(config_cls: type) -> list[inspect.Parameter]:
             flags = (flag,)
             if f.metadata.get("choices"):
                 base = _choices(f.name, f.metadata["choices"])
-        option = typer.Option(None, *flags, help=f.metadata.get("help", ""), show_default=False)
+        option = typer.Option(None, *flags, help=knob_help(f, command, machine_preset()), show_default=False,
+                              rich_help_panel=knob_panel(f))
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option,
                                         annotation=base | None))
     return params
@@ -84,7 +86,7 @@ def _shared_parameters(names: set[str] | None = None) -> list[inspect.Parameter]
     params = []
     for name, kind, default, flags, help_text in SHARED:
         if names is None or name in names:
-            option = typer.Option(default, *flags, help=help_text)
+            option = typer.Option(default, *flags, help=help_text, rich_help_panel=option_panel(name))
             params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind))
     return params
 
@@ -96,7 +98,9 @@ def _make(command: Command, handler, shared: set[str] | None = None):
         knobs = {name: _plain(kwargs.pop(name)) for name in knob_names}
         _guarded(kwargs.get("debug", False), lambda: handler(command, knobs, kwargs))
 
-    entry.__signature__ = inspect.Signature(_shared_parameters(shared) + _knob_parameters(command.config))
+    params = _shared_parameters(shared) + _knob_parameters(command)
+    params.sort(key=lambda p: panel_rank(p.default.rich_help_panel))  # stable: each panel keeps its order
+    entry.__signature__ = inspect.Signature(params)
     entry.__doc__ = command.help
     return entry
 
@@ -364,8 +368,9 @@ def demo_command(
             knobs = {f.name: None for f in config_fields(command.config)} | dict(command.demo)
             _run_command(command, knobs, options)
             runs.append(root / name)
-        primary = {c.name: c.primary_metric for c in COMMANDS.values()}
-        typer.echo(results.render_table(results.summary_table(runs, primary), "md"), nl=False)
+        metrics = {c.name: (c.primary_metric, c.secondary_metric) for c in COMMANDS.values()}
+        typer.echo(f"\nEvery command at the cpu preset on built-in data; the runs are in {root}.\n", err=True)
+        typer.echo(results.demo_table(runs, metrics), nl=False)
 
     _guarded(debug, act)
 

@@ -21,7 +21,7 @@ from fewshot_cli.runner.log import read_log
 from fewshot_cli.runner.loop import versions
 
 #: metrics read from the log rather than metrics.json; they depend on the machine
-LOG_METRICS = ("peak_rss_mb", "peak_cuda_allocated_mb", "episodes_per_s")
+LOG_METRICS = ("peak_rss_mb", "peak_cuda_allocated_mb", "episodes_per_s", "wall_s")
 META_KEYS = ("command", "preset", "seed", "device", "data")
 #: bookkeeping, not a result: left out of the default columns
 NOT_RESULTS = ("test_episodes",)
@@ -103,6 +103,9 @@ def log_figures(events: list[dict[str, Any]]) -> dict[str, float]:
     seconds = sum(e.get("step_s", 0.0) for e in steps)
     if steps and seconds > 0:
         figures["episodes_per_s"] = len(steps) / seconds
+    ends = [e for e in events if e.get("event") == "run_end" and isinstance(e.get("elapsed_s"), int | float)]
+    if ends:  # a resumed run's clock goes on from where it stopped
+        figures["wall_s"] = ends[-1]["elapsed_s"]
     return figures
 
 
@@ -241,6 +244,39 @@ def summary_table(run_dirs: list[Path], primary: dict[str, str] | None = None) -
     rows.sort(key=lambda row: (str(row["command"]), row["metric"]))
     return {"keys": ["command", "metric"], "metrics": ["value"], "rows": rows, "incomplete": sorted(incomplete),
             "machine_dependent": []}
+
+
+DEMO_HEADER = ("command", "metric", "value", "± 95%", "second metric", "test episodes", "wall time", "peak RSS")
+
+
+def demo_table(run_dirs: list[Path], metrics: dict[str, tuple[str, str | None]]) -> str:
+    """The demo's last word, in markdown: one row per run, its command's primary metric with the half-width of
+    its 95% interval (over the test episodes; `—` where the command reports none), its secondary metric, its
+    test episodes, wall time and peak RSS. `metrics` maps a command to its (primary, secondary) metric."""
+    rows, incomplete = [], []
+    for d in run_dirs:
+        run = load_run(Path(d))
+        if run["metrics"] is None:
+            incomplete.append(f"- {run['dir']}: {run['status']}\n")
+            continue
+        command, values, log = run["config"].get("command"), run["metrics"], run["log"]
+        primary, secondary = metrics.get(command, (None, None))
+        ci = values.get(f"{primary}_ci95")
+        rows.append([command, primary or "—", _figure(values.get(primary)), _figure(ci),
+                     f"{secondary} {_figure(values.get(secondary))}" if secondary in values else "—",
+                     str(round(values["test_episodes"])) if _is_number(values.get("test_episodes")) else "—",
+                     f"{log['wall_s']:.0f} s" if "wall_s" in log else "—",
+                     f"{log['peak_rss_mb']:.0f} MiB" if "peak_rss_mb" in log else "—"])
+    lines = ["| " + " | ".join(DEMO_HEADER) + " |", "|" + "|".join("---" for _ in DEMO_HEADER) + "|"]
+    lines += ["| " + " | ".join(_md(str(c)) for c in row) + " |" for row in rows]
+    text = "\n".join(lines) + "\n"
+    if incomplete:
+        text += "\nIncomplete runs:\n\n" + "".join(incomplete)
+    return text
+
+
+def _figure(value: Any) -> str:
+    return _number(value) if _is_number(value) else "—"
 
 
 # -- rendering -------------------------------------------------------------------------------------------

@@ -160,7 +160,7 @@ def test_a_metric_some_runs_lack_is_a_bad_input_exit_2(tmp_path: Path) -> None:
     result = fewshot("table", cls, det, "--metric", "accuracy")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        f"error: {det} has no metric 'accuracy' (it has episodes_per_s, map, peak_rss_mb, test_episodes); "
+        f"error: {det} has no metric 'accuracy' (it has episodes_per_s, map, peak_rss_mb, test_episodes, wall_s); "
         "these runs are not comparable."]
 
 

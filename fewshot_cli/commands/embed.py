@@ -8,7 +8,6 @@ import os
 import tempfile
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,40 +15,18 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fewshot_cli.commands.embed_config import COMMAND as COMMAND
+from fewshot_cli.commands.embed_config import PRESETS as PRESETS
+from fewshot_cli.commands.embed_config import EmbedConfig
 from fewshot_cli.data.embed_layout import UNKNOWN, EmbedData, ImageRef, scan, write_synthetic
 from fewshot_cli.data.embedding_store import EmbeddingStore, FileKey, extract
 from fewshot_cli.errors import BadInput, RunFailed
-from fewshot_cli.models.embedders import BACKBONES, build_embedder
-from fewshot_cli.runner.config import BaseConfig, knob
+from fewshot_cli.models.embedders import build_embedder
 from fewshot_cli.runner.memory import probe
 from fewshot_cli.runner.metrics import RunningMean
-from fewshot_cli.runner.task import Command, RunContext, Task
+from fewshot_cli.runner.task import RunContext, Task
 
 QUERY_CHUNK = 1024  # queries scored at once: bounds memory whatever the number of queries
-
-
-@dataclass
-class EmbedConfig(BaseConfig):
-    backbone: str = knob("small", "frozen feature extractor (small: built-in, no weights)", choices=BACKBONES)
-    weights: str | None = knob(None, "resnet50: a local state dict file (default: random weights)")
-    model_dir: str | None = knob(None, "clip / dinov2: a local Hugging Face model directory")
-    image_size: int = knob(32, "small backbone's input side; side of the built-in images", minimum=8)
-    batch_size: int = knob(32, "images per extraction batch", minimum=1)
-    threshold: str = knob("auto", "cosine below which a query is Unknown, or auto (leave-one-out on the support)")
-    cache_dir: str | None = knob(None, "embedding store to share across runs (default: RUN_DIR/embeddings)")
-    categories: int = knob(4, "built-in data: categories", minimum=1)
-    n_way: int = knob(3, "built-in data: classes per class-folder category", minimum=1)
-    k_shot: int = knob(5, "built-in data: support images per class", minimum=1)
-    n_query: int = knob(10, "built-in data: query images per class", minimum=1)
-
-
-PRESETS: dict[str, dict[str, Any]] = {
-    "cpu": {"batch_size": 32, "image_size": 32, "workers": 0},
-    "mps": {"batch_size": 64, "image_size": 64, "workers": 2},
-    "t4": {"batch_size": 64, "image_size": 64, "workers": 4},
-    "a100": {"batch_size": 128, "image_size": 64, "workers": 8},
-    "h100": {"batch_size": 128, "image_size": 64, "workers": 8},
-}
 
 
 def parse_threshold(text: str) -> float | None:
@@ -236,7 +213,7 @@ class EmbedTask(Task):
             if labelled:
                 accuracy.add(correct / labelled)
         return {"accuracy": accuracy.mean, "accuracy_ci95": accuracy.ci95,
-                "unknown_rate": unknown / scored if scored else 0.0, "test_episodes": float(accuracy.count),
+                "unknown_rate": unknown / scored if scored else 0.0, "test_episodes": accuracy.count,
                 "threshold": float(threshold), "queries": float(scored),
                 "labelled_queries": float(sum(n for _, n in per_category.values())),
                 "classes": float(len(self.classes)), "images_extracted": float(report.extracted),
@@ -270,10 +247,3 @@ class EmbedTask(Task):
         tmp.write_text("".join(f"{path}\t{error}\n" for path, error in sorted(self.unreadable)), encoding="utf-8")
         os.replace(tmp, run_dir / "unreadable.txt")
         return metrics
-
-
-COMMAND = Command(
-    name="embed-classify",
-    help="Training-free few-shot classification from frozen embeddings (cosine to prototypes, Unknown threshold).",
-    config=EmbedConfig, presets=PRESETS, task=EmbedTask, primary_metric="accuracy",
-    plan_knobs=("batch_size",), data_parallel=False)

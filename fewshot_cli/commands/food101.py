@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from fewshot_cli.commands.food101_config import COMMAND as COMMAND
+from fewshot_cli.commands.food101_config import PRESETS as PRESETS
+from fewshot_cli.commands.food101_config import Food101Config
 from fewshot_cli.data.food101 import (
     EvalSamples,
     FoodImages,
@@ -27,53 +29,13 @@ from fewshot_cli.data.food101 import (
     train_transform,
 )
 from fewshot_cli.errors import BadInput
-from fewshot_cli.models.classifiers import MODELS, build_classifier
-from fewshot_cli.runner.config import BaseConfig, knob
-from fewshot_cli.runner.task import BackoffKnob, Command, RunContext, Task
+from fewshot_cli.models.classifiers import build_classifier
+from fewshot_cli.runner.task import BackoffKnob, RunContext, Task
 
 #: torch refuses to start MPS above this ratio on unified memory (MPSAllocator.mm), and its default low ratio
 MPS_WATERMARK_UPPER_BOUND = 2.0
 MPS_DEFAULT_LOW_WATERMARK = 1.4
 PREFETCH_FACTOR = 2
-
-
-@dataclass
-class Food101Config(BaseConfig):
-    """Knobs of classify-food101: a step is one batch, a run is `epochs` passes over the train split."""
-
-    val_episodes: int = knob(10, "unused: validation scores the whole test split", cli=False)
-    epochs: int = knob(10, "passes over the train split", minimum=0)
-    batch_size: int = knob(24, "images per optimiser step (OOM back-off keeps it with gradient accumulation)",
-                           minimum=1)
-    image_size: int = knob(224, "side of the square network input in pixels", minimum=16)
-    model: str = knob("efficientnet_b0", "torchvision classification network", choices=MODELS)
-    weights: str | None = knob(None, "local state dict to start from; its class layer is replaced")
-    freeze_backbone: bool = knob(False, "train only the classification head (needs --weights)")
-    lr: float = knob(1e-3, "AdamW peak learning rate (cosine schedule, 5% warm-up)", minimum=0)
-    weight_decay: float = knob(0.05, "AdamW weight decay", minimum=0)
-    dev_samples: int = knob(0, "N train and N/3 test images per class, stratified and seeded (0: all)", minimum=0)
-    empty_cache_every: int | None = knob(None, "steps between empty_cache calls (default: 10 on MPS, else never)",
-                                         minimum=0)
-    mps_high_watermark: float | None = knob(None, "PYTORCH_MPS_HIGH_WATERMARK_RATIO, 0 to 2 (0: no limit)",
-                                            minimum=0)
-    amp: bool = knob(False, "mixed precision: bf16 (fp16 where bf16 is missing) on CUDA, fp16 on MPS, bf16 on CPU")
-    synthetic_classes: int = knob(101, "classes of the built-in data (used without --data)", minimum=2)
-
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # two cores: small inputs and a light network so a default run ends in minutes
-    "cpu": {"epochs": 12, "batch_size": 64, "image_size": 32, "model": "mobilenet_v3_large", "lr": 2e-3,
-            "synthetic_classes": 20, "workers": 0, "checkpoint_every": 100},
-    # the seed's fix: 224 px at batch 24 stays under 48 GB where 1024 px at 32 did not
-    "mps": {"epochs": 10, "batch_size": 24, "image_size": 224, "model": "efficientnet_b0",
-            "empty_cache_every": 10, "workers": 4, "checkpoint_every": 500},
-    "t4": {"epochs": 10, "batch_size": 64, "image_size": 224, "model": "efficientnet_b0", "amp": True,
-           "workers": 4, "checkpoint_every": 500},
-    "a100": {"epochs": 10, "batch_size": 128, "image_size": 224, "model": "efficientnet_b0", "amp": True,
-             "workers": 8, "checkpoint_every": 500},
-    "h100": {"epochs": 10, "batch_size": 256, "image_size": 224, "model": "efficientnet_b0", "amp": True,
-             "workers": 8, "checkpoint_every": 500},
-}
 
 
 def apply_mps_env(cfg: Any) -> dict[str, str]:
@@ -339,16 +301,3 @@ class Food101Task(Task):
         batch_bytes = self.effective_batch * 3 * size * size * 4
         prefetch = self.cfg.workers * PREFETCH_FACTOR * batch_bytes
         return {"train": {"loader_prefetch": prefetch}, "test": {"loader_prefetch": prefetch}} if prefetch else {}
-
-
-COMMAND = Command(
-    name="classify-food101",
-    help="Supervised Food-101 classification (its on-disk layout) with a torchvision network.",
-    config=Food101Config,
-    presets=PRESETS,
-    task=Food101Task,
-    primary_metric="top1",
-    plan_knobs=("batch_size",),
-    demo={"epochs": 8},
-    prepare=apply_mps_env,
-)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -11,50 +10,21 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from fewshot_cli.commands.mahalanobis_config import COMMAND as COMMAND
+from fewshot_cli.commands.mahalanobis_config import PRESETS as PRESETS
+from fewshot_cli.commands.mahalanobis_config import MahalanobisConfig
 from fewshot_cli.data.folders import ImageFolderSplits
 from fewshot_cli.data.synthetic import SyntheticImages
 from fewshot_cli.episodes import Episode, EpisodeSampler, steps_hash
 from fewshot_cli.errors import BadInput
-from fewshot_cli.models.adaptation import VARIANTS, SetToSetAttention
-from fewshot_cli.models.backbones import BACKBONES, build_backbone, feature_dim, load_weights
-from fewshot_cli.models.heads import COVARIANCES, HEADS, build_head, prototypes
-from fewshot_cli.runner.config import EpisodicConfig, knob
+from fewshot_cli.models.adaptation import SetToSetAttention
+from fewshot_cli.models.backbones import build_backbone, feature_dim, load_weights
+from fewshot_cli.models.heads import build_head, prototypes
 from fewshot_cli.runner.metrics import RunningMean
-from fewshot_cli.runner.task import BackoffKnob, Command, RunContext, Task
+from fewshot_cli.runner.task import BackoffKnob, RunContext, Task
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-
-
-@dataclass
-class MahalanobisConfig(EpisodicConfig):
-    image_size: int = knob(32, "input image side in pixels", minimum=8)
-    backbone: str = knob("conv4", "feature extractor", choices=BACKBONES)
-    flatten: bool = knob(False, "torchvision ResNets: keep the last feature map unpooled (512x7x7 at 224 px)")
-    weights: str | None = knob(None, "a local state dict for the backbone")
-    head: str = knob("mahalanobis", "classification head", choices=HEADS)
-    covariance: str = knob("auto", "Mahalanobis covariance: dense d x d, exact low-rank, or auto", choices=COVARIANCES)
-    beta: float = knob(1.0, "Mahalanobis ridge beta in Q_k = l_k S_k + (1 - l_k) S_task + beta I", minimum=1e-8)
-    reduced_dim: int = knob(512, "project features above this size to it (0: never)", minimum=0)
-    adapt: str = knob("prototypes", "set-to-set transformer over", choices=("none", "prototypes", "support"))
-    variant: str = knob("cosine", "the transformer's attention metric", choices=VARIANTS)
-    checkpoint_activations: bool = knob(False, "recompute backbone activations in backward to save memory")
-    batch_size: int = knob(128, "images per forward when computing evaluation features", minimum=1)
-    lr: float = knob(1e-3, "Adam learning rate", minimum=0.0)
-
-
-PRESETS: dict[str, dict[str, Any]] = {
-    "cpu": {"image_size": 32, "backbone": "conv4", "episodes": 300, "n_query": 10, "val_every": 100,
-            "val_episodes": 50, "test_episodes": 600, "checkpoint_every": 100, "batch_size": 256, "workers": 0},
-    "t4": {"image_size": 84, "backbone": "resnet12", "episodes": 2000, "n_query": 15, "val_every": 200,
-           "val_episodes": 100, "test_episodes": 600, "checkpoint_every": 200, "batch_size": 64, "workers": 4},
-    "mps": {"image_size": 84, "backbone": "resnet12", "episodes": 2000, "n_query": 15, "val_every": 200,
-            "val_episodes": 100, "test_episodes": 600, "checkpoint_every": 200, "batch_size": 32, "workers": 4},
-    "a100": {"image_size": 84, "backbone": "resnet12", "episodes": 4000, "n_query": 15, "val_every": 250,
-             "val_episodes": 200, "test_episodes": 600, "checkpoint_every": 250, "batch_size": 256, "workers": 8},
-    "h100": {"image_size": 84, "backbone": "resnet12", "episodes": 4000, "n_query": 15, "val_every": 250,
-             "val_episodes": 200, "test_episodes": 600, "checkpoint_every": 250, "batch_size": 512, "workers": 8},
-}
 
 
 class FewShotTransformer(nn.Module):
@@ -188,12 +158,3 @@ class MahalanobisTask(Task):
         split_items = sum(len(v) for v in self.samplers["test"].items.values())
         images = min(split_items, cfg.test_episodes * cfg.n_way * (cfg.k_shot + cfg.n_query))
         return {"test": {"evaluation_features": images * self.model.embedding_dim * 4}}
-
-
-COMMAND = Command(
-    name="mahalanobis-train",
-    help="Episodic few-shot classification: set-to-set adaptation and a Mahalanobis / cosine / euclidean head.",
-    config=MahalanobisConfig, presets=PRESETS, task=MahalanobisTask, primary_metric="accuracy",
-    plan_knobs=("n_query", "image_size"),
-    demo={"episodes": 200, "test_episodes": 300, "val_every": 100, "val_episodes": 20},
-)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
+from fewshot_cli.commands.triplet_config import COMMAND as COMMAND
+from fewshot_cli.commands.triplet_config import PRESETS as PRESETS
+from fewshot_cli.commands.triplet_config import TripletConfig
 from fewshot_cli.data.clips import (
     ClipSource,
     EpisodeBatch,
@@ -25,48 +27,12 @@ from fewshot_cli.data.clips import (
 )
 from fewshot_cli.episodes import EpisodeSampler
 from fewshot_cli.errors import BadInput
-from fewshot_cli.models.localiser import BACKBONES, Localiser, best_boxes, localisation_loss
+from fewshot_cli.models.localiser import Localiser, best_boxes, localisation_loss
 from fewshot_cli.runner.checkpoint import load_checkpoint
-from fewshot_cli.runner.config import EpisodicConfig, knob
 from fewshot_cli.runner.metrics import RunningMean
-from fewshot_cli.runner.task import BackoffKnob, Command, RunContext, Task
+from fewshot_cli.runner.task import BackoffKnob, RunContext, Task
 
 MiB = 2**20
-
-
-@dataclass
-class TripletConfig(EpisodicConfig):
-    n_way: int = knob(4, "classes per episode", minimum=1)
-    k_shot: int = knob(5, "support images per class", minimum=1)
-    n_query: int = knob(8, "query clips per class", minimum=1)
-    image_size: int = knob(128, "frame and support image side in pixels", minimum=16)
-    clip_frames: int = knob(8, "frames per built-in synthetic clip", minimum=1)
-    backbone: str = knob("small", "feature extractor", choices=BACKBONES)
-    embedding_dim: int = knob(64, "backbone width and embedding size (match a --init checkpoint's)", minimum=8)
-    init: str | None = knob(None, "stage-1 checkpoint (checkpoint.pt or its run directory) to take the backbone from")
-    triplet_ratio: float = knob(0.3, "weight of the triplet loss; the localisation loss gets 1 minus it", minimum=0)
-    triplet_batch_size: int = knob(8, "(anchor, positive, negative) triplets per step", minimum=1)
-    triplet_margin: float = knob(0.2, "margin of the triplet loss", minimum=0)
-    num_aug: int = knob(5, "augmented views per support image in training", minimum=0)
-    frame_cache_size: int = knob(500, "decoded frames the LRU frame cache holds at most", minimum=0)
-    frame_cache_mb: int = knob(256, "MiB the LRU frame cache holds at most", minimum=0)
-    score_threshold: float = knob(0.3, "a frame's box counts as present when its score reaches this", minimum=0)
-    lr: float = knob(2e-3, "AdamW learning rate (cosine decay over the run)", minimum=0)
-
-
-_GPU = dict(n_way=4, k_shot=5, n_query=8, triplet_batch_size=8, num_aug=5, val_episodes=10, workers=4,
-            image_size=160, backbone="resnet50", embedding_dim=256, lr=3e-4, episodes=3000, val_every=100,
-            test_episodes=100, frame_cache_size=500, frame_cache_mb=512, checkpoint_every=200)
-PRESETS: dict[str, dict[str, Any]] = {
-    # small enough that 300 episodes with validation every 20 take a few minutes on two cores
-    "cpu": dict(n_way=4, k_shot=2, n_query=2, triplet_batch_size=8, num_aug=1, val_episodes=4, workers=0,
-                image_size=64, backbone="small", embedding_dim=32, episodes=300, val_every=20, test_episodes=20,
-                frame_cache_size=500, frame_cache_mb=64, checkpoint_every=100),
-    "t4": dict(_GPU, episodes=2000, n_query=4, image_size=128),  # 16 GB: the a100 episode plans at 16.5 GB
-    "mps": dict(_GPU, image_size=96, episodes=2000),
-    "a100": dict(_GPU),
-    "h100": dict(_GPU),
-}
 
 
 def st_iou(pred: np.ndarray, gt: np.ndarray) -> float:
@@ -362,7 +328,7 @@ class TripletTask(Task):
         metrics = {"st_iou": clip_st_iou.mean, "st_iou_ci95": clip_st_iou.ci95, "box_ap50": box_ap.value()}
         metrics.update(self.cache.stats())
         if phase == "test":
-            metrics.update(test_episodes=float(episodes), st_iou_centre_box=centre_st_iou.mean,
+            metrics.update(test_episodes=episodes, st_iou_centre_box=centre_st_iou.mean,
                            st_iou_whole_frame=frame_st_iou.mean)
         return metrics
 
@@ -410,11 +376,3 @@ def baseline_boxes(gt: np.ndarray, image_size: int) -> tuple[np.ndarray, np.ndar
     centre = np.tile([c - width / 2, c - height / 2, c + width / 2, c + height / 2], (len(gt), 1))
     whole = np.tile([0.0, 0.0, float(image_size), float(image_size)], (len(gt), 1))
     return centre.astype(np.float32), whole.astype(np.float32)
-
-
-COMMAND = Command(
-    name="triplet-train",
-    help="Stage-2 episodic training of a few-shot video localiser with a triplet loss; ST-IoU validation.",
-    config=TripletConfig, presets=PRESETS, task=TripletTask, primary_metric="st_iou",
-    plan_knobs=("triplet_batch_size", "n_query", "image_size"),
-    demo={"episodes": 120, "val_every": 40, "val_episodes": 2, "test_episodes": 10})

@@ -6,8 +6,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-VARIANTS = ("cosine", "euclidean")
-
 
 class SetToSetAttention(nn.Module):
     """Self-attention over a set of embeddings with a residual and LayerNorm; `cosine` attends by scaled cosine

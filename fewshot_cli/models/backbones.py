@@ -9,9 +9,8 @@ import torchvision
 from torch import nn
 
 from fewshot_cli.errors import BadInput
+from fewshot_cli.models.names import BACKBONES
 from fewshot_cli.models.weights import read_state_dict
-
-BACKBONES = ("conv4", "conv6", "resnet12", "resnet18", "resnet34", "resnet50")
 
 
 def _conv_block(c_in: int, c_out: int, pool: bool) -> nn.Sequential:

@@ -9,6 +9,7 @@ import torchvision
 from torch import nn
 
 from fewshot_cli.errors import BadInput
+from fewshot_cli.models.names import CLASSIFIERS
 from fewshot_cli.models.weights import read_state_dict
 
 #: each network's head module (trained when the backbone is frozen) and, inside it, the layer sized to the classes
@@ -17,7 +18,8 @@ HEADS = {
     "resnet50": ("fc", "fc"),
     "mobilenet_v3_large": ("classifier", "classifier.3"),
 }
-MODELS = tuple(HEADS)
+MODELS = CLASSIFIERS
+assert set(HEADS) == set(MODELS), "every network in models.names has its head here"
 
 
 class Classifier(nn.Module):

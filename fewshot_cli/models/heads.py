@@ -8,9 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-HEADS = ("cosine", "euclidean", "mahalanobis")
-COVARIANCES = ("auto", "dense", "lowrank")
-
 
 def prototypes(support: torch.Tensor, labels: torch.Tensor, n_way: int) -> torch.Tensor:
     """Class means of the support embeddings, (n_way, d)."""

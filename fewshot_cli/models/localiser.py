@@ -10,7 +10,6 @@ from torchvision.ops import sigmoid_focal_loss
 from fewshot_cli.models.detection import build_backbone
 
 # the detector's backbones, so that a `detect-train` checkpoint can start stage 2 (`--init`)
-BACKBONES = ("small", "resnet50")
 
 
 def _conv(c_in: int, c_out: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:

@@ -13,9 +13,17 @@ PRESET_CHOICES = (*PRESETS, "auto")
 
 
 def knob(default: Any, help: str, choices: tuple[str, ...] | None = None, minimum: float | None = None,
-         cli: bool = True) -> Any:
-    """A config field with its help text, allowed choices and lower bound, read by the CLI and the validator."""
-    return field(default=default, metadata={"help": help, "choices": choices, "min": minimum, "cli": cli})
+         cli: bool = True, panel: str | None = None) -> Any:
+    """A config field with its help text, allowed choices and lower bound, read by the CLI and the validator;
+    `panel` names its group in `--help` where `fewshot_cli.help.PANELS` does not."""
+    return field(default=default, metadata={"help": help, "choices": choices, "min": minimum, "cli": cli,
+                                            "panel": panel})
+
+
+def cuda_preset(memory_bytes: int) -> str:
+    """The preset of a CUDA card with this much memory."""
+    gib = memory_bytes / 1024**3
+    return "t4" if gib < 30 else "a100" if gib < 70 else "h100"
 
 
 @dataclass

@@ -8,6 +8,7 @@ import psutil
 import torch
 
 from fewshot_cli.errors import BadInput
+from fewshot_cli.runner.config import cuda_preset
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
           "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
@@ -66,8 +67,7 @@ def device_preset(device: torch.device) -> str:
     if device.type == "mps":
         return "mps"
     if device.type == "cuda":
-        gib = device_memory_bytes(device) / 1024**3
-        return "t4" if gib < 30 else "a100" if gib < 70 else "h100"
+        return cuda_preset(device_memory_bytes(device))
     return "cpu"
 
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from fewshot_cli.errors import RunFailed
 from fewshot_cli.runner import faults
+from fewshot_cli.runner.command import Command as Command  # declared without torch; imported here as before
 from fewshot_cli.runner.distributed import StepFailedElsewhere
 from fewshot_cli.runner.memory import is_oom
 
@@ -236,24 +237,3 @@ class _RunningStats:
         with torch.no_grad():
             for buffer, total in zip(self.buffers, self.total, strict=True):
                 buffer.copy_(total / parts if buffer.is_floating_point() else total)
-
-
-@dataclass(frozen=True)
-class Command:
-    """An experiment command as the CLI sees it: its name, config, presets per preset name, and its Task."""
-
-    name: str
-    help: str
-    config: type
-    presets: dict[str, dict[str, Any]]
-    task: type[Task]
-    #: the metric a results table shows first
-    primary_metric: str
-    #: knobs `--preset auto` and the planner may walk, largest first, in this order
-    plan_knobs: tuple[str, ...] = ()
-    #: knob values `fewshot demo` uses to run the command briefly at the `cpu` preset
-    demo: dict[str, Any] = field(default_factory=dict)
-    #: called with the command-line knob values before torch touches the device (e.g. MPS environment)
-    prepare: Callable[[dict[str, Any]], None] | None = None
-    #: runs data-parallel under torchrun (its task builds each step's gradient with `Task.accumulate`)
-    data_parallel: bool = True

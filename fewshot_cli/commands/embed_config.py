@@ -1,0 +1,42 @@
+"""embed-classify's knobs, presets and declaration, without torch: the CLI builds its options from them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from fewshot_cli.models.names import EMBEDDER_BACKBONES as BACKBONES
+from fewshot_cli.runner.command import Command
+from fewshot_cli.runner.config import BaseConfig, knob
+
+
+@dataclass
+class EmbedConfig(BaseConfig):
+    backbone: str = knob("small", "frozen feature extractor (small: built-in, no weights)", choices=BACKBONES)
+    weights: str | None = knob(None, "resnet50: a local state dict file (default: random weights)")
+    model_dir: str | None = knob(None, "clip / dinov2: a local Hugging Face model directory")
+    image_size: int = knob(32, "small backbone's input side; side of the built-in images", minimum=8)
+    batch_size: int = knob(32, "images per extraction batch", minimum=1)
+    threshold: str = knob("auto", "cosine below which a query is Unknown, or auto (leave-one-out on the support)")
+    cache_dir: str | None = knob(None, "embedding store to share across runs (default: RUN_DIR/embeddings)")
+    categories: int = knob(4, "built-in data: categories", minimum=1)
+    n_way: int = knob(3, "built-in data: classes per class-folder category", minimum=1)
+    k_shot: int = knob(5, "built-in data: support images per class", minimum=1)
+    n_query: int = knob(10, "built-in data: query images per class", minimum=1)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "cpu": {"batch_size": 32, "image_size": 32, "workers": 0},
+    "mps": {"batch_size": 64, "image_size": 64, "workers": 2},
+    "t4": {"batch_size": 64, "image_size": 64, "workers": 4},
+    "a100": {"batch_size": 128, "image_size": 64, "workers": 8},
+    "h100": {"batch_size": 128, "image_size": 64, "workers": 8},
+}
+
+
+COMMAND = Command(
+    name="embed-classify",
+    help="Training-free few-shot classification from frozen embeddings (cosine to prototypes, Unknown threshold).",
+    config=EmbedConfig, presets=PRESETS, primary_metric="accuracy",
+    secondary_metric="unknown_rate", task_path="fewshot_cli.commands.embed:EmbedTask",
+    plan_knobs=("batch_size",), data_parallel=False)

@@ -1,0 +1,51 @@
+"""mahalanobis-train's knobs, presets and declaration, without torch: the CLI builds its options from them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from fewshot_cli.models.names import BACKBONES, COVARIANCES, HEADS, VARIANTS
+from fewshot_cli.runner.command import Command
+from fewshot_cli.runner.config import EpisodicConfig, knob
+
+
+@dataclass
+class MahalanobisConfig(EpisodicConfig):
+    image_size: int = knob(32, "input image side in pixels", minimum=8)
+    backbone: str = knob("conv4", "feature extractor", choices=BACKBONES)
+    flatten: bool = knob(False, "torchvision ResNets: keep the last feature map unpooled (512x7x7 at 224 px)")
+    weights: str | None = knob(None, "a local state dict for the backbone")
+    head: str = knob("mahalanobis", "classification head", choices=HEADS)
+    covariance: str = knob("auto", "Mahalanobis covariance: dense d x d, exact low-rank, or auto", choices=COVARIANCES)
+    beta: float = knob(1.0, "Mahalanobis ridge beta in Q_k = l_k S_k + (1 - l_k) S_task + beta I", minimum=1e-8)
+    reduced_dim: int = knob(512, "project features above this size to it (0: never)", minimum=0)
+    adapt: str = knob("prototypes", "set-to-set transformer over", choices=("none", "prototypes", "support"))
+    variant: str = knob("cosine", "the transformer's attention metric", choices=VARIANTS)
+    checkpoint_activations: bool = knob(False, "recompute backbone activations in backward to save memory")
+    batch_size: int = knob(128, "images per forward when computing evaluation features", minimum=1)
+    lr: float = knob(1e-3, "Adam learning rate", minimum=0.0)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "cpu": {"image_size": 32, "backbone": "conv4", "episodes": 300, "n_query": 10, "val_every": 100,
+            "val_episodes": 50, "test_episodes": 600, "checkpoint_every": 100, "batch_size": 256, "workers": 0},
+    "t4": {"image_size": 84, "backbone": "resnet12", "episodes": 2000, "n_query": 15, "val_every": 200,
+           "val_episodes": 100, "test_episodes": 600, "checkpoint_every": 200, "batch_size": 64, "workers": 4},
+    "mps": {"image_size": 84, "backbone": "resnet12", "episodes": 2000, "n_query": 15, "val_every": 200,
+            "val_episodes": 100, "test_episodes": 600, "checkpoint_every": 200, "batch_size": 32, "workers": 4},
+    "a100": {"image_size": 84, "backbone": "resnet12", "episodes": 4000, "n_query": 15, "val_every": 250,
+             "val_episodes": 200, "test_episodes": 600, "checkpoint_every": 250, "batch_size": 256, "workers": 8},
+    "h100": {"image_size": 84, "backbone": "resnet12", "episodes": 4000, "n_query": 15, "val_every": 250,
+             "val_episodes": 200, "test_episodes": 600, "checkpoint_every": 250, "batch_size": 512, "workers": 8},
+}
+
+
+COMMAND = Command(
+    name="mahalanobis-train",
+    help="Episodic few-shot classification: set-to-set adaptation and a Mahalanobis / cosine / euclidean head.",
+    config=MahalanobisConfig, presets=PRESETS, primary_metric="accuracy",
+    task_path="fewshot_cli.commands.mahalanobis:MahalanobisTask",
+    plan_knobs=("n_query", "image_size"),
+    demo={"episodes": 200, "test_episodes": 300, "val_every": 100, "val_episodes": 20},
+)

@@ -1,0 +1,15 @@
+"""The names each model family offers, importable without torch: the CLI lists them as a knob's choices."""
+
+#: `models.backbones`: episodic classification backbones
+BACKBONES = ("conv4", "conv6", "resnet12", "resnet18", "resnet34", "resnet50")
+#: `models.heads`: few-shot classification heads and their covariance forms
+HEADS = ("cosine", "euclidean", "mahalanobis")
+COVARIANCES = ("auto", "dense", "lowrank")
+#: `models.adaptation`: the set-to-set transformer's attention metrics
+VARIANTS = ("cosine", "euclidean")
+#: `models.localiser`: the video localiser's backbones
+LOCALISER_BACKBONES = ("small", "resnet50")
+#: `models.embedders`: frozen embedding backbones
+EMBEDDER_BACKBONES = ("small", "resnet50", "clip", "dinov2")
+#: `models.classifiers`: torchvision classification networks
+CLASSIFIERS = ("efficientnet_b0", "resnet50", "mobilenet_v3_large")

@@ -1,0 +1,38 @@
+"""An experiment command as the CLI sees it, importable without torch: its knobs, presets, and where its Task is."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Command:
+    """An experiment command: its name, config, presets per preset name, and the path of its Task class."""
+
+    name: str
+    help: str
+    config: type
+    presets: dict[str, dict[str, Any]]
+    #: "module:Class" of its `runner.task.Task`: imported (with torch) only when the command runs or is planned
+    task_path: str
+    #: the metric a results table shows first
+    primary_metric: str
+    #: the metric the demo's table shows beside it (None: the command reports one result)
+    secondary_metric: str | None = None
+    #: knobs `--preset auto` and the planner may walk, largest first, in this order
+    plan_knobs: tuple[str, ...] = ()
+    #: knob values `fewshot demo` uses to run the command briefly at the `cpu` preset
+    demo: dict[str, Any] = field(default_factory=dict)
+    #: called with the command-line knob values before torch touches the device (e.g. MPS environment)
+    prepare: Callable[[dict[str, Any]], None] | None = None
+    #: runs data-parallel under torchrun (its task builds each step's gradient with `Task.accumulate`)
+    data_parallel: bool = True
+
+    @property
+    def task(self) -> type:
+        """The command's Task class; importing it imports torch and the command's model code."""
+        module, _, name = self.task_path.partition(":")
+        return getattr(importlib.import_module(module), name)
