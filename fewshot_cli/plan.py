@@ -88,9 +88,10 @@ def trace(command: Command, config: Any, seed: int = 0, fake: bool = True,
     the same steps run for real on the CPU under the same tracker (to check the prediction)."""
     cfg = copy.deepcopy(config)
     phases: dict[str, dict[str, int]] = {}
+    task_class = command.task  # imported before fake mode: a module's own tensors (constants) must be real
     with _fake() if fake else ExitStack():
         torch.manual_seed(seed)
-        task = command.task(cfg, RunContext(device=torch.device("cpu"), seed=seed, run_dir=None))
+        task = task_class(cfg, RunContext(device=torch.device("cpu"), seed=seed, run_dir=None))
         extra = task.plan_extra_bytes()
         for phase, step in task.plan_phases().items():
             tracker = StepTracker()
