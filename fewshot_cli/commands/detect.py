@@ -169,7 +169,7 @@ class DetectTask(Task):
         map_all, map50 = coco_map(gt, detections)
         if phase == "test":
             self.test_files = (gt, detections)
-            return {"map": map_all, "map50": map50, "test_episodes": episodes}
+            return {"map": map_all, "map50": map50, "test_episodes": float(episodes)}
         return {"map": map_all, "map50": map50}
 
     def finish(self, metrics: dict[str, float]) -> dict[str, float]:

@@ -213,7 +213,7 @@ class EmbedTask(Task):
             if labelled:
                 accuracy.add(correct / labelled)
         return {"accuracy": accuracy.mean, "accuracy_ci95": accuracy.ci95,
-                "unknown_rate": unknown / scored if scored else 0.0, "test_episodes": accuracy.count,
+                "unknown_rate": unknown / scored if scored else 0.0, "test_episodes": float(accuracy.count),
                 "threshold": float(threshold), "queries": float(scored),
                 "labelled_queries": float(sum(n for _, n in per_category.values())),
                 "classes": float(len(self.classes)), "images_extracted": float(report.extracted),

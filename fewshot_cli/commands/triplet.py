@@ -328,7 +328,7 @@ class TripletTask(Task):
         metrics = {"st_iou": clip_st_iou.mean, "st_iou_ci95": clip_st_iou.ci95, "box_ap50": box_ap.value()}
         metrics.update(self.cache.stats())
         if phase == "test":
-            metrics.update(test_episodes=episodes, st_iou_centre_box=centre_st_iou.mean,
+            metrics.update(test_episodes=float(episodes), st_iou_centre_box=centre_st_iou.mean,
                            st_iou_whole_frame=frame_st_iou.mean)
         return metrics
 
