@@ -206,6 +206,9 @@ def _run_prepared(command: Command, knobs: dict[str, Any], options: dict[str, An
 
 
 def _fmt(value: Any) -> str:
+    """Counts (whole numbers, floats in a task's metrics) as integers, other figures to 4 decimals."""
+    if isinstance(value, float) and value.is_integer() and abs(value) > 1:
+        return str(int(value))
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
