@@ -360,7 +360,7 @@ def demo_command(
         import time
 
         root = out or Path("runs") / f"demo-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
-        runs = []
+        runs, wall = [], {}
         for command in COMMANDS.values():
             name = f"{command.name}-demo"
             if (root / name).exists():
@@ -369,11 +369,14 @@ def demo_command(
             options = {"device": "cpu", "preset": "cpu", "seed": 0, "out": root, "name": name, "resume": None,
                        "memory_budget": None, "quiet": True, "json_out": False, "data": None, "force": False}
             knobs = {f.name: None for f in config_fields(command.config)} | dict(command.demo)
+            start = time.perf_counter()
             _run_command(command, knobs, options)
             runs.append(root / name)
+            wall[root / name] = time.perf_counter() - start
         metrics = {c.name: (c.primary_metric, c.secondary_metric) for c in COMMANDS.values()}
         typer.echo(f"\nEvery command at the cpu preset on built-in data; the runs are in {root}.\n", err=True)
-        typer.echo(results.demo_table(runs, metrics), nl=False)
+        typer.echo(results.demo_table(runs, metrics, wall), nl=False)
+        typer.echo("\nPeak RSS is this process's, which ran the commands one after another.")
 
     _guarded(debug, act)
 

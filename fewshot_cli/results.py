@@ -249,10 +249,13 @@ def summary_table(run_dirs: list[Path], primary: dict[str, str] | None = None) -
 DEMO_HEADER = ("command", "metric", "value", "± 95%", "second metric", "test episodes", "wall time", "peak RSS")
 
 
-def demo_table(run_dirs: list[Path], metrics: dict[str, tuple[str, str | None]]) -> str:
+def demo_table(run_dirs: list[Path], metrics: dict[str, tuple[str, str | None]],
+               wall_s: dict[Path, float] | None = None) -> str:
     """The demo's last word, in markdown: one row per run, its command's primary metric with the half-width of
     its 95% interval (over the test episodes; `—` where the command reports none), its secondary metric, its
-    test episodes, wall time and peak RSS. `metrics` maps a command to its (primary, secondary) metric."""
+    test episodes, wall time and peak RSS. `metrics` maps a command to its (primary, secondary) metric; `wall_s`
+    gives a run's seconds as its caller timed them (building its data and model included), else its log's."""
+    wall_s = wall_s or {}
     rows, incomplete = [], []
     for d in run_dirs:
         run = load_run(Path(d))
@@ -262,10 +265,11 @@ def demo_table(run_dirs: list[Path], metrics: dict[str, tuple[str, str | None]])
         command, values, log = run["config"].get("command"), run["metrics"], run["log"]
         primary, secondary = metrics.get(command, (None, None))
         ci = values.get(f"{primary}_ci95")
+        seconds = wall_s.get(Path(d), log.get("wall_s"))
         rows.append([command, primary or "—", _figure(values.get(primary)), _figure(ci),
                      f"{secondary} {_figure(values.get(secondary))}" if secondary in values else "—",
                      str(round(values["test_episodes"])) if _is_number(values.get("test_episodes")) else "—",
-                     f"{log['wall_s']:.0f} s" if "wall_s" in log else "—",
+                     "—" if seconds is None else f"{seconds:.0f} s",
                      f"{log['peak_rss_mb']:.0f} MiB" if "peak_rss_mb" in log else "—"])
     lines = ["| " + " | ".join(DEMO_HEADER) + " |", "|" + "|".join("---" for _ in DEMO_HEADER) + "|"]
     lines += ["| " + " | ".join(_md(str(c)) for c in row) + " |" for row in rows]

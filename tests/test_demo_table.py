@@ -35,3 +35,9 @@ def test_a_run_that_did_not_complete_is_listed_below_not_tabulated(tmp_path: Pat
     assert len(cells(text)) == 3
     assert f"- {runs[1]}: interrupted" in text
 
+
+
+def test_a_wall_time_the_caller_measured_wins_over_the_logs(tmp_path: Path) -> None:
+    run = fake_run(tmp_path, "cls", steps=3)
+    assert cells(demo_table([run], METRICS))[2][6] == "3 s"
+    assert cells(demo_table([run], METRICS, {run: 41.6}))[2][6] == "42 s"
