@@ -29,6 +29,7 @@ def read_record(config_path: Path, where: str, command: Command) -> dict[str, An
                        f"`fewshot {record.get('command')}`.")
     if not isinstance(record.get("seed", 0), int) or not isinstance(record.get("data") or "", str):
         raise BadInput(f"{where}: {config_path} has a malformed seed or data entry.")
+    record.setdefault("seed", 0)
     return record
 
 
