@@ -18,6 +18,7 @@ from test_rerun import in_process
 
 from fewshot_cli.errors import BadInput
 from fewshot_cli.runner import rundir
+from fewshot_cli.runner.log import read_log
 
 LINE = ["mahalanobis-train", *SMALL]
 
@@ -119,6 +120,18 @@ def test_a_full_disk_after_the_first_step_is_exit_1_with_run_end_failed_and_no_m
         assert events(disk / "r", "run_end")[-1]["status"] == "failed"
         assert [e["step"] for e in events(disk / "r", "step")] == [1, 2]
         assert sorted(p.name for p in (disk / "r").iterdir()) == ["config.json", "log.jsonl"]
+
+
+def test_a_log_that_fills_the_disk_is_exit_1_and_keeps_every_complete_line(tmp_path: Path) -> None:
+    # two pages: config.json, then the log fills the second one before the run's only checkpoint at its end
+    with _tmpfs(tmp_path / "disk", "size=8k") as disk:
+        result = fewshot(*LINE, "--episodes", "30", "--val-every", "0", "--checkpoint-every", "100", "--out", disk,
+                         "--name", "r")
+        _one_sentence(result, 1, f"Cannot write {disk / 'r' / 'log.jsonl'}: No space left on device")
+        logged = read_log(disk / "r" / "log.jsonl", warn=False)
+        steps = [e["step"] for e in logged if e["event"] == "step"]
+        assert steps == list(range(1, len(steps) + 1)) and 0 < len(steps) < 30
+        assert not (disk / "r" / "metrics.json").exists()
 
 
 def test_resume_on_a_read_only_disk_is_exit_2(finished: Path, tmp_path: Path) -> None:
