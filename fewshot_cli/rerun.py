@@ -46,10 +46,18 @@ def resumed(command: Command, run_dir: Path, knobs: dict[str, Any], options: dic
     record = read_record(config_path, where, command)
     resolved = from_record(command.config, record["knobs"], where)
     resolved.preset = record.get("preset", "")
-    # a knob value the planner or back-off chose is the recorded one too: the user's line did not set it
+    # only what the line types is compared: a value the preset or the planner chose was not typed the first time
     for name, value in knobs.items():
         if value is not None:
             _must_match(where, name, getattr(resolved.config, name), value)
+    _check_shared(where, run_dir, record, options)
+    if command.prepare is not None:
+        command.prepare({name: getattr(resolved.config, name) for name in knobs})
+    return resolved, record, _device(record, options["device"])
+
+
+def _check_shared(where: str, run_dir: Path, record: dict[str, Any], options: dict[str, Any]) -> None:
+    """Shared options typed again must match the record (`--quiet`, `--json`, `--debug`, `--force`: never compared)."""
     given = options.get("given", set())
     if "seed" in given:
         _must_match(where, "seed", record.get("seed", 0), options["seed"])
@@ -61,9 +69,6 @@ def resumed(command: Command, run_dir: Path, knobs: dict[str, Any], options: dic
         _check_budget(where, record.get("memory_budget_bytes"), options["memory_budget"])
     if "out" in given or options.get("name") is not None:
         _check_place(where, run_dir, Path(options["out"]), options.get("name"))
-    if command.prepare is not None:
-        command.prepare({name: getattr(resolved.config, name) for name in knobs})
-    return resolved, record, _device(record, options["device"])
 
 
 def from_config(command: Command, path: Path, knobs: dict[str, Any], options: dict[str, Any]
