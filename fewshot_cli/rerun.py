@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fewshot_cli.errors import BadInput
 from fewshot_cli.runner.config import Resolved, from_record, option_name
-from fewshot_cli.runner.task import Command
+
+if TYPE_CHECKING:
+    from fewshot_cli.runner.task import Command
 
 
 def read_record(config_path: Path, where: str, command: Command) -> dict[str, Any]:
