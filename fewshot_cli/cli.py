@@ -17,7 +17,7 @@ from fewshot_cli.commands import load_commands
 from fewshot_cli.errors import BadInput, RunFailed
 from fewshot_cli.help import knob_help, knob_panel, machine_preset, option_panel, panel_rank
 from fewshot_cli.runner.command import Command
-from fewshot_cli.runner.config import PRESET_CHOICES, Resolved, config_fields, from_record, option_name, resolve
+from fewshot_cli.runner.config import PRESET_CHOICES, Resolved, config_fields, option_name, resolve
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Few-shot learning experiments that do not run out of memory.")
@@ -48,6 +48,7 @@ SHARED = [
     ("out", Path, Path("runs"), ("--out",), "where run directories go"),
     ("name", str | None, None, ("--name",), "the run directory's name (default: COMMAND-UTCSTAMP)"),
     ("resume", Path | None, None, ("--resume",), "continue the run in RUN_DIR from its checkpoint"),
+    ("config", Path | None, None, ("--config",), "start a new run with the knobs of RUN_DIR (or its config.json)"),
     ("memory_budget", str | None, None, ("--memory-budget",), "e.g. 15GiB; refuse a plan over it, cap CUDA"),
     ("force", bool, False, ("--force",), "run even when the plan exceeds the budget"),
     ("quiet", bool, False, ("--quiet",), "no progress bar"),
@@ -94,13 +95,16 @@ def _shared_parameters(names: set[str] | None = None) -> list[inspect.Parameter]
 def _make(command: Command, handler, shared: set[str] | None = None):
     knob_names = [f.name for f in config_fields(command.config)]
 
-    def entry(**kwargs: Any) -> None:
+    def entry(ctx: typer.Context, **kwargs: Any) -> None:
         knobs = {name: _plain(kwargs.pop(name)) for name in knob_names}
+        # which shared options were typed, as opposed to defaulted: --resume and --config compare those
+        kwargs["given"] = {n for n in kwargs if getattr(ctx.get_parameter_source(n), "name", "") == "COMMANDLINE"}
         _guarded(kwargs.get("debug", False), lambda: handler(command, knobs, kwargs))
 
     params = _shared_parameters(shared) + _knob_parameters(command)
     params.sort(key=lambda p: panel_rank(p.default.rich_help_panel))  # stable: each panel keeps its order
-    entry.__signature__ = inspect.Signature(params)
+    context = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
+    entry.__signature__ = inspect.Signature([context] + params)
     entry.__doc__ = command.help
     return entry
 
@@ -167,7 +171,7 @@ def _run_command(command: Command, knobs: dict[str, Any], options: dict[str, Any
 
 
 def _run_prepared(command: Command, knobs: dict[str, Any], options: dict[str, Any], group) -> dict[str, float]:
-    from fewshot_cli import plan
+    from fewshot_cli import plan, rerun
     from fewshot_cli.runner.device import cap_memory, resolve_device
     from fewshot_cli.runner.distributed import agreed
     from fewshot_cli.runner.loop import RunOptions, run
@@ -180,20 +184,24 @@ def _run_prepared(command: Command, knobs: dict[str, Any], options: dict[str, An
                            f"under torchrun with {group.world_size} processes.")
         if options.get("resume") is not None:
             run_dir = Path(options["resume"])
-            resolved, record = _resumed_config(command, run_dir, knobs)
-            name = options["device"] if options["device"] != "auto" else record["device"].split(":")[0]
-            device = resolve_device(name)
+            resolved, record, device_name = rerun.resumed(command, run_dir, knobs, options)
+            device = resolve_device(device_name)
             opts = RunOptions(device=device, seed=record["seed"], resume=run_dir, quiet=options["quiet"],
                               data=Path(record["data"]) if record.get("data") else None,
                               budget_bytes=record.get("memory_budget_bytes"))
         else:
-            device, resolved, budget = resolve_run(command, knobs, options)
+            new_knobs, new, copied = knobs, options, set()
+            if options.get("config") is not None:
+                new_knobs, new, copied = rerun.from_config(command, Path(options["config"]), knobs, options)
+                extra["from_config"] = str(new["from_config"])
+            device, resolved, budget = resolve_run(command, new_knobs, new)
+            resolved.sources.update(dict.fromkeys(copied, "config"))  # fixed: the planner leaves them alone
             if group is not None:
                 device = group.place(device)
-            extra["plan"] = plan.fit_to_budget(command, resolved, device, budget, options)
-            opts = RunOptions(device=device, seed=options["seed"], out=Path(options["out"]), name=options["name"],
-                              data=Path(options["data"]) if options.get("data") else None, budget_bytes=budget,
-                              quiet=options["quiet"])
+            extra["plan"] = plan.fit_to_budget(command, resolved, device, budget, new)
+            opts = RunOptions(device=device, seed=new["seed"], out=Path(new["out"]), name=new["name"],
+                              data=Path(new["data"]) if new.get("data") else None, budget_bytes=budget,
+                              quiet=new["quiet"])
         if group is not None:
             opts.device, opts.distributed = group.place(opts.device), group
             extra["world_size"] = group.world_size
@@ -210,24 +218,6 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float) and value.is_integer() and abs(value) > 1:
         return str(int(value))
     return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
-def _resumed_config(command: Command, run_dir: Path, knobs: dict[str, Any]) -> tuple[Resolved, dict[str, Any]]:
-    config_path = run_dir / "config.json"
-    if not config_path.is_file():
-        raise BadInput(f"--resume {run_dir}: no config.json there; it is not a run directory.")
-    try:
-        record = json.loads(config_path.read_text())
-    except json.JSONDecodeError as err:
-        raise BadInput(f"--resume {run_dir}: config.json is not valid JSON ({err.msg}).") from None
-    if record.get("command") != command.name:
-        raise BadInput(f"--resume {run_dir}: that run is a {record.get('command')} run, not {command.name}.")
-    given = sorted(option_name(k) for k, v in knobs.items() if v is not None)
-    if given:
-        raise BadInput(f"--resume continues a run with its own config; drop --{', --'.join(given)}.")
-    resolved = from_record(command.config, record["knobs"])
-    resolved.preset = record.get("preset", "")
-    return resolved, record
 
 
 def _device_preset_name(device) -> str:

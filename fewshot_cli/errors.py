@@ -11,3 +11,12 @@ class RunFailed(Exception):
     """The run broke while running: exit 1, one sentence, `run_end` says `failed`."""
 
     exit_code = 1
+
+
+class CannotWrite(RunFailed):
+    """An operating-system error writing the run directory: a full or read-only disk, a permission, a file in the
+    way. Before the first training step it becomes bad input (exit 2); after it, a failed run (exit 1)."""
+
+    def __init__(self, path: object, err: BaseException) -> None:
+        cause = err.strerror if isinstance(err, OSError) and err.strerror else str(err) or type(err).__name__
+        super().__init__(f"Cannot write {path}: {cause}.")

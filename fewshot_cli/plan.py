@@ -176,7 +176,7 @@ def _choose(command: Command, resolved: Resolved, device: torch.device, budget: 
     """Start every planner knob the user did not set at its largest preset value; shrink them in declared order.
     Returns the plan of the configuration chosen (each configuration is traced once)."""
     cfg = resolved.config
-    free = [k for k in command.plan_knobs if resolved.sources.get(k) != "cli"]
+    free = [k for k in command.plan_knobs if resolved.sources.get(k) not in ("cli", "config")]
     floors = {k.name: k.floor for k in command.task.backoff_knobs}
     for name in free:
         largest = max(p.get(name, getattr(cfg, name)) for p in command.presets.values())

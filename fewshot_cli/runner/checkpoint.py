@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -9,14 +10,46 @@ from typing import Any
 
 import torch
 
+from fewshot_cli.errors import CannotWrite
+
+
+class _Recording:
+    """A file handle that keeps the OSError of a failed write: torch.save reports a full disk as a RuntimeError
+    ("unexpected pos 704 vs 598") that names neither the file nor the cause."""
+
+    def __init__(self, handle) -> None:
+        self.handle, self.error = handle, None
+
+    def write(self, data) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
+
 
 def atomic_write_bytes(path: Path, write) -> None:
+    """Write to a hidden temporary file, fsync, rename over `path`. Any operating-system error is a CannotWrite
+    naming `path`, and the temporary file is removed."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        write(handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    recording = None
+    try:
+        with open(tmp, "wb") as handle:
+            recording = _Recording(handle)
+            write(recording)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except Exception as err:
+        failed = recording.error if recording is not None and recording.error is not None else err
+        if not isinstance(failed, OSError):
+            raise
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise CannotWrite(path, failed) from err
 
 
 def save_json(path: Path, data: Any) -> None:

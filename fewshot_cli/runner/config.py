@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,10 +123,37 @@ def resolve(cls: type, presets: dict[str, dict[str, Any]], preset: str, cli_valu
     return Resolved(cfg, sources, preset)
 
 
-def from_record(cls: type, record: dict[str, dict[str, Any]]) -> Resolved:
-    """Rebuild a resolved config from `config.json`'s knob record (for --resume)."""
+def from_record(cls: type, record: Any, where: str) -> Resolved:
+    """Rebuild a resolved config from `config.json`'s knob record (for --resume and --config); a knob this command
+    lacks or a value of the wrong type is bad input, told as coming from `where`."""
+    if not isinstance(record, dict) or not all(isinstance(v, dict) and "value" in v for v in record.values()):
+        raise BadInput(f"{where}: its knobs are not a record of {{knob: {{value, source}}}}.")
+    hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    values = {k: v["value"] for k, v in record.items() if k in names}
-    sources = {k: v["source"] for k, v in record.items() if k in names}
-    notes = {k: v["note"] for k, v in record.items() if k in names and "note" in v}
-    return Resolved(cls(**values), sources, "", notes)
+    unknown = sorted(set(record) - names)
+    if unknown:
+        raise BadInput(f"{where}: it sets {', '.join(unknown)}, which this command does not have.")
+    values = {k: _typed(hints[k], v["value"], k, where) for k, v in record.items()}
+    sources = {k: str(v.get("source", "default")) for k, v in record.items()}
+    notes = {k: v["note"] for k, v in record.items() if "note" in v}
+    cfg = cls(**values)
+    validate(cfg)
+    return Resolved(cfg, sources, "", notes)
+
+
+def _typed(kind: Any, value: Any, name: str, where: str) -> Any:
+    """`value` read back from JSON as the knob's declared type (an int where a float is declared is that float)."""
+    allowed = typing.get_args(kind) or (kind,)
+    if value is None and type(None) in allowed:
+        return None
+    for base in allowed:
+        if base is bool and isinstance(value, bool):
+            return value
+        if base is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if base is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if base is str and isinstance(value, str):
+            return value
+    expected = " or ".join(getattr(b, "__name__", str(b)) for b in allowed)
+    raise BadInput(f"{where}: knob {name} is {value!r}, not {expected}.")

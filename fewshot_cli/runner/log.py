@@ -10,6 +10,8 @@ from typing import Any
 
 import jsonlines
 
+from fewshot_cli.errors import CannotWrite
+
 
 class RunLog:
     """Appends events to `log.jsonl`, each with `event`, `time` and `elapsed_s`."""
@@ -17,16 +19,25 @@ class RunLog:
     def __init__(self, path: Path, elapsed_offset: float = 0.0) -> None:
         self.path = path
         self._start = time.time() - elapsed_offset
-        self._writer = jsonlines.open(path, mode="a", flush=True)
+        try:
+            self._writer = jsonlines.open(path, mode="a", flush=True)
+        except OSError as err:
+            raise CannotWrite(path, err) from err
 
     def write(self, event: str, **fields: Any) -> dict[str, Any]:
         now = time.time()
         record = {"event": event, "time": round(now, 3), "elapsed_s": round(now - self._start, 3), **fields}
-        self._writer.write(record)
+        try:
+            self._writer.write(record)
+        except OSError as err:
+            raise CannotWrite(self.path, err) from err
         return record
 
     def close(self) -> None:
-        self._writer.close()
+        try:
+            self._writer.close()
+        except OSError as err:
+            raise CannotWrite(self.path, err) from err
 
 
 def read_log(path: Path, warn: bool = True) -> list[dict[str, Any]]:

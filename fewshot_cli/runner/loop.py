@@ -15,8 +15,8 @@ import torch
 import torchvision
 
 import fewshot_cli
-from fewshot_cli.errors import BadInput, RunFailed
-from fewshot_cli.runner import faults
+from fewshot_cli.errors import BadInput, CannotWrite, RunFailed
+from fewshot_cli.runner import faults, rundir
 from fewshot_cli.runner.checkpoint import load_checkpoint, save_checkpoint, save_json
 from fewshot_cli.runner.config import Resolved
 from fewshot_cli.runner.distributed import Distributed, StepFailedElsewhere, agreed
@@ -141,53 +141,73 @@ def run(command: Command, resolved: Resolved, opts: RunOptions, extra_config: di
             elapsed_offset = past[-1]["elapsed_s"] if past else 0.0
             # every rank reads the one checkpoint: it holds no rank's own state, so any number of ranks resumes it
             if checkpoint_path.exists():
-                state = load_checkpoint(checkpoint_path)
-                task.load_state_dict(state["task"])
-                for name, value in state.get("knobs", {}).items():
-                    task.set_knob(name, value, state.get("accumulation", 1))
-                start_step = state["step"]
+                start_step = _restore(task, checkpoint_path)
         return task, start_step, elapsed_offset
 
     task, start_step, elapsed_offset = agreed(group, start)
+    if opts.resume is None:
+        config = {"command": command.name, "preset": resolved.preset, "knobs": resolved.record(),
+                  "seed": opts.seed, "device": str(opts.device), "data": str(opts.data) if opts.data else None,
+                  "memory_budget_bytes": opts.budget_bytes, "versions": versions(), **(extra_config or {})}
+        agreed(group, lambda: rundir.claim(run_dir, config) if main else None)
     if group is not None:
         task.wrap_data_parallel()  # DistributedDataParallel starts every rank from rank 0's model
         if not main:
             log = _NoLog()
             metrics = _loop(task, command, log, opts, checkpoint_path, start_step)
             return metrics
-    if opts.resume is None:
-        run_dir.mkdir(parents=True)
-        config = {"command": command.name, "preset": resolved.preset, "knobs": resolved.record(),
-                  "seed": opts.seed, "device": str(opts.device), "data": str(opts.data) if opts.data else None,
-                  "memory_budget_bytes": opts.budget_bytes, "versions": versions(), **(extra_config or {})}
-        save_json(run_dir / "config.json", config)
 
     task.ctx.run_dir = run_dir
-    log = RunLog(run_dir / "log.jsonl", elapsed_offset)
-    log.write("run_start", command=command.name, config=resolved.record(), resumed_from_step=start_step)
-    for event, fields in pending:
-        log.write(event, **fields)
+    try:  # before the first step, a run directory that cannot be written is bad input
+        log = RunLog(run_dir / "log.jsonl", elapsed_offset)
+        log.write("run_start", command=command.name, config=resolved.record(), resumed_from_step=start_step)
+        for event, fields in pending:
+            log.write(event, **fields)
+    except CannotWrite as err:
+        if opts.resume is None:
+            rundir.release(run_dir)
+        raise BadInput(str(err)) from None
     try:
         metrics = _loop(task, command, log, opts, checkpoint_path, start_step)
+        save_json(run_dir / "metrics.json", metrics)
     except Interrupted:
-        log.write("run_end", status="interrupted")
-        log.close()
+        _end(log, status="interrupted")
         raise
     except (KeyboardInterrupt, SystemExit):
-        log.write("run_end", status="interrupted")
-        log.close()
+        _end(log, status="interrupted")
         raise Interrupted() from None
     except BaseException as err:  # noqa: BLE001 - every failure is logged before it leaves
         message = str(err) or type(err).__name__
-        log.write("run_end", status="failed", error=f"{type(err).__name__}: {message}")
-        log.close()
+        _end(log, status="failed", error=f"{type(err).__name__}: {message}")
         if isinstance(err, RunFailed | BadInput):
             raise
         raise RunFailed(f"{command.name} failed: {type(err).__name__}: {message}") from err
-    save_json(run_dir / "metrics.json", metrics)
     log.write("run_end", status="completed", metrics=metrics)
     log.close()
     return metrics
+
+
+def _restore(task: Task, path: Path) -> int:
+    """Load a checkpoint into the task and return its step; one that cannot be read is bad input."""
+    try:
+        state = load_checkpoint(path)
+        task.load_state_dict(state["task"])
+        for name, value in state.get("knobs", {}).items():
+            task.set_knob(name, value, state.get("accumulation", 1))
+        return int(state["step"])
+    except Exception as err:  # noqa: BLE001 - truncated, not a checkpoint, or another run's: all one answer
+        cause = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise BadInput(f"--resume {path.parent}: {path.name} cannot be read ({type(err).__name__}: {cause}); "
+                       "start a new run instead.") from err
+
+
+def _end(log: RunLog | _NoLog, **fields: Any) -> None:
+    """Write `run_end` where the disk still allows it: the run's own error is the one to report."""
+    try:
+        log.write("run_end", **fields)
+        log.close()
+    except CannotWrite:
+        pass
 
 
 def _loop(task: Task, command: Command, log: RunLog | _NoLog, opts: RunOptions, checkpoint_path: Path,
