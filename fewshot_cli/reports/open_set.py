@@ -79,7 +79,7 @@ def write_sweep(run_dir: Path, scores: OpenSetScores, chosen: float, source: str
         right = chosen > (t.min() + t.max()) / 2  # the label on the side with room
         ax.annotate(f"{source} {chosen:.3f}\naccuracy {at_a:.3f}, unknown {at_u:.3f}", (chosen, at_a),
                     textcoords="offset points", xytext=(-6 if right else 6, -28), fontsize=8,
-                    ha="right" if right else "left")
+                    ha="right" if right else "left", bbox={"boxstyle": "round", "fc": "white", "alpha": 0.85})
     ax.set_xlabel("threshold on the best cosine")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title("accuracy and unknown rate over thresholds")
