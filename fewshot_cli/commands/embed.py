@@ -254,8 +254,8 @@ class EmbedTask(Task):
         self.open_set, self.used_threshold = OpenSetScores.concat(open_set), float(threshold)
         self.plotted = (np.concatenate([v for v, _ in plotted]) if plotted else np.zeros((0, 2)),
                         [label for _, labels in plotted for label in labels])
-        labelled = self.open_set.truth >= 0
-        auroc = unknown_auroc(self.open_set.score[labelled], self.open_set.truth[labelled] == 1)
+        has_label = self.open_set.truth >= 0
+        auroc = unknown_auroc(self.open_set.score[has_label], self.open_set.truth[has_label] == 1)
         accuracy = RunningMean()  # an episode is one category: its labelled queries, scored together
         for correct, labelled in per_category.values():
             if labelled:
