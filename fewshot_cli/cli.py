@@ -54,6 +54,8 @@ SHARED = [
     ("quiet", bool, False, ("--quiet",), "no progress bar"),
     ("json_out", bool, False, ("--json",), "print the final metrics as one JSON object on stdout"),
     ("debug", bool, False, ("--debug",), "show tracebacks"),
+    ("tensorboard", Path | None, None, ("--tensorboard",),
+     "write live TensorBoard curves to DIR/RUN_NAME (needs fewshot[tensorboard])"),
 ]
 PLAN_SHARED = {"preset", "device", "data", "seed", "memory_budget", "json_out", "debug"}
 
@@ -172,6 +174,7 @@ def _run_command(command: Command, knobs: dict[str, Any], options: dict[str, Any
 
 def _run_prepared(command: Command, knobs: dict[str, Any], options: dict[str, Any], group) -> dict[str, float]:
     from fewshot_cli import plan, rerun
+    from fewshot_cli.runner import tensorboard
     from fewshot_cli.runner.device import cap_memory, resolve_device
     from fewshot_cli.runner.distributed import agreed
     from fewshot_cli.runner.loop import RunOptions, run
@@ -205,6 +208,9 @@ def _run_prepared(command: Command, knobs: dict[str, Any], options: dict[str, An
         if group is not None:
             opts.device, opts.distributed = group.place(opts.device), group
             extra["world_size"] = group.world_size
+        if options.get("tensorboard") is not None:
+            tensorboard.require()
+            opts.tensorboard = Path(options["tensorboard"])
         return resolved, opts
 
     resolved, opts = agreed(group, prepare)
@@ -333,6 +339,22 @@ def memreport_command(
         if plot is not None:
             results.plot_memory(run_dir, plot)
         typer.echo(json.dumps(report, sort_keys=True) if json_out else results.render_memreport(report))
+
+    _guarded(debug, act)
+
+
+@app.command("export")
+def export_command(
+    run_dirs: list[Path] = typer.Argument(..., help="run directories (finished or stopped)"),
+    tensorboard: Path = typer.Option(..., "--tensorboard", help="write TensorBoard curves to DIR/RUN_NAME"),
+    debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
+) -> None:
+    """TensorBoard curves of finished runs, from their log.jsonl."""
+    from fewshot_cli.runner.tensorboard import export
+
+    def act() -> None:
+        for folder in export(run_dirs, tensorboard):
+            typer.echo(str(folder))
 
     _guarded(debug, act)
 

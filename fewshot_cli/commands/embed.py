@@ -22,6 +22,9 @@ from fewshot_cli.data.embed_layout import UNKNOWN, EmbedData, ImageRef, scan, wr
 from fewshot_cli.data.embedding_store import EmbeddingStore, FileKey, extract
 from fewshot_cli.errors import BadInput, RunFailed
 from fewshot_cli.models.embedders import build_embedder
+from fewshot_cli.models.frozen_heads import FrozenHead, build_frozen_head, l2_normalise, prototypes
+from fewshot_cli.reports.embedding import MAX_POINTS
+from fewshot_cli.reports.open_set import OpenSetScores, unknown_auroc
 from fewshot_cli.runner.memory import probe
 from fewshot_cli.runner.metrics import RunningMean
 from fewshot_cli.runner.task import RunContext, Task
@@ -37,16 +40,6 @@ def parse_threshold(text: str) -> float | None:
         return float(text)
     except ValueError:
         raise BadInput(f"--threshold must be a number or auto, not {text!r}.") from None
-
-
-def l2_normalise(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
-def prototypes(support_by_class: list[np.ndarray]) -> np.ndarray:
-    """(C, D): per class the mean of its L2-normalised support embeddings, normalised so a dot is a cosine."""
-    return l2_normalise(np.stack([l2_normalise(e).mean(axis=0) for e in support_by_class]))
 
 
 def leave_one_out_threshold(support_by_class: list[np.ndarray]) -> float:
@@ -79,14 +72,18 @@ def leave_one_out_threshold(support_by_class: list[np.ndarray]) -> float:
     return float(candidates[best[len(best) // 2]])
 
 
-def classify(queries: np.ndarray, protos: np.ndarray, threshold: float) -> tuple[np.ndarray, ...]:
-    """Per query: nearest class index, its cosine, margin to the runner-up (NaN with one class), accepted."""
-    scores = l2_normalise(queries) @ protos.T
+def classify(queries: np.ndarray, protos: np.ndarray, head: FrozenHead, threshold: float
+             ) -> tuple[np.ndarray, ...]:
+    """Per query: the head's class index, the best cosine to a prototype (the open-set score the threshold
+    reads, whatever the head), the margin of the head's best score over its runner-up (NaN with one class),
+    accepted."""
+    best = (l2_normalise(queries) @ protos.T).max(axis=1)
+    scores = head.scores(queries)
     order = np.argsort(-scores, axis=1, kind="stable")
     nearest = order[:, 0]
     top1 = scores[np.arange(len(scores)), nearest]
     top2 = scores[np.arange(len(scores)), order[:, 1]] if protos.shape[0] > 1 else np.full(len(scores), np.nan)
-    return nearest, top1, top1 - top2, top1 >= threshold
+    return nearest, best, top1 - top2, best >= threshold
 
 
 def _fmt(x: float) -> str:
@@ -179,8 +176,11 @@ class EmbedTask(Task):
         self.classes = sorted(by_class)
         support = [store.vectors(by_class[name]) for name in self.classes]
         protos = prototypes(support)
+        head = build_frozen_head(self.cfg.head, self.cfg.neighbours, self.cfg.probe_c).fit(
+            np.concatenate(support), np.repeat(np.arange(len(support)), [len(e) for e in support]), len(support))
         threshold = self.threshold if self.threshold is not None else leave_one_out_threshold(support)
         del support
+        self.threshold_source = "auto" if self.threshold is None else "--threshold"
         self.ctx.emit("threshold", value=threshold, source="auto" if self.threshold is None else "cli")
 
         self.table = {category: Counter() for category in data.categories}
@@ -189,6 +189,11 @@ class EmbedTask(Task):
         part = self._work_dir() / "predictions.csv.part"
         self.predictions_part = part
         queries = sorted(data.queries, key=lambda r: r.name)
+        category_index = {category: i for i, category in enumerate(data.categories)}
+        open_set: list[OpenSetScores] = []
+        self.pairs: Counter = Counter()  # (true class, predicted) -> labelled queries
+        drawn = self._plot_sample(queries)
+        plotted: list[tuple[np.ndarray, list[str | None]]] = []
         with part.open("w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle, lineterminator="\n")
             writer.writerow(["path", "category", "predicted", "score", "margin", "nearest", "true_class"])
@@ -196,7 +201,15 @@ class EmbedTask(Task):
                 refs, rows = self._rows(store, queries[start:start + QUERY_CHUNK])
                 if not refs:
                     continue
-                nearest, score, margin, accepted = classify(store.vectors(rows), protos, threshold)
+                vectors = store.vectors(rows)
+                nearest, score, margin, accepted = classify(vectors, protos, head, threshold)
+                open_set.append(OpenSetScores(
+                    score, np.array([category_index[ref.category] for ref in refs]),
+                    np.array([-1 if ref.label is None else int(ref.label != UNKNOWN) for ref in refs]),
+                    np.array([self.classes[n] == ref.label for n, ref in zip(nearest, refs, strict=True)])))
+                keep = [i for i, ref in enumerate(refs) if ref.name in drawn]
+                if keep:
+                    plotted.append((vectors[keep], [refs[i].label for i in keep]))
                 for i, ref in enumerate(refs):
                     predicted = self.classes[nearest[i]] if accepted[i] else UNKNOWN
                     writer.writerow([ref.name, ref.category, predicted, _fmt(score[i]), _fmt(margin[i]),
@@ -207,7 +220,13 @@ class EmbedTask(Task):
                     if ref.label is not None:
                         per_category[ref.category][0] += predicted == ref.label
                         per_category[ref.category][1] += 1
+                        self.pairs[ref.label, predicted] += 1
         self.per_category = per_category
+        self.open_set, self.used_threshold = OpenSetScores.concat(open_set), float(threshold)
+        self.plotted = (np.concatenate([v for v, _ in plotted]) if plotted else np.zeros((0, 2)),
+                        [label for _, labels in plotted for label in labels])
+        has_label = self.open_set.truth >= 0
+        auroc = unknown_auroc(self.open_set.score[has_label], self.open_set.truth[has_label] == 1)
         accuracy = RunningMean()  # an episode is one category: its labelled queries, scored together
         for correct, labelled in per_category.values():
             if labelled:
@@ -217,7 +236,32 @@ class EmbedTask(Task):
                 "threshold": float(threshold), "queries": float(scored),
                 "labelled_queries": float(sum(n for _, n in per_category.values())),
                 "classes": float(len(self.classes)), "images_extracted": float(report.extracted),
-                "images_cached": float(report.cached), "unreadable_images": float(report.unreadable)}
+                "images_cached": float(report.cached), "unreadable_images": float(report.unreadable),
+                **({"unknown_auroc": auroc} if auroc is not None else {})}
+
+    def _plot_sample(self, queries: list[ImageRef]) -> set[str]:
+        """The queries --plots draws: all, or a seeded sample of MAX_POINTS (t-SNE grows with their square)."""
+        if not self.cfg.plots:
+            return set()
+        if len(queries) <= MAX_POINTS:
+            return {ref.name for ref in queries}
+        picks = np.random.default_rng(self.ctx.seed).choice(len(queries), MAX_POINTS, replace=False)
+        return {queries[i].name for i in picks}
+
+    def _write_reports(self, run_dir: Path) -> None:
+        """threshold_sweep.csv/.png, confusion.csv/.png, per_class.csv, and embedding.png with --plots."""
+        from fewshot_cli.reports.confusion import write_confusion
+        from fewshot_cli.reports.embedding import write_embedding_plot
+        from fewshot_cli.reports.open_set import write_sweep
+
+        write_sweep(run_dir, self.open_set, self.used_threshold, self.threshold_source)
+        truths = sorted({true for true, _ in self.pairs} - {UNKNOWN})
+        write_confusion(run_dir, self.pairs, [*sorted(set(self.classes) | set(truths)), UNKNOWN])
+        if self.cfg.plots:
+            features, labels = self.plotted
+            write_embedding_plot(run_dir / "embedding.png", l2_normalise(features), labels, UNKNOWN,
+                                 self.cfg.embedding_plot, self.ctx.seed,
+                                 f"embed-classify test queries, {self.cfg.backbone} backbone")
 
     def finish(self, metrics: dict[str, float]) -> dict[str, float]:
         run_dir = self.ctx.run_dir
@@ -246,4 +290,5 @@ class EmbedTask(Task):
         tmp = run_dir / "unreadable.txt.part"
         tmp.write_text("".join(f"{path}\t{error}\n" for path, error in sorted(self.unreadable)), encoding="utf-8")
         os.replace(tmp, run_dir / "unreadable.txt")
+        self._write_reports(run_dir)
         return metrics

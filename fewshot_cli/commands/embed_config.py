@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fewshot_cli.models.names import EMBEDDER_BACKBONES as BACKBONES
+from fewshot_cli.models.names import EMBEDDING_PLOTS, FROZEN_HEADS
 from fewshot_cli.runner.command import Command
 from fewshot_cli.runner.config import BaseConfig, knob
 
@@ -23,6 +24,12 @@ class EmbedConfig(BaseConfig):
     n_way: int = knob(3, "built-in data: classes per class-folder category", minimum=1)
     k_shot: int = knob(5, "built-in data: support images per class", minimum=1)
     n_query: int = knob(10, "built-in data: query images per class", minimum=1)
+    head: str = knob("prototype", "classifier over the embeddings; every head shares the Unknown threshold on "
+                     "the best cosine to a prototype", choices=FROZEN_HEADS)
+    neighbours: int = knob(5, "knn head: support shots that vote", minimum=1)
+    probe_c: float = knob(1.0, "logistic head: inverse L2 regularisation strength C", minimum=1e-8)
+    plots: bool = knob(False, "write embedding.png, the test queries' embeddings in 2-D")
+    embedding_plot: str = knob("pca", "the 2-D projection of --plots", choices=EMBEDDING_PLOTS)
 
 
 PRESETS: dict[str, dict[str, Any]] = {

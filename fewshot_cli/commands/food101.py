@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -125,6 +126,7 @@ class Food101Task(Task):
         self.cache_every = cfg.empty_cache_every if cfg.empty_cache_every is not None else (
             10 if self.device.type == "mps" else 0)
         self.best_top1 = -1.0
+        self.pairs: Counter = Counter()  # (true, predicted) class index -> test images, at the last test
         self._loader: Iterator | None = None
         self._next_step = 0
         self._last: tuple[int, torch.Tensor, torch.Tensor] | None = None
@@ -220,13 +222,15 @@ class Food101Task(Task):
         return {"loss": out["loss"], "train_top1": out["correct"] / self.batch_images,
                 "lr": self.optimizer.param_groups[0]["lr"]}
 
-    def _score(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
-        """(top-1 hits, top-5 hits) of one evaluation batch."""
+    def _score(self, images: torch.Tensor, labels: torch.Tensor, pairs: Counter | None = None) -> tuple[int, int]:
+        """(top-1 hits, top-5 hits) of one evaluation batch; counts (true, predicted) into `pairs` when given."""
         y = labels.to(self.device)
         with self._autocast():
             logits = self.model(self._to_device(images))
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top == y[:, None]
+        if pairs is not None:
+            pairs.update(zip(y.tolist(), top[:, 0].tolist(), strict=True))
         return int(hits[:, 0].sum()), int(hits.any(dim=1).sum())
 
     def evaluate(self, phase: str, step: int) -> dict[str, float]:
@@ -234,13 +238,17 @@ class Food101Task(Task):
         indices = self.my_share(self.test_indices)
         samples = EvalSamples(self.test_split, indices, eval_transform(self.cfg.image_size))
         top1 = top5 = 0
+        pairs: Counter | None = Counter() if phase == "test" else None
         if indices:
             for images, labels in self._data_loader(samples, batch_size=self.cfg.batch_size):
-                hits1, hits5 = self._score(images, labels)
+                hits1, hits5 = self._score(images, labels, pairs)
                 top1, top5 = top1 + hits1, top5 + hits5
         if self.cache_every:
             empty_cache(self.device)
         hits = self.all_sum({"top1": top1, "top5": top5})
+        if pairs is not None:  # data-parallel, each rank counted its share of the test images
+            group = self.ctx.distributed
+            self.pairs = sum(group.gather(pairs), Counter()) if group is not None else pairs
         metrics = {"top1": hits["top1"] / len(self.test_indices), "top5": hits["top5"] / len(self.test_indices)}
         if metrics["top1"] > self.best_top1:
             self.best_top1 = metrics["top1"]
@@ -277,7 +285,13 @@ class Food101Task(Task):
         self._loader, self._last = None, None
 
     def finish(self, metrics: dict[str, float]) -> dict[str, float]:
+        """The best top-1 among the evaluations; confusion.csv/.png and per_class.csv of the final test."""
+        from fewshot_cli.reports.confusion import write_confusion
+
         self._loader = None  # stops the worker processes
+        if self.ctx.run_dir is not None:
+            named = Counter({(self.classes[t], self.classes[p]): n for (t, p), n in self.pairs.items()})
+            write_confusion(Path(self.ctx.run_dir), named, self.classes)
         return {**metrics, "best_top1": self.best_top1}
 
     def plan_phases(self) -> dict[str, Callable[[], Any]]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -83,6 +85,8 @@ class MahalanobisTask(Task):
         self.samplers = {s: EpisodeSampler(self.data.items_by_class(s), split=s, **shape) for s in splits}
         self.model = FewShotTransformer(cfg, lambda **f: ctx.emit("covariance_fallback", **f)).to(ctx.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+        self.pairs: Counter = Counter()  # (true class, predicted) -> test queries
+        self.test_features: tuple[np.ndarray, list[str]] | None = None
 
     def total_steps(self) -> int:
         return self.cfg.steps()
@@ -126,14 +130,19 @@ class MahalanobisTask(Task):
 
     def evaluate(self, phase: str, step: int) -> dict[str, float]:
         n = self.cfg.val_episodes if phase == "val" else self.cfg.test_episodes
-        result = self._evaluate(phase, [self.samplers[phase].episode(i) for i in range(n)])
+        result = self._evaluate(phase, [self.samplers[phase].episode(i) for i in range(n)], record=phase == "test")
         if phase == "test":
             result["test_episodes"] = n
         return result
 
-    def _evaluate(self, phase: str, episodes: list[Episode]) -> dict[str, float]:
+    def _class_name(self, cls: int) -> str:
+        names = getattr(self.data, "class_names", None)
+        return names[cls] if names is not None else self.data.class_name(cls)
+
+    def _evaluate(self, phase: str, episodes: list[Episode], record: bool = False) -> dict[str, float]:
         """Features of every image the episodes use, computed once (the backbone is fixed here), then each
-        episode's head on them."""
+        episode's head on them. `record`: keep the (true, predicted) class counts of the queries, and with
+        --plots the features, for `finish`."""
         items = sorted({i for e in episodes for i in (*e.support_items()[0], *e.query_items()[0])})
         row = {item: r for r, item in enumerate(items)}
         features = torch.cat([self.model.embed(self._images(items[a:a + self.cfg.batch_size]))
@@ -145,8 +154,30 @@ class MahalanobisTask(Task):
             query = features[torch.tensor([row[i] for i in q_items])]
             s_labels_t = torch.tensor(s_labels, device=features.device)
             logits = self.model.logits(support, s_labels_t, query, self.cfg.n_way)
-            accuracy.add(float((logits.argmax(1).cpu() == torch.tensor(q_labels)).float().mean()))
+            predicted = logits.argmax(1).cpu()
+            accuracy.add(float((predicted == torch.tensor(q_labels)).float().mean()))
+            if record:
+                names = [self._class_name(c) for c in episode.classes]
+                self.pairs.update((names[t], names[p]) for t, p in zip(q_labels, predicted.tolist(), strict=True))
+        if record and self.cfg.plots:
+            class_of = {i: c for c, members in self.samplers[phase].items.items() for i in members.tolist()}
+            self.test_features = (features.float().cpu().numpy(), [self._class_name(class_of[i]) for i in items])
         return {"accuracy": accuracy.mean, "accuracy_ci95": accuracy.ci95}
+
+    def finish(self, metrics: dict[str, float]) -> dict[str, float]:
+        """confusion.csv/.png and per_class.csv over the test queries; embedding.png with --plots."""
+        from fewshot_cli.reports.confusion import write_confusion
+        from fewshot_cli.reports.embedding import write_embedding_plot
+
+        if self.ctx.run_dir is None:
+            return metrics
+        run_dir = Path(self.ctx.run_dir)
+        write_confusion(run_dir, self.pairs, sorted({name for pair in self.pairs for name in pair}))
+        if self.test_features is not None:
+            features, names = self.test_features
+            write_embedding_plot(run_dir / "embedding.png", features, names, None, self.cfg.embedding_plot,
+                                 self.ctx.seed, f"mahalanobis-train test images, {self.cfg.backbone} features")
+        return metrics
 
     def plan_phases(self) -> dict[str, Any]:
         sampler = self.samplers["test"]

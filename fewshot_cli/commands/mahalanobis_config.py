@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from fewshot_cli.models.names import BACKBONES, COVARIANCES, HEADS, VARIANTS
+from fewshot_cli.models.names import BACKBONES, COVARIANCES, EMBEDDING_PLOTS, HEADS, VARIANTS
 from fewshot_cli.runner.command import Command
 from fewshot_cli.runner.config import EpisodicConfig, knob
 
@@ -25,6 +25,8 @@ class MahalanobisConfig(EpisodicConfig):
     checkpoint_activations: bool = knob(False, "recompute backbone activations in backward to save memory")
     batch_size: int = knob(128, "images per forward when computing evaluation features", minimum=1)
     lr: float = knob(1e-3, "Adam learning rate", minimum=0.0)
+    plots: bool = knob(False, "write embedding.png, the test images' features in 2-D")
+    embedding_plot: str = knob("pca", "the 2-D projection of --plots", choices=EMBEDDING_PLOTS)
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -11,5 +11,9 @@ VARIANTS = ("cosine", "euclidean")
 LOCALISER_BACKBONES = ("small", "resnet50")
 #: `models.embedders`: frozen embedding backbones
 EMBEDDER_BACKBONES = ("small", "resnet50", "clip", "dinov2")
+#: `models.frozen_heads`: classifiers over frozen embeddings
+FROZEN_HEADS = ("prototype", "logistic", "knn")
+#: `reports.embedding`: 2-D projections of the embedding picture
+EMBEDDING_PLOTS = ("pca", "tsne")
 #: `models.classifiers`: torchvision classification networks
 CLASSIFIERS = ("efficientnet_b0", "resnet50", "mobilenet_v3_large")

@@ -25,6 +25,7 @@ from fewshot_cli.runner.log import RunLog, read_log
 from fewshot_cli.runner.memory import is_oom, probe, release
 from fewshot_cli.runner.progress import Progress
 from fewshot_cli.runner.task import Command, RunContext, Task, step_seed
+from fewshot_cli.runner.tensorboard import TensorBoardLog
 
 
 class Interrupted(Exception):
@@ -45,6 +46,8 @@ class RunOptions:
     resume: Path | None = None
     budget_bytes: int | None = None
     quiet: bool = False
+    #: TensorBoard curves go to TENSORBOARD/RUN_NAME as the run logs them
+    tensorboard: Path | None = None
     #: set under torchrun with several processes: only rank 0 writes the run directory
     distributed: Distributed | None = None
 
@@ -160,6 +163,8 @@ def run(command: Command, resolved: Resolved, opts: RunOptions, extra_config: di
     task.ctx.run_dir = run_dir
     try:  # before the first step, a run directory that cannot be written is bad input
         log = RunLog(run_dir / "log.jsonl", elapsed_offset)
+        if opts.tensorboard is not None:
+            log = TensorBoardLog(opts.tensorboard / run_dir.name, log)
         log.write("run_start", command=command.name, config=resolved.record(), resumed_from_step=start_step)
         for event, fields in pending:
             log.write(event, **fields)

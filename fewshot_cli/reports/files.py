@@ -1,0 +1,44 @@
+"""Atomic CSV tables and matplotlib figures in a run directory."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from fewshot_cli.runner.checkpoint import atomic_write_bytes
+
+
+def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    data = buffer.getvalue().encode()
+    atomic_write_bytes(Path(path), lambda handle: handle.write(data))
+
+
+def figure(width: float = 6.0, height: float = 4.5) -> tuple[Any, Any]:
+    """A figure and its axes from matplotlib's file-only backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(width, height))
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    # no creation date in the file, so a figure drawn twice from the same run is the same bytes
+    atomic_write_bytes(Path(path), lambda handle: fig.savefig(handle, format="png", dpi=110,
+                                                              metadata={"Software": None}))
+    plt.close(fig)
+
+
+def fmt(value: float) -> str:
+    return f"{value:.6f}"
