@@ -16,7 +16,16 @@ import typer
 import fewshot_cli
 from fewshot_cli.commands import load_commands
 from fewshot_cli.errors import BadInput, RunFailed
-from fewshot_cli.runner.config import PRESET_CHOICES, Resolved, config_fields, from_record, option_name, resolve
+from fewshot_cli.runner.config import (
+    PRESET_CHOICES,
+    Resolved,
+    config_fields,
+    from_record,
+    option_name,
+    resolve,
+    result_neutral,
+    validate,
+)
 from fewshot_cli.runner.task import Command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -216,11 +225,16 @@ def _resumed_config(command: Command, run_dir: Path, knobs: dict[str, Any]) -> t
         raise BadInput(f"--resume {run_dir}: config.json is not valid JSON ({err.msg}).") from None
     if record.get("command") != command.name:
         raise BadInput(f"--resume {run_dir}: that run is a {record.get('command')} run, not {command.name}.")
-    given = sorted(option_name(k) for k, v in knobs.items() if v is not None)
+    neutral = result_neutral(command.config)  # evaluation batches and the like: another value, the same result
+    given = sorted(option_name(k) for k, v in knobs.items() if v is not None and k not in neutral)
     if given:
         raise BadInput(f"--resume continues a run with its own config; drop --{', --'.join(given)}.")
     resolved = from_record(command.config, record["knobs"])
     resolved.preset = record.get("preset", "")
+    for name in sorted(neutral):
+        if knobs.get(name) is not None:
+            resolved.set(name, knobs[name], "cli")
+    validate(resolved.config)
     return resolved, record
 
 

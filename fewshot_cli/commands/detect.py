@@ -8,6 +8,7 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from fewshot_cli.data.coco import coco_splits, synthetic_splits
 from fewshot_cli.episodes import Episode, EpisodeSampler
 from fewshot_cli.errors import BadInput
 from fewshot_cli.models.detection import BoxCounts, FewShotDetector, build_backbone, dense_proposals
+from fewshot_cli.runner.backoff import evaluation_part
 from fewshot_cli.runner.config import EpisodicConfig, knob
 from fewshot_cli.runner.task import BackoffKnob, Command, RunContext, Task
 
@@ -43,6 +45,8 @@ class DetectConfig(EpisodicConfig):
     score_threshold: float = knob(0.05, "lowest detection score kept", minimum=0.0)
     nms_iou: float = knob(0.5, "IoU above which class-aware NMS suppresses a box", minimum=0.0)
     max_detections: int = knob(100, "detections kept per image after NMS", minimum=1)
+    eval_batch_size: int | None = knob(None, "query images scored at once in evaluation, halved on OOM (default: "
+                                       "an episode's n_way x n_query)", minimum=1, result_neutral=True)
 
 
 # t4 is the seed's configuration after its OOM fix; a100/h100 its configuration before (fits 40+ GB)
@@ -108,6 +112,8 @@ class DetectTask(Task):
         self.dropped_seen = BoxCounts()
         self.test_files: tuple[dict[str, Any], list[dict[str, Any]]] | None = None
         self._report_dropped("data", 0)
+        if cfg.eval_batch_size is None:
+            cfg.eval_batch_size = cfg.n_way * cfg.n_query
 
     # ------------------------------------------------------------------ training
 
@@ -174,11 +180,12 @@ class DetectTask(Task):
             support = self._support(self.test_data, episode)
             prototypes, pooled = self.model.prototypes(support.images, torch.stack(support.boxes),
                                                        torch.cat(support.labels), cfg.n_way)
-            for chunk in self._query_chunks(episode):
-                queries = self._queries(self.test_data, chunk, episode.classes)
-                found, counts = self.model.detect(queries.images, prototypes, pooled, self.proposals,
-                                                  cfg.proposals_top_k, cfg.score_threshold, cfg.nms_iou,
-                                                  cfg.max_detections)
+            chunk = [query for part in self._query_chunks(episode) for query in part]
+            while chunk:
+                # each image is detected on its own, so how many are scored at once never changes a detection
+                queries, found, counts = evaluation_part(self, phase, step, "eval_batch_size", partial(
+                    self._detect, chunk, episode.classes, prototypes, pooled))
+                chunk = chunk[len(found):]
                 dropped.add(counts)
                 for i, (boxes, scores, classes) in enumerate(found):
                     image_id = len(images) + 1
@@ -204,6 +211,15 @@ class DetectTask(Task):
             self.test_files = (gt, detections)
             return {"map": map_all, "map50": map50, "test_episodes": float(episodes)}
         return {"map": map_all, "map50": map50}
+
+    def _detect(self, chunk: list[tuple[int, int]], classes: tuple, prototypes: torch.Tensor, pooled: torch.Tensor
+                ) -> tuple[Batch, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], BoxCounts]:
+        """The first `eval_batch_size` query images of `chunk`, their detections and dropped boxes."""
+        cfg = self.cfg
+        queries = self._queries(self.test_data, chunk[:cfg.eval_batch_size], classes)
+        found, counts = self.model.detect(queries.images, prototypes, pooled, self.proposals, cfg.proposals_top_k,
+                                          cfg.score_threshold, cfg.nms_iou, cfg.max_detections)
+        return queries, found, counts
 
     def finish(self, metrics: dict[str, float]) -> dict[str, float]:
         """Write gt.json and detections.json and score exactly those files with pycocotools."""

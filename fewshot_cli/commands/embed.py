@@ -20,6 +20,7 @@ from fewshot_cli.data.embed_layout import UNKNOWN, EmbedData, ImageRef, scan, wr
 from fewshot_cli.data.embedding_store import EmbeddingStore, FileKey, extract
 from fewshot_cli.errors import BadInput, RunFailed
 from fewshot_cli.models.embedders import BACKBONES, build_embedder
+from fewshot_cli.runner.backoff import evaluation_part
 from fewshot_cli.runner.config import BaseConfig, knob
 from fewshot_cli.runner.memory import probe
 from fewshot_cli.runner.metrics import RunningMean
@@ -34,7 +35,7 @@ class EmbedConfig(BaseConfig):
     weights: str | None = knob(None, "resnet50: a local state dict file (default: random weights)")
     model_dir: str | None = knob(None, "clip / dinov2: a local Hugging Face model directory")
     image_size: int = knob(32, "small backbone's input side; side of the built-in images", minimum=8)
-    batch_size: int = knob(32, "images per extraction batch", minimum=1)
+    batch_size: int = knob(32, "images per extraction batch (halved on OOM)", minimum=1, result_neutral=True)
     threshold: str = knob("auto", "cosine below which a query is Unknown, or auto (leave-one-out on the support)")
     cache_dir: str | None = knob(None, "embedding store to share across runs (default: RUN_DIR/embeddings)")
     categories: int = knob(4, "built-in data: categories", minimum=1)
@@ -148,6 +149,12 @@ class EmbedTask(Task):
         pixels = torch.zeros(self.cfg.batch_size, 3, side, side, device=self.ctx.device)
         return {"test": lambda: self.model(pixels)}
 
+    def plan_extra_bytes(self) -> dict[str, dict[str, int]]:
+        """Batches the loader's workers hold ready (DataLoader's default prefetch factor, 2 per worker)."""
+        side = self.model.preprocess(Image.new("RGB", (self.cfg.image_size,) * 2)).shape[-1]
+        prefetch = self.cfg.workers * 2 * self.cfg.batch_size * 3 * side * side * 4
+        return {"test": {"loader_prefetch": prefetch}} if prefetch else {}
+
     def _work_dir(self) -> Path:
         if self.ctx.run_dir is not None:
             return Path(self.ctx.run_dir)
@@ -162,9 +169,11 @@ class EmbedTask(Task):
         store = EmbeddingStore(Path(cfg.cache_dir) if cfg.cache_dir else work / "embeddings", self.model.identity)
         try:
             self.unreadable = []
-            report = extract(
-                self.model, sorted({ref.path for ref in (*data.support, *data.queries)}), store, self.ctx.device,
-                cfg.batch_size, cfg.workers, on_batch=self._on_batch, on_failure=self._on_failure)
+            paths = sorted({ref.path for ref in (*data.support, *data.queries)})
+            # after an OOM back-off the store already holds what was extracted: the retry goes on from there
+            report = evaluation_part(self, phase, step, "batch_size", lambda: extract(
+                self.model, paths, store, self.ctx.device, cfg.batch_size, cfg.workers, on_batch=self._on_batch,
+                on_failure=self._on_failure))
             self.ctx.emit("extraction", extracted=report.extracted, cached=report.cached,
                           unreadable=report.unreadable, store=str(store.dir))
             return self._score(data, store, report)

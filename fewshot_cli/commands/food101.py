@@ -6,6 +6,7 @@ import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from fewshot_cli.data.food101 import (
 )
 from fewshot_cli.errors import BadInput
 from fewshot_cli.models.classifiers import MODELS, build_classifier
+from fewshot_cli.runner.backoff import evaluation_part
 from fewshot_cli.runner.config import BaseConfig, knob
 from fewshot_cli.runner.task import BackoffKnob, Command, RunContext, Task
 
@@ -58,6 +60,8 @@ class Food101Config(BaseConfig):
                                             minimum=0)
     amp: bool = knob(False, "mixed precision: bf16 (fp16 where bf16 is missing) on CUDA, fp16 on MPS, bf16 on CPU")
     synthetic_classes: int = knob(101, "classes of the built-in data (used without --data)", minimum=2)
+    eval_batch_size: int | None = knob(None, "images scored at once in evaluation, halved on OOM (default: "
+                                       "--batch-size)", minimum=1, result_neutral=True)
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -142,6 +146,8 @@ class Food101Task(Task):
         self.classes = self.train_split.classes
         # the effective batch survives OOM back-off: cfg.batch_size becomes the micro-batch
         self.effective_batch = cfg.batch_size
+        if cfg.eval_batch_size is None:
+            cfg.eval_batch_size = cfg.batch_size
         group = ctx.distributed
         if group is not None and self.effective_batch % group.world_size:
             raise BadInput(f"--batch-size {self.effective_batch} does not split evenly over the {group.world_size} "
@@ -258,14 +264,18 @@ class Food101Task(Task):
         return {"loss": out["loss"], "train_top1": out["correct"] / self.batch_images,
                 "lr": self.optimizer.param_groups[0]["lr"]}
 
-    def _score(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
-        """(top-1 hits, top-5 hits) of one evaluation batch."""
+    def _score(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[int, int, int]:
+        """(top-1 hits, top-5 hits, images) of one evaluation batch."""
         y = labels.to(self.device)
         with self._autocast():
             logits = self.model(self._to_device(images))
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top == y[:, None]
-        return int(hits[:, 0].sum()), int(hits.any(dim=1).sum())
+        return int(hits[:, 0].sum()), int(hits.any(dim=1).sum()), len(y)
+
+    def _score_from(self, images: torch.Tensor, labels: torch.Tensor, start: int) -> tuple[int, int, int]:
+        end = start + self.cfg.eval_batch_size
+        return self._score(images[start:end], labels[start:end])
 
     def evaluate(self, phase: str, step: int) -> dict[str, float]:
         # data-parallel, each rank scores every N-th test image; the hit counts add up exactly
@@ -273,9 +283,12 @@ class Food101Task(Task):
         samples = EvalSamples(self.test_split, indices, eval_transform(self.cfg.image_size))
         top1 = top5 = 0
         if indices:
-            for images, labels in self._data_loader(samples, batch_size=self.cfg.batch_size):
-                hits1, hits5 = self._score(images, labels)
-                top1, top5 = top1 + hits1, top5 + hits5
+            for images, labels in self._data_loader(samples, batch_size=self.cfg.eval_batch_size):
+                done = 0
+                while done < len(labels):  # after an OOM back-off, the loaded batch in smaller pieces
+                    hits1, hits5, n = evaluation_part(self, phase, step, "eval_batch_size",
+                                                      partial(self._score_from, images, labels, done))
+                    top1, top5, done = top1 + hits1, top5 + hits5, done + n
         if self.cache_every:
             empty_cache(self.device)
         hits = self.all_sum({"top1": top1, "top5": top5})
@@ -324,7 +337,7 @@ class Food101Task(Task):
             size = self.cfg.image_size
             return torch.zeros(self.cfg.batch_size, 3, size, size), torch.zeros(self.cfg.batch_size, dtype=torch.long)
 
-        def test() -> tuple[int, int]:
+        def test() -> tuple[int, int, int]:
             self.model.eval()
             try:
                 with torch.inference_mode():

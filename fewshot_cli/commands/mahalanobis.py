@@ -18,6 +18,7 @@ from fewshot_cli.errors import BadInput
 from fewshot_cli.models.adaptation import VARIANTS, SetToSetAttention
 from fewshot_cli.models.backbones import BACKBONES, build_backbone, feature_dim, load_weights
 from fewshot_cli.models.heads import COVARIANCES, HEADS, build_head, prototypes
+from fewshot_cli.runner.backoff import evaluation_part
 from fewshot_cli.runner.config import EpisodicConfig, knob
 from fewshot_cli.runner.metrics import RunningMean
 from fewshot_cli.runner.task import BackoffKnob, Command, RunContext, Task
@@ -39,7 +40,8 @@ class MahalanobisConfig(EpisodicConfig):
     adapt: str = knob("prototypes", "set-to-set transformer over", choices=("none", "prototypes", "support"))
     variant: str = knob("cosine", "the transformer's attention metric", choices=VARIANTS)
     checkpoint_activations: bool = knob(False, "recompute backbone activations in backward to save memory")
-    batch_size: int = knob(128, "images per forward when computing evaluation features", minimum=1)
+    batch_size: int = knob(128, "images per forward when computing evaluation features (halved on OOM)", minimum=1,
+                           result_neutral=True)
     lr: float = knob(1e-3, "Adam learning rate", minimum=0.0)
 
 
@@ -156,18 +158,21 @@ class MahalanobisTask(Task):
 
     def evaluate(self, phase: str, step: int) -> dict[str, float]:
         n = self.cfg.val_episodes if phase == "val" else self.cfg.test_episodes
-        result = self._evaluate(phase, [self.samplers[phase].episode(i) for i in range(n)])
+        result = self._evaluate(phase, [self.samplers[phase].episode(i) for i in range(n)], step)
         if phase == "test":
             result["test_episodes"] = n
         return result
 
-    def _evaluate(self, phase: str, episodes: list[Episode]) -> dict[str, float]:
-        """Features of every image the episodes use, computed once (the backbone is fixed here), then each
-        episode's head on them."""
+    def _evaluate(self, phase: str, episodes: list[Episode], step: int = 0) -> dict[str, float]:
+        """Features of every image the episodes use, computed once (the backbone is fixed here) in batches of
+        `batch_size` (halved on OOM, from the batch that failed), then each episode's head on them."""
         items = sorted({i for e in episodes for i in (*e.support_items()[0], *e.query_items()[0])})
         row = {item: r for r, item in enumerate(items)}
-        features = torch.cat([self.model.embed(self._images(items[a:a + self.cfg.batch_size]))
-                              for a in range(0, len(items), self.cfg.batch_size)])
+        parts: list[torch.Tensor] = []
+        while (done := sum(len(p) for p in parts)) < len(items):
+            parts.append(evaluation_part(self, phase, step, "batch_size", lambda a=done: self.model.embed(
+                self._images(items[a:a + self.cfg.batch_size]))))
+        features = torch.cat(parts)
         accuracy = RunningMean()
         for episode in episodes:
             (s_items, s_labels), (q_items, q_labels) = episode.support_items(), episode.query_items()

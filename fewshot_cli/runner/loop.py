@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 import torchvision
 
@@ -159,7 +160,8 @@ def run(command: Command, resolved: Resolved, opts: RunOptions, extra_config: di
         run_dir.mkdir(parents=True)
         config = {"command": command.name, "preset": resolved.preset, "knobs": resolved.record(),
                   "seed": opts.seed, "device": str(opts.device), "data": str(opts.data) if opts.data else None,
-                  "memory_budget_bytes": opts.budget_bytes, "versions": versions(), **(extra_config or {})}
+                  "memory_budget_bytes": opts.budget_bytes, "versions": versions(),
+                  "machine_memory_bytes": psutil.virtual_memory().total, **(extra_config or {})}
         save_json(run_dir / "config.json", config)
 
     task.ctx.run_dir = run_dir
@@ -273,7 +275,7 @@ def _back_off(task: Task, step: int, log: RunLog | _NoLog, knobs_changed: dict[s
             task.set_knob(knob.name, new, accumulation)
             knobs_changed[knob.name] = new
             log.write("oom_backoff", phase="train", step=step, knob=knob.name, **{"from": value, "to": new},
-                      grad_accumulation=accumulation)
+                      grad_accumulation=accumulation, error=message)
             return
     floors = ", ".join(f"{k.name}={getattr(task.cfg, k.name)} (floor {k.floor})" for k in task.backoff_knobs)
     raise RunFailed(f"out of memory at step {step} with every back-off knob at its floor ({floors or 'none'}); "

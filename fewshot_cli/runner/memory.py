@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import multiprocessing
 import os
 
 import psutil
@@ -10,12 +11,17 @@ import torch
 
 MiB = 1024 * 1024
 _PROCESS = psutil.Process(os.getpid())
-_OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory", "mps backend out of memory")
+# oneDNN reports a CPU allocation that fails while it builds a convolution only as "could not create a primitive"
+# (seen with the address space capped); std::bad_alloc is what C++ code in torch raises when `new` fails
+_OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory", "mps backend out of memory",
+                "could not create a primitive", "std::bad_alloc")
 
 
 def probe(device: torch.device) -> dict[str, float]:
-    """`rss_mb` always; CUDA allocated/reserved/peak since the last probe; MPS allocated and driver memory."""
+    """`rss_mb` always; with data-loading workers alive, their summed PSS and the PSS of this process plus them;
+    CUDA allocated/reserved/peak since the last probe; MPS allocated and driver memory."""
     mem = {"rss_mb": round(_PROCESS.memory_info().rss / MiB, 2)}
+    mem.update(workers_memory())
     if device.type == "cuda":
         mem["cuda_allocated_mb"] = round(torch.cuda.memory_allocated(device) / MiB, 2)
         mem["cuda_reserved_mb"] = round(torch.cuda.memory_reserved(device) / MiB, 2)
@@ -25,6 +31,28 @@ def probe(device: torch.device) -> dict[str, float]:
         mem["mps_allocated_mb"] = round(torch.mps.current_allocated_memory() / MiB, 2)
         mem["mps_driver_mb"] = round(torch.mps.driver_allocated_memory() / MiB, 2)
     return mem
+
+
+def workers_memory() -> dict[str, float]:
+    """`workers_pss_mb`: the proportional set size summed over this process's worker processes (pages they share
+    with it or each other counted once in all), and `total_pss_mb`: this process's PSS plus theirs, the series
+    leaks are judged on. Nothing without workers, or where PSS cannot be read (it needs /proc/PID/smaps)."""
+    children = multiprocessing.active_children()  # the workers DataLoader started, without scanning every process
+    if not children:
+        return {}
+    try:
+        workers = sum(_pss(psutil.Process(child.pid)) for child in children if child.pid is not None)
+        main = _pss(_PROCESS)
+    except (psutil.Error, AttributeError, OSError):  # a worker that just ended, or no PSS on this system
+        return {}
+    return {"workers_pss_mb": round(workers / MiB, 2), "total_pss_mb": round((main + workers) / MiB, 2)}
+
+
+def _pss(process: psutil.Process) -> int:
+    try:
+        return process.memory_full_info().pss
+    except psutil.NoSuchProcess:
+        return 0
 
 
 def is_oom(error: BaseException) -> bool:
