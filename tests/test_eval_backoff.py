@@ -4,6 +4,7 @@ phase and knob, and `--resume` finishes it with a smaller knob. Workers' memory 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -36,7 +37,10 @@ def test_an_evaluation_backs_off_its_own_knob_and_keeps_its_metrics(runs: Path, 
     test = [e for e in events(runs / "backed", "oom_backoff") if e["phase"] == "test"]
     assert test and {e["knob"] for e in test} == {knob} and test[-1]["to"] == 1
     assert all(e["to"] == e["from"] // 2 for e in test)
-    assert (runs / "backed" / "metrics.json").read_text() == (runs / "plain" / "metrics.json").read_text()
+    # equal up to float rounding: a batch's size may change the last bits of a backbone's output (embed-classify's
+    # AUROC moved by 1e-10 between batches of 16 and of 1)
+    backed_metrics = json.loads((runs / "backed" / "metrics.json").read_text())
+    assert backed_metrics == pytest.approx(json.loads((runs / "plain" / "metrics.json").read_text()), rel=1e-6)
 
 
 def test_validation_backs_off_and_later_evaluations_start_from_the_smaller_knob(runs: Path) -> None:
@@ -77,9 +81,10 @@ def test_resume_still_refuses_a_knob_that_changes_the_result(runs: Path) -> None
 
 def test_data_loading_workers_memory_is_in_every_step_record(runs: Path) -> None:
     _, args = EVALUATIONS["triplet-train"]
-    result = fewshot("triplet-train", *args, "--workers", "1", "--quiet", "--out", runs, "--name", "w")
+    result = fewshot("triplet-train", *args, "--episodes", "4", "--workers", "1", "--quiet", "--out", runs,
+                     "--name", "w")
     assert result.returncode == 0, result.stderr
-    for step in events(runs / "w", "step"):
+    for step in events(runs / "w", "step")[:-1]:  # the loader lets its worker go once it gave the last episode
         mem = step["mem"]
         assert mem["workers_pss_mb"] > 0
         assert mem["total_pss_mb"] > mem["workers_pss_mb"]
@@ -100,7 +105,7 @@ def _killed_run(root: Path, machine_mb: float, rss_mb: list[float], age_s: float
     config = {"command": "mahalanobis-train", "knobs": {}, "seed": 0, "device": "cpu",
               "machine_memory_bytes": int(machine_mb * 2**20)}
     (run / "config.json").write_text(json.dumps(config))
-    now = 1_800_000_000 - age_s
+    now = time.time() - age_s
     lines = [{"event": "run_start", "time": now, "elapsed_s": 0.0, "command": "mahalanobis-train", "config": {}}]
     lines += [{"event": "step", "time": now, "elapsed_s": 0.1, "phase": "train", "step": i + 1, "loss": 1.0,
                "mem": {"rss_mb": rss}} for i, rss in enumerate(rss_mb)]

@@ -262,7 +262,7 @@ class DetectTask(Task):
 
     def _plan_test(self) -> None:
         prototypes, pooled = self._plan_prototypes()
-        queries = self._plan_batch(self.cfg.n_way * self.cfg.n_query, False)
+        queries = self._plan_batch(min(self.cfg.eval_batch_size, self.cfg.n_way * self.cfg.n_query), False)
         self.model.candidates(queries.images, prototypes, pooled, self.proposals, self.cfg.proposals_top_k)
 
     def plan_extra_bytes(self) -> dict[str, dict[str, int]]:

@@ -333,18 +333,18 @@ class Food101Task(Task):
 
     def plan_phases(self) -> dict[str, Callable[[], Any]]:
         """Train and test on a batch of zeros of the run's shape, so the planner traces no image decoding."""
-        def batch() -> tuple[torch.Tensor, torch.Tensor]:
+        def batch(n: int) -> tuple[torch.Tensor, torch.Tensor]:
             size = self.cfg.image_size
-            return torch.zeros(self.cfg.batch_size, 3, size, size), torch.zeros(self.cfg.batch_size, dtype=torch.long)
+            return torch.zeros(n, 3, size, size), torch.zeros(n, dtype=torch.long)
 
         def test() -> tuple[int, int, int]:
             self.model.eval()
             try:
                 with torch.inference_mode():
-                    return self._score(*batch())
+                    return self._score(*batch(self.cfg.eval_batch_size))
             finally:
                 self.model.train()
-        return {"train": lambda: self._optimise(1, *batch()), "test": test}
+        return {"train": lambda: self._optimise(1, *batch(self.cfg.batch_size)), "test": test}
 
     def plan_extra_bytes(self) -> dict[str, dict[str, int]]:
         """Batches the loader's workers hold ready in host memory (the same pool as the GPU's on Apple silicon)."""
