@@ -4,6 +4,8 @@ phase and knob, and `--resume` finishes it with a smaller knob. Workers' memory 
 from __future__ import annotations
 
 import json
+import os
+import platform
 import time
 from pathlib import Path
 
@@ -98,7 +100,8 @@ def test_a_run_without_workers_records_no_workers_memory(runs: Path) -> None:
     assert all("workers_pss_mb" not in s["mem"] for s in events(runs / "n", "step"))
 
 
-def _killed_run(root: Path, machine_mb: float, rss_mb: list[float], age_s: float = 3600) -> Path:
+def _killed_run(root: Path, machine_mb: float, rss_mb: list[float], age_s: float = 3600, pid: int | None = None
+                ) -> Path:
     """A run directory as a process killed after its last step leaves it: no run_end, no metrics.json."""
     run = root / "killed"
     run.mkdir(parents=True)
@@ -106,7 +109,8 @@ def _killed_run(root: Path, machine_mb: float, rss_mb: list[float], age_s: float
               "machine_memory_bytes": int(machine_mb * 2**20)}
     (run / "config.json").write_text(json.dumps(config))
     now = time.time() - age_s
-    lines = [{"event": "run_start", "time": now, "elapsed_s": 0.0, "command": "mahalanobis-train", "config": {}}]
+    lines = [{"event": "run_start", "time": now, "elapsed_s": 0.0, "command": "mahalanobis-train", "config": {},
+              "pid": pid, "host": platform.node()}]
     lines += [{"event": "step", "time": now, "elapsed_s": 0.1, "phase": "train", "step": i + 1, "loss": 1.0,
                "mem": {"rss_mb": rss}} for i, rss in enumerate(rss_mb)]
     (run / "log.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
@@ -127,6 +131,11 @@ def test_memreport_says_a_run_killed_far_below_the_machines_memory_was_killed_fr
     run = _killed_run(tmp_path, machine_mb=100_000, rss_mb=[500.0] * 5)
     killed = json.loads(fewshot("memreport", run, "--json").stdout)["killed"]
     assert "from outside" in killed["likely_cause"] and killed["share"] == 0.005
+
+
+def test_memreport_does_not_call_a_run_whose_process_is_alive_killed(tmp_path: Path) -> None:
+    run = _killed_run(tmp_path, machine_mb=1000, rss_mb=[900.0] * 5, age_s=0, pid=os.getpid())
+    assert "killed" not in json.loads(fewshot("memreport", run, "--json").stdout)
 
 
 def test_memreport_of_a_completed_run_reports_no_kill(runs: Path) -> None:

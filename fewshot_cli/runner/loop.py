@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import signal
 import time
@@ -166,7 +167,8 @@ def run(command: Command, resolved: Resolved, opts: RunOptions, extra_config: di
 
     task.ctx.run_dir = run_dir
     log = RunLog(run_dir / "log.jsonl", elapsed_offset)
-    log.write("run_start", command=command.name, config=resolved.record(), resumed_from_step=start_step)
+    log.write("run_start", command=command.name, config=resolved.record(), resumed_from_step=start_step,
+              pid=os.getpid(), host=platform.node())  # so a report can tell a killed run from a running one
     for event, fields in pending:
         log.write(event, **fields)
     try:
