@@ -127,11 +127,12 @@ def test_detect_train_backs_off_for_real_in_its_test(runs: Path) -> None:
 
 
 TRIPLET = ["--preset", "cpu", "--val-every", "0", "--test-episodes", "1", "--n-way", "2", "--n-query", "1",
-           "--k-shot", "1", "--num-aug", "0", "--embedding-dim", "16", "--quiet"]
+           "--k-shot", "1", "--num-aug", "0", "--quiet"]
 
 
 def test_triplet_train_backs_off_for_real_in_training(runs: Path) -> None:
-    common = [*TRIPLET, "--image-size", "96", "--clip-frames", "32", "--episodes", "2", "--eval-frames", "2"]
+    common = [*TRIPLET, "--image-size", "96", "--clip-frames", "32", "--episodes", "2", "--eval-frames", "2",
+              "--embedding-dim", "16"]
     run = capped_run("triplet-train", runs, common, ["--triplet-batch-size", "2"], ["--triplet-batch-size", "64"])
     assert {e["knob"] for e in real_backoffs(run, "train")} == {"triplet_batch_size"}
 
