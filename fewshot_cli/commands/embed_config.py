@@ -17,7 +17,7 @@ class EmbedConfig(BaseConfig):
     weights: str | None = knob(None, "resnet50: a local state dict file (default: random weights)")
     model_dir: str | None = knob(None, "clip / dinov2: a local Hugging Face model directory")
     image_size: int = knob(32, "small backbone's input side; side of the built-in images", minimum=8)
-    batch_size: int = knob(32, "images per extraction batch", minimum=1)
+    batch_size: int = knob(32, "images per extraction batch (halved on OOM)", minimum=1, result_neutral=True)
     threshold: str = knob("auto", "cosine below which a query is Unknown, or auto (leave-one-out on the support)")
     cache_dir: str | None = knob(None, "embedding store to share across runs (default: RUN_DIR/embeddings)")
     categories: int = knob(4, "built-in data: categories", minimum=1)

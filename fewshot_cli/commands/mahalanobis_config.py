@@ -23,7 +23,8 @@ class MahalanobisConfig(EpisodicConfig):
     adapt: str = knob("prototypes", "set-to-set transformer over", choices=("none", "prototypes", "support"))
     variant: str = knob("cosine", "the transformer's attention metric", choices=VARIANTS)
     checkpoint_activations: bool = knob(False, "recompute backbone activations in backward to save memory")
-    batch_size: int = knob(128, "images per forward when computing evaluation features", minimum=1)
+    batch_size: int = knob(128, "images per forward when computing evaluation features (halved on OOM)", minimum=1,
+                           result_neutral=True)
     lr: float = knob(1e-3, "Adam learning rate", minimum=0.0)
     plots: bool = knob(False, "write embedding.png, the test images' features in 2-D")
     embedding_plot: str = knob("pca", "the 2-D projection of --plots", choices=EMBEDDING_PLOTS)
