@@ -17,7 +17,7 @@ from fewshot_cli.episodes import Episode, EpisodeSampler, steps_hash
 from fewshot_cli.errors import BadInput
 from fewshot_cli.models.adaptation import VARIANTS, SetToSetAttention
 from fewshot_cli.models.backbones import BACKBONES, build_backbone, feature_dim, load_weights
-from fewshot_cli.models.heads import COVARIANCES, HEADS, build_head, prototypes
+from fewshot_cli.models.heads import COVARIANCES, ESTIMATORS, HEADS, build_head, prototypes
 from fewshot_cli.runner.config import EpisodicConfig, knob
 from fewshot_cli.runner.metrics import RunningMean
 from fewshot_cli.runner.task import BackoffKnob, Command, RunContext, Task
@@ -34,7 +34,10 @@ class MahalanobisConfig(EpisodicConfig):
     weights: str | None = knob(None, "a local state dict for the backbone")
     head: str = knob("mahalanobis", "classification head", choices=HEADS)
     covariance: str = knob("auto", "Mahalanobis covariance: dense d x d, exact low-rank, or auto", choices=COVARIANCES)
-    beta: float = knob(1.0, "Mahalanobis ridge beta in Q_k = l_k S_k + (1 - l_k) S_task + beta I", minimum=1e-8)
+    covariance_estimator: str = knob("ledoit-wolf", "Mahalanobis covariances: class and pooled within-class "
+                                     "scatter shrunk by Ledoit-Wolf or OAS, or Simple CNAPS's own", choices=ESTIMATORS)
+    beta: float = knob(1.0, "simple-cnaps: ridge beta in Q_k = l_k S_k + (1 - l_k) S_task + beta I", minimum=1e-8)
+    ridge: float = knob(10.0, "ledoit-wolf / oas: ridge as a multiple of the features' mean variance", minimum=1e-8)
     reduced_dim: int = knob(512, "project features above this size to it (0: never)", minimum=0)
     adapt: str = knob("prototypes", "set-to-set transformer over", choices=("none", "prototypes", "support"))
     variant: str = knob("cosine", "the transformer's attention metric", choices=VARIANTS)
@@ -74,7 +77,8 @@ class FewShotTransformer(nn.Module):
         self.embedding_dim = dim
         self.adapt = cfg.adapt
         self.adapter = SetToSetAttention(dim, cfg.variant) if cfg.adapt != "none" else None
-        self.head = build_head(cfg.head, cfg.beta, cfg.covariance, on_fallback)
+        self.head = build_head(cfg.head, cfg.beta, cfg.covariance, on_fallback, cfg.covariance_estimator,
+                               cfg.ridge)
         self.checkpoint_activations = cfg.checkpoint_activations
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
