@@ -47,7 +47,8 @@ class FewShotTransformer(nn.Module):
         self.embedding_dim = dim
         self.adapt = cfg.adapt
         self.adapter = SetToSetAttention(dim, cfg.variant) if cfg.adapt != "none" else None
-        self.head = build_head(cfg.head, cfg.beta, cfg.covariance, on_fallback)
+        self.head = build_head(cfg.head, cfg.beta, cfg.covariance, on_fallback, cfg.covariance_estimator,
+                               cfg.ridge)
         self.checkpoint_activations = cfg.checkpoint_activations
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
