@@ -54,7 +54,7 @@ SHARED = [
     ("json_out", bool, False, ("--json",), "print the final metrics as one JSON object on stdout"),
     ("debug", bool, False, ("--debug",), "show tracebacks"),
 ]
-PLAN_SHARED = {"preset", "device", "data", "seed", "memory_budget", "json_out", "debug"}
+PLAN_SHARED = {"preset", "device", "data", "seed", "memory_budget", "json_out", "debug", "out"}
 
 
 def _knob_parameters(config_cls: type) -> list[inspect.Parameter]:
@@ -187,7 +187,8 @@ def _run_prepared(command: Command, knobs: dict[str, Any], options: dict[str, An
             device, resolved, budget = resolve_run(command, knobs, options)
             if group is not None:
                 device = group.place(device)
-            extra["plan"] = plan.fit_to_budget(command, resolved, device, budget, options)
+            extra["plan"] = (plan.fit_to_budget(command, resolved, device, budget, options)
+                             or plan.record(plan.plan_run(command, resolved, device, budget)))
             opts = RunOptions(device=device, seed=options["seed"], out=Path(options["out"]), name=options["name"],
                               data=Path(options["data"]) if options.get("data") else None, budget_bytes=budget,
                               quiet=options["quiet"])
@@ -239,6 +240,7 @@ def _has_cuda() -> bool:
 def _plan_command(command: Command, knobs: dict[str, Any], options: dict[str, Any]) -> None:
     from fewshot_cli import plan
     from fewshot_cli.runner.device import parse_size
+    from fewshot_cli.runner.plancheck import earlier_checks, render_earlier
 
     # a plan needs no device: `--preset t4` on a laptop plans for a T4
     preset = options.get("preset") or "auto"
@@ -250,10 +252,11 @@ def _plan_command(command: Command, knobs: dict[str, Any], options: dict[str, An
     if preset == "auto":
         plan.fit_to_budget(command, resolved, device, budget, {"force": True})
     report = plan.plan_run(command, resolved, device, budget)
+    report["earlier_runs"] = earlier_checks(Path(options["out"]), command.name, resolved.record(), device)
     if options["json_out"]:
         typer.echo(json.dumps(report, sort_keys=True))
     else:
-        typer.echo(plan.render(report))
+        typer.echo(plan.render(report) + render_earlier(report["earlier_runs"]))
 
 
 for _command in COMMANDS.values():

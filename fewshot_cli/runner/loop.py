@@ -16,13 +16,14 @@ import torchvision
 
 import fewshot_cli
 from fewshot_cli.errors import BadInput, RunFailed
-from fewshot_cli.runner import faults
+from fewshot_cli.runner import faults, plancheck
 from fewshot_cli.runner.checkpoint import load_checkpoint, save_checkpoint, save_json
 from fewshot_cli.runner.config import Resolved
 from fewshot_cli.runner.distributed import Distributed, StepFailedElsewhere, agreed
 from fewshot_cli.runner.leaks import LeakDetector
 from fewshot_cli.runner.log import RunLog, read_log
 from fewshot_cli.runner.memory import is_oom, probe, release
+from fewshot_cli.runner.plancheck import CheckedLog, for_run
 from fewshot_cli.runner.progress import Progress
 from fewshot_cli.runner.task import Command, RunContext, Task, step_seed
 
@@ -130,6 +131,7 @@ def run(command: Command, resolved: Resolved, opts: RunOptions, extra_config: di
             log.write(event, **fields)
 
     checkpoint_path = run_dir / "checkpoint.pt"
+    baseline_mb = plancheck.start(opts.device)  # the resident set before the model is built
 
     def start() -> tuple[Task, int, float]:
         task = build_task(command, resolved, opts, emit)
@@ -163,7 +165,8 @@ def run(command: Command, resolved: Resolved, opts: RunOptions, extra_config: di
         save_json(run_dir / "config.json", config)
 
     task.ctx.run_dir = run_dir
-    log = RunLog(run_dir / "log.jsonl", elapsed_offset)
+    check = for_run(command, resolved, opts.device, run_dir, extra_config, baseline_mb)
+    log = CheckedLog(RunLog(run_dir / "log.jsonl", elapsed_offset), check)
     log.write("run_start", command=command.name, config=resolved.record(), resumed_from_step=start_step)
     for event, fields in pending:
         log.write(event, **fields)
@@ -252,7 +255,7 @@ def _step_with_backoff(task: Task, step: int, log: RunLog | _NoLog, knobs_change
     Data-parallel, every rank backs off together: `Task.accumulate` tells the others at the gradient sum."""
     while True:
         try:
-            faults.before_step(task.cfg)
+            faults.before_step(task.cfg, task.ctx.device)
             return task.train_step(step)
         except StepFailedElsewhere as err:
             oom_message = str(err)
