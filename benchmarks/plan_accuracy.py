@@ -1,6 +1,7 @@
 """Planner accuracy on the CPU: each command's plan against the peaks its own short runs measure, phase by phase.
 
-Every configuration runs through the real CLI (`python -m fewshot_cli`, one intra-op thread) in a fresh process;
+Every configuration runs through the real CLI (`python -m fewshot_cli`, one intra-op thread, `--memory-budget
+16GiB`: under a budget the runner returns freed CPU tensors to the system, as the plan assumes) in a fresh process;
 the runner's `plan_check` events give, per phase, the plan's prediction (less the start-up baseline, which the
 measure leaves out too) and the measured peak: the process's peak resident set during the phase less its resident
 set before the run built its model. Rows marked `cpu` are the commands' `cpu` presets; the others are
@@ -45,10 +46,13 @@ CONFIGS = [
     ("embed-classify", "held out: 48 px, batch 64", ["--image-size", "48", "--batch-size", "64"]),
 ]
 GOAL = (-0.05, 0.15)
+#: a budget every configuration fits: under a budget a CPU run returns freed tensors to the system, as planned
+BUDGET = "16GiB"
 
 
 def run(command: str, options: list[str], out: Path, name: str) -> list[dict]:
     args = [sys.executable, "-m", "fewshot_cli", command, "--preset", "cpu", "--device", "cpu", "--quiet",
+            "--memory-budget", BUDGET,
             *options, "--out", str(out), "--name", name]
     done = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
                           check=False)
@@ -85,8 +89,9 @@ def main() -> None:
         with open(args.markdown, "w") as handle:
             handle.write("# Planner accuracy on the CPU (machine-dependent)\n\n`python benchmarks/plan_accuracy.py "
                          "--markdown results/plan_accuracy.md`: each configuration's short run through the CLI, its "
-                         "`plan_check` events. Predicted: the plan's peak of the phase less its start-up baseline "
-                         "line; measured: the process's peak resident set during the phase less the resident set "
+                         "`plan_check` events, under `--memory-budget 16GiB`. Predicted: the plan's peak of the "
+                         "phase less its start-up baseline line; measured: the process's peak resident set during the "
+                         "phase less the resident set "
                          "before the run built its model. Goal: within 15% and never more than 5% under. The "
                          "plan's `cpu_runtime` and `cpu_allocator` lines were read from the first ten rows' runs on "
                          "this machine (two cores, Linux, glibc); the rows marked held out were not used.\n\n" + table)

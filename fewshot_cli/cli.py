@@ -188,7 +188,7 @@ def _run_prepared(command: Command, knobs: dict[str, Any], options: dict[str, An
             if group is not None:
                 device = group.place(device)
             extra["plan"] = (plan.fit_to_budget(command, resolved, device, budget, options)
-                             or plan.record(plan.plan_run(command, resolved, device, budget)))
+                             or plan.checked_record(command, resolved, device, budget))
             opts = RunOptions(device=device, seed=options["seed"], out=Path(options["out"]), name=options["name"],
                               data=Path(options["data"]) if options.get("data") else None, budget_bytes=budget,
                               quiet=options["quiet"])

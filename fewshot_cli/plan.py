@@ -15,6 +15,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
 
 from fewshot_cli.errors import BadInput
+from fewshot_cli.runner import faults
 from fewshot_cli.runner.config import Resolved
 from fewshot_cli.runner.device import device_memory_bytes
 from fewshot_cli.runner.task import Command, RunContext
@@ -31,9 +32,9 @@ CUDA_WORKSPACES = 37 * MiB
 #: the caching allocator's rounding and split blocks: peak reserved over peak allocated, less one
 CUDA_ALLOCATOR = 0.161
 #: the CPU's terms, read from the short runs of benchmarks/plan_accuracy.py (results/plan_accuracy.md) on Linux,
-#: glibc, with freed tensors returned to the system (`runner.memory.return_freed_memory`): what a run's first steps
-#: add to the process besides tensors (oneDNN/MKL kernels and thread pools; with training, autograd's engine and
-#: its threads), the gap at the smallest configurations
+#: glibc, under a budget, so with freed tensors returned to the system (`runner.memory.return_freed_memory`): what
+#: a run's first steps add to the process besides tensors (oneDNN/MKL kernels and thread pools; with training,
+#: autograd's engine and its threads), the gap at the smallest configurations
 CPU_RUNTIME = {"training": 26 * MiB, "inference": 13 * MiB}
 #: page rounding of every tensor's own mapping and oneDNN's scratchpads, which grow with the step (the gap at the
 #: largest configuration, mahalanobis-train with ResNet-12 at 84 px)
@@ -105,7 +106,7 @@ def trace(command: Command, config: Any, seed: int = 0, fake: bool = True,
     the same steps run for real on the CPU under the same tracker (to check the prediction)."""
     cfg = copy.deepcopy(config)
     phases: dict[str, dict[str, int]] = {}
-    with _fake() if fake else ExitStack():
+    with _fake() if fake else ExitStack(), patch.object(faults, "in_micro_step", lambda cfg: None):
         torch.manual_seed(seed)
         task = command.task(cfg, RunContext(device=torch.device("cpu"), seed=seed, run_dir=None))
         extra = task.plan_extra_bytes()
@@ -213,6 +214,18 @@ def fit_to_budget(command: Command, resolved: Resolved, device: torch.device, bu
                        f"{report['usable_bytes'] / MiB:,.0f} MiB of the budget.\n{render(report)}"
                        "Lower the configuration, raise --memory-budget, or pass --force.")
     return record(report)
+
+
+def checked_record(command: Command, resolved: Resolved, device: torch.device, budget: int | None
+                   ) -> dict[str, Any] | None:
+    """The plan a run without a budget checks itself against; None where the command's steps cannot be traced
+    (the run goes on, unchecked)."""
+    try:
+        return record(plan_run(command, resolved, device, budget))
+    except BadInput:
+        raise
+    except Exception:  # noqa: BLE001 - a plan nobody asked for never stops a run
+        return None
 
 
 def record(report: dict[str, Any]) -> dict[str, Any]:

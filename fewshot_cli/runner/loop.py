@@ -131,7 +131,7 @@ def run(command: Command, resolved: Resolved, opts: RunOptions, extra_config: di
             log.write(event, **fields)
 
     checkpoint_path = run_dir / "checkpoint.pt"
-    baseline_mb = plancheck.start(opts.device)  # the resident set before the model is built
+    baseline_mb = plancheck.start(opts.device, opts.budget_bytes)  # the resident set before the model is built
 
     def start() -> tuple[Task, int, float]:
         task = build_task(command, resolved, opts, emit)

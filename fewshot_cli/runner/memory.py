@@ -55,7 +55,8 @@ def return_freed_memory(device: torch.device) -> None:
     """On the CPU under glibc, give every tensor of 128 KiB or more its own mapping, returned to the system when the
     tensor is freed. glibc's default raises that threshold (up to 32 MiB) whenever such a block is freed, after
     which freed tensors stay in the heap: the process then holds 20-70% more than its live tensors, unplanned
-    (results/plan_accuracy.md); with the threshold fixed, the resident set follows the plan."""
+    (results/plan_accuracy.md); with the threshold fixed, the resident set follows the plan, at a cost in time
+    (freed pages are mapped and zeroed afresh), so the runner does this only under a memory budget."""
     if device.type != "cpu" or not sys.platform.startswith("linux"):
         return
     try:

@@ -118,17 +118,18 @@ def for_run(command: Any, resolved: Any, device: torch.device, run_dir: Path, ex
     if record is None and config_path.is_file():
         record = json.loads(config_path.read_text()).get("plan")
     if not record or "predicted_mb" not in record:
-        from fewshot_cli.plan import plan_run
-        from fewshot_cli.plan import record as plan_record
+        from fewshot_cli.plan import checked_record
 
-        record = plan_record(plan_run(command, resolved, device, None))
-    return PlanCheck(device, record["predicted_mb"], baseline_mb)
+        record = checked_record(command, resolved, device, None) or {}
+    return PlanCheck(device, record.get("predicted_mb", {}), baseline_mb)
 
 
-def start(device: torch.device) -> float:
-    """At a run's start, before its model is built: fix the CPU allocator's behaviour the plan assumes and return
-    the resident set (MiB) the CPU measure starts from."""
-    return_freed_memory(device)
+def start(device: torch.device, budget_bytes: int | None) -> float:
+    """At a run's start, before its model is built: under a memory budget, make the CPU allocator behave as the
+    plan assumes (it costs time: freed pages are mapped afresh); return the resident set (MiB) the CPU measure
+    starts from."""
+    if budget_bytes is not None:
+        return_freed_memory(device)
     return probe(device)["rss_mb"]
 
 
