@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -77,16 +78,21 @@ def test_preset_auto_under_a_cpu_budget_keeps_the_whole_process_under_it(tmp_pat
     args = [sys.executable, "-m", "fewshot_cli", "mahalanobis-train", "--device", "cpu", "--preset", "auto",
             "--memory-budget", "1.5GiB", "--episodes", "2", "--val-every", "0", "--test-episodes", "2", "--quiet",
             "--out", str(tmp_path), "--name", "auto"]
-    # a parent of its own, so the peak read back is this run's alone
-    measure = ("import resource, subprocess, sys; done = subprocess.run(sys.argv[1:]); "
-               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024); sys.exit(done.returncode)")
-    done = subprocess.run([sys.executable, "-c", measure, *args], capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
-    assert done.returncode == 0, done.stderr
-    peak = int(done.stdout.strip().splitlines()[-1])
+    # sampled from outside every millisecond: the run resets its own peak (VmHWM, and so ru_maxrss) at each probe
+    child = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    process, peak = psutil.Process(child.pid), 0
+    while child.poll() is None:
+        try:
+            peak = max(peak, process.memory_info().rss)
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.001)
+    _, stderr = child.communicate(timeout=600)
+    assert child.returncode == 0, stderr
     knobs = json.loads((tmp_path / "auto" / "config.json").read_text())["knobs"]
     assert knobs["n_query"]["source"] == "planner"
-    assert peak < budget, (peak / 1024**3, knobs["n_query"], knobs["image_size"])
+    assert 0.5 * budget < peak < budget, (peak / 1024**3, knobs["n_query"], knobs["image_size"])
 
 
 def test_gpu_check_without_a_gpu_says_so_and_exits_0(tmp_path: Path) -> None:
