@@ -75,6 +75,8 @@ class CheckedLog:
         self._pending: dict[str, float] = {}
 
     def write(self, event: str, **fields: Any) -> None:
+        if event == "run_end":  # a stopped run checks the training it did; `run_end` stays the last event
+            self._end("train")
         self.log.write(event, **fields)
         mem = fields.get("mem")
         if event == "step" and isinstance(mem, dict):
@@ -88,9 +90,7 @@ class CheckedLog:
                     self.check.observe(phase, probe)
             self._pending = {}
             self._end(phase)
-        elif event == "run_end":
-            self._end("train")
-        elif isinstance(mem, dict):  # inside an evaluation: folds into it
+        elif event != "run_end" and isinstance(mem, dict):  # inside an evaluation: folds into it
             self._pending = {k: max(v, self._pending.get(k, v)) for k, v in mem.items()}
 
     def _end(self, phase: str) -> None:
