@@ -57,7 +57,7 @@ SHARED = [
     ("tensorboard", Path | None, None, ("--tensorboard",),
      "write live TensorBoard curves to DIR/RUN_NAME (needs fewshot[tensorboard])"),
 ]
-PLAN_SHARED = {"preset", "device", "data", "seed", "memory_budget", "json_out", "debug"}
+PLAN_SHARED = {"preset", "device", "data", "seed", "memory_budget", "json_out", "debug", "out"}
 
 
 def _knob_parameters(command: Command) -> list[inspect.Parameter]:
@@ -201,7 +201,8 @@ def _run_prepared(command: Command, knobs: dict[str, Any], options: dict[str, An
             resolved.sources.update(dict.fromkeys(copied, "config"))  # fixed: the planner leaves them alone
             if group is not None:
                 device = group.place(device)
-            extra["plan"] = plan.fit_to_budget(command, resolved, device, budget, new)
+            extra["plan"] = (plan.fit_to_budget(command, resolved, device, budget, new)
+                             or plan.checked_record(command, resolved, device, budget))
             opts = RunOptions(device=device, seed=new["seed"], out=Path(new["out"]), name=new["name"],
                               data=Path(new["data"]) if new.get("data") else None, budget_bytes=budget,
                               quiet=new["quiet"])
@@ -241,6 +242,7 @@ def _has_cuda() -> bool:
 def _plan_command(command: Command, knobs: dict[str, Any], options: dict[str, Any]) -> None:
     from fewshot_cli import plan
     from fewshot_cli.runner.device import parse_size
+    from fewshot_cli.runner.plancheck import earlier_checks, render_earlier
 
     # a plan needs no device: `--preset t4` on a laptop plans for a T4
     preset = options.get("preset") or "auto"
@@ -252,10 +254,11 @@ def _plan_command(command: Command, knobs: dict[str, Any], options: dict[str, An
     if preset == "auto":
         plan.fit_to_budget(command, resolved, device, budget, {"force": True})
     report = plan.plan_run(command, resolved, device, budget)
+    report["earlier_runs"] = earlier_checks(Path(options["out"]), command.name, resolved.record(), device)
     if options["json_out"]:
         typer.echo(json.dumps(report, sort_keys=True))
     else:
-        typer.echo(plan.render(report))
+        typer.echo(plan.render(report) + render_earlier(report["earlier_runs"]))
 
 
 for _command in COMMANDS.values():

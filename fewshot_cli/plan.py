@@ -8,23 +8,41 @@ from contextlib import ExitStack, nullcontext
 from typing import Any
 from unittest.mock import patch
 
+import psutil
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
 
 from fewshot_cli.errors import BadInput
+from fewshot_cli.runner import faults
 from fewshot_cli.runner.config import Resolved
 from fewshot_cli.runner.device import device_memory_bytes
 from fewshot_cli.runner.task import Command, RunContext
 
 MiB = 1024**2
 MARGIN = 0.10  # the planner keeps 10% of the budget free
-#: the device's own terms that tracing the program cannot see
-CUDA_CONTEXT = 500 * MiB  # CUDA context + kernels loaded by torch, outside the caching allocator
-CUDNN_WORKSPACE = 128 * MiB
-CUDA_BLOCK = 2 * MiB  # the caching allocator rounds large blocks to 2 MiB
+#: the device's own terms that tracing the program cannot see. The CUDA ones are read from real runs of the five
+#: commands at `--preset t4 --memory-budget 15GiB` (benchmarks/gpu_check.py on an H100, torch 2.11, CUDA 13; its
+#: "CUDA terms" table in results/gpu_check.md lists each command's figures), medians across the commands:
+#: the context and the kernels and libraries loaded, outside the caching allocator (device in use less reserved)
+CUDA_CONTEXT = 771 * MiB
+#: cuBLAS/cuDNN workspaces and other allocations the trace does not see (peak allocated less traced)
+CUDA_WORKSPACES = 37 * MiB
+#: the caching allocator's rounding and split blocks: peak reserved over peak allocated, less one
+CUDA_ALLOCATOR = 0.161
+#: the CPU's terms, read from the short runs of benchmarks/plan_accuracy.py (results/plan_accuracy.md) on Linux,
+#: glibc, under a budget, so with freed tensors returned to the system (`runner.memory.return_freed_memory`): what
+#: a run's first steps add to the process besides tensors (oneDNN/MKL kernels and thread pools; with training,
+#: autograd's engine and its threads), the gap at the smallest configurations
+CPU_RUNTIME = {"training": 26 * MiB, "inference": 13 * MiB}
+#: page rounding of every tensor's own mapping and oneDNN's scratchpads, which grow with the step (the gap at the
+#: largest configuration, mahalanobis-train with ResNet-12 at 84 px)
+CPU_ALLOCATOR = 0.05
 MPS_OVERHEAD = 1.15  # the MPS allocator's heaps round up; measured overhead factor
+#: plan lines that a run's own measure of its phases does not see: the CUDA context lies outside the caching
+#: allocator, and the CPU's start-up resident set is there before the run builds its model (the check subtracts it)
+OUTSIDE_THE_MEASURE = ("cuda_context", "startup_baseline")
 #: the device each preset is made for and its memory, so a plan for it can be made from any machine
 PRESET_DEVICES = {"t4": ("cuda", int(15.89 * 1024**3)), "a100": ("cuda", 80 * 1024**3),
                   "h100": ("cuda", 80 * 1024**3), "mps": ("mps", int(47.74 * 1024**3))}
@@ -89,7 +107,7 @@ def trace(command: Command, config: Any, seed: int = 0, fake: bool = True,
     cfg = copy.deepcopy(config)
     phases: dict[str, dict[str, int]] = {}
     task_class = command.task  # imported before fake mode: a module's own tensors (constants) must be real
-    with _fake() if fake else ExitStack():
+    with _fake() if fake else ExitStack(), patch.object(faults, "in_micro_step", lambda cfg: None):
         torch.manual_seed(seed)
         task = task_class(cfg, RunContext(device=torch.device("cpu"), seed=seed, run_dir=None))
         extra = task.plan_extra_bytes()
@@ -134,22 +152,49 @@ def target(preset: str, device_name: str) -> tuple[torch.device, int | None]:
     return device, device_memory_bytes(device)
 
 
-def device_terms(device: torch.device, components: dict[str, int]) -> dict[str, int]:
+def device_terms(device: torch.device, components: dict[str, int], baseline: int = 0,
+                 training: bool = True) -> dict[str, int]:
+    """The plan lines that tracing cannot see, for the device the plan is for."""
     traced = sum(components.values())
     if device.type == "cuda":
-        return {"cuda_context": CUDA_CONTEXT, "cudnn_workspace": CUDNN_WORKSPACE,
-                "allocator_rounding": int(traced * 0.02) + CUDA_BLOCK}
+        return {"cuda_context": CUDA_CONTEXT, "cuda_workspaces": CUDA_WORKSPACES,
+                "cuda_allocator": int((traced + CUDA_WORKSPACES) * CUDA_ALLOCATOR)}
     if device.type == "mps":
         return {"mps_allocator": int(traced * (MPS_OVERHEAD - 1))}
-    return {}
+    terms = {"cpu_runtime": CPU_RUNTIME["training" if training else "inference"],
+             "cpu_allocator": int(traced * CPU_ALLOCATOR)}
+    return {**terms, "startup_baseline": baseline} if baseline else terms
+
+
+#: where each of the device's own plan lines comes from, printed beside it
+TERM_NOTES = {
+    "cuda_context": "context and loaded kernels, outside the allocator: measured on an H100, results/gpu_check.md",
+    "cuda_workspaces": "cuBLAS/cuDNN workspaces: peak allocated less traced, measured, results/gpu_check.md",
+    "cuda_allocator": f"caching allocator's rounding and split blocks: {CUDA_ALLOCATOR:.1%} of traced and workspaces, "
+                      "reserved over allocated measured, results/gpu_check.md",
+    "mps_allocator": f"MPS heaps' rounding: {MPS_OVERHEAD - 1:.0%}, not yet measured",
+    "startup_baseline": "this process's resident set before any model: interpreter, torch, libraries",
+    "cpu_runtime": "kernels, thread pools and autograd's engine a run's first steps load: measured, "
+                   "results/plan_accuracy.md",
+    "cpu_allocator": f"page rounding and oneDNN scratchpads: {CPU_ALLOCATOR:.0%} of the traced bytes, measured, "
+                     "results/plan_accuracy.md",
+}
+
+
+def startup_baseline(device: torch.device) -> int:
+    """On the CPU, what the process holds before a run builds its model (the interpreter, torch and the libraries
+    it loaded), measured now; a CPU budget is the whole process's."""
+    return psutil.Process().memory_info().rss if device.type == "cpu" else 0
 
 
 def plan_run(command: Command, resolved: Resolved, device: torch.device, budget: int | None) -> dict[str, Any]:
     """The contract's plan report: per phase its components and peak, the budget, and whether it fits."""
     budget = budget or device_memory_bytes(device)
+    baseline = startup_baseline(device)  # before tracing, which loads more of torch
     phases = {}
-    for phase, components in trace(command, resolved.config).items():
-        components = {**components, **device_terms(device, components)}
+    traced = trace(command, resolved.config)
+    for phase, components in traced.items():
+        components = {**components, **device_terms(device, components, baseline, "train" in traced)}
         phases[phase] = {"peak_bytes": sum(components.values()), "components": components}
     peak = max((p["peak_bytes"] for p in phases.values()), default=0)
     return {"command": command.name, "device": str(device), "budget_bytes": budget, "peak_bytes": peak,
@@ -169,7 +214,27 @@ def fit_to_budget(command: Command, resolved: Resolved, device: torch.device, bu
         raise BadInput(f"The plan does not fit: predicted peak {report['peak_bytes'] / MiB:,.0f} MiB, usable "
                        f"{report['usable_bytes'] / MiB:,.0f} MiB of the budget.\n{render(report)}"
                        "Lower the configuration, raise --memory-budget, or pass --force.")
-    return {"peak_bytes": report["peak_bytes"], "budget_bytes": report["budget_bytes"], "fits": report["fits"]}
+    return record(report)
+
+
+def checked_record(command: Command, resolved: Resolved, device: torch.device, budget: int | None
+                   ) -> dict[str, Any] | None:
+    """The plan a run without a budget checks itself against; None where the command's steps cannot be traced
+    (the run goes on, unchecked)."""
+    try:
+        return record(plan_run(command, resolved, device, budget))
+    except BadInput:
+        raise
+    except Exception:  # noqa: BLE001 - a plan nobody asked for never stops a run
+        return None
+
+
+def record(report: dict[str, Any]) -> dict[str, Any]:
+    """What a run keeps of its plan (in config.json): the verdict and, per phase, the peak its own measure sees."""
+    from fewshot_cli.runner.plancheck import predicted_mb
+
+    return {"peak_bytes": report["peak_bytes"], "budget_bytes": report["budget_bytes"], "fits": report["fits"],
+            "predicted_mb": {phase: round(mb, 2) for phase, mb in predicted_mb(report).items()}}
 
 
 def _choose(command: Command, resolved: Resolved, device: torch.device, budget: int | None) -> dict[str, Any]:
@@ -203,7 +268,8 @@ def render(report: dict[str, Any]) -> str:
     for phase, entry in report["phases"].items():
         lines.append(f"  {phase}")
         for name, size in sorted(entry["components"].items(), key=lambda kv: -kv[1]):
-            lines.append(f"    {name:<22}{size / MiB:>14,.1f} MiB")
+            note = f"  ({TERM_NOTES[name]})" if name in TERM_NOTES else ""
+            lines.append(f"    {name:<22}{size / MiB:>14,.1f} MiB{note}")
         lines.append(f"    {'peak':<22}{entry['peak_bytes'] / MiB:>14,.1f} MiB")
     usable, peak = report["usable_bytes"], report["peak_bytes"]
     verdict = "fits" if report["fits"] else "does NOT fit"

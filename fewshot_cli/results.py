@@ -22,7 +22,7 @@ from fewshot_cli.runner.log import read_log
 from fewshot_cli.runner.loop import versions
 
 #: metrics read from the log rather than metrics.json; they depend on the machine
-LOG_METRICS = ("peak_rss_mb", "peak_cuda_allocated_mb", "episodes_per_s", "wall_s")
+LOG_METRICS = ("peak_rss_mb", "peak_cuda_allocated_mb", "episodes_per_s", "wall_s", "plan_error")
 META_KEYS = ("command", "preset", "seed", "device", "data")
 #: bookkeeping, not a result: left out of the default columns
 NOT_RESULTS = ("test_episodes",)
@@ -100,6 +100,9 @@ def log_figures(events: list[dict[str, Any]]) -> dict[str, float]:
     cuda = [v for v in cuda if isinstance(v, int | float)]
     if cuda:
         figures["peak_cuda_allocated_mb"] = max(cuda)
+    checks = [e for e in events if e.get("event") == "plan_check" and isinstance(e.get("measured_mb"), int | float)]
+    if checks:  # the plan's error at the run's own peak, the phase a budget has to hold
+        figures["plan_error"] = max(checks, key=lambda e: e["measured_mb"])["error"]
     steps = [e for e in events if e.get("event") == "step"]
     seconds = sum(e.get("step_s", 0.0) for e in steps)
     if steps and seconds > 0:

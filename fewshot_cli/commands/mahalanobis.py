@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -187,8 +188,12 @@ class MahalanobisTask(Task):
         return metrics
 
     def plan_phases(self) -> dict[str, Any]:
-        sampler = self.samplers["test"]
-        return {"train": lambda: self.train_step(1), "test": lambda: self._evaluate("test", [sampler.episode(0)])}
+        """A training step, and an evaluation over enough test episodes to fill one feature batch (its largest
+        activations), as many as the test has."""
+        sampler, cfg = self.samplers["test"], self.cfg
+        episodes = min(cfg.test_episodes, math.ceil(cfg.batch_size / (cfg.n_way * (cfg.k_shot + cfg.n_query))))
+        return {"train": lambda: self.train_step(1),
+                "test": lambda: self._evaluate("test", [sampler.episode(i) for i in range(episodes)])}
 
     def plan_extra_bytes(self) -> dict[str, dict[str, int]]:
         """Evaluation keeps every image's features of its episodes at once; planning traces one episode only."""

@@ -38,11 +38,14 @@ class Distributed:
         """One GPU per rank on each machine: CUDA runs on cuda:LOCAL_RANK; CPU and MPS stay as they are."""
         if device.type != "cuda":
             return device
-        if self.local_rank >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        shared = dist.is_initialized() and dist.get_backend() == "gloo"  # gloo lets ranks share a GPU; NCCL not
+        if self.local_rank >= count and not shared:
             raise BadInput(f"Rank {self.rank} needs cuda:{self.local_rank}, but this machine has "
-                           f"{torch.cuda.device_count()} CUDA device(s); lower --nproc-per-node.")
-        torch.cuda.set_device(self.local_rank)
-        return torch.device("cuda", self.local_rank)
+                           f"{count} CUDA device(s); lower --nproc-per-node.")
+        index = self.local_rank % count
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
 
     # ------------------------------------------------------------------ control messages (CPU, gloo)
 
@@ -122,12 +125,15 @@ def _sum_hook(state, bucket):  # noqa: ANN001, ANN202 - DDP reads these annotati
 
 def from_env() -> Distributed | None:
     """Join the process group torchrun describes (WORLD_SIZE, RANK, MASTER_ADDR, ...); None outside torchrun
-    or with one process. CUDA tensors travel by NCCL, CPU tensors (and control messages) by gloo."""
+    or with one process. CUDA tensors travel by NCCL, CPU tensors (and control messages) by gloo; with
+    FEWSHOT_DIST_BACKEND=gloo everything goes by gloo, so several ranks can share one GPU (a test of the code
+    path, not a speed-up)."""
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world <= 1:
         return None
     if not dist.is_initialized():
-        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+        default = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=os.environ.get("FEWSHOT_DIST_BACKEND") or default)
     return Distributed(rank=dist.get_rank(), world_size=dist.get_world_size(),
                        local_rank=int(os.environ.get("LOCAL_RANK", "0") or 0))
 

@@ -3,7 +3,7 @@
 FEWSHOT_SIMULATE_OOM="KNOB>N": a training step's micro-steps raise an out-of-memory error while the knob is above N
   (with FEWSHOT_SIMULATE_OOM_RANK="R" under torchrun, on rank R only); "PHASE:KNOB>N" (PHASE `val` or `test`):
   each part of that evaluation raises instead, while its knob is above N.
-FEWSHOT_SIMULATE_LEAK_MB="N": every training step keeps N MiB alive for the rest of the run.
+FEWSHOT_SIMULATE_LEAK_MB="N": every training step keeps N MiB alive for the rest of the run, on the run's device.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def _simulate_oom(cfg: Any, phase: str) -> None:
             raise torch.OutOfMemoryError(f"CUDA out of memory (simulated: {name.strip()} above {limit})")
 
 
-def before_step(cfg: Any) -> None:
+def before_step(cfg: Any, device: torch.device | str = "cpu") -> None:
     leak_mb = float(os.environ.get("FEWSHOT_SIMULATE_LEAK_MB", "0") or 0)
     if leak_mb:
-        _kept.append(torch.ones(int(leak_mb * 1024 * 1024 / 4)))
+        _kept.append(torch.ones(int(leak_mb * 1024 * 1024 / 4), device=device))

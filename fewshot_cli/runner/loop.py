@@ -18,13 +18,14 @@ import torchvision
 
 import fewshot_cli
 from fewshot_cli.errors import BadInput, CannotWrite, RunFailed
-from fewshot_cli.runner import faults, rundir
+from fewshot_cli.runner import faults, plancheck, rundir
 from fewshot_cli.runner.checkpoint import load_checkpoint, save_checkpoint, save_json
 from fewshot_cli.runner.config import Resolved
 from fewshot_cli.runner.distributed import Distributed, StepFailedElsewhere, agreed
 from fewshot_cli.runner.leaks import LeakDetector
 from fewshot_cli.runner.log import RunLog, read_log
 from fewshot_cli.runner.memory import is_oom, probe, release
+from fewshot_cli.runner.plancheck import CheckedLog, for_run
 from fewshot_cli.runner.progress import Progress
 from fewshot_cli.runner.task import Command, RunContext, Task, step_seed
 from fewshot_cli.runner.tensorboard import TensorBoardLog
@@ -135,6 +136,7 @@ def run(command: Command, resolved: Resolved, opts: RunOptions, extra_config: di
             log.write(event, **fields)
 
     checkpoint_path = run_dir / "checkpoint.pt"
+    baseline_mb = plancheck.start(opts.device, opts.budget_bytes)  # the resident set before the model is built
 
     def start() -> tuple[Task, int, float]:
         task = build_task(command, resolved, opts, emit)
@@ -164,8 +166,9 @@ def run(command: Command, resolved: Resolved, opts: RunOptions, extra_config: di
             return metrics
 
     task.ctx.run_dir = run_dir
+    check = for_run(command, resolved, opts.device, run_dir, extra_config, baseline_mb)
     try:  # before the first step, a run directory that cannot be written is bad input
-        log = RunLog(run_dir / "log.jsonl", elapsed_offset)
+        log = CheckedLog(RunLog(run_dir / "log.jsonl", elapsed_offset), check)
         if opts.tensorboard is not None:
             log = TensorBoardLog(opts.tensorboard / run_dir.name, log)
         log.write("run_start", command=command.name, config=resolved.record(), resumed_from_step=start_step,
@@ -281,7 +284,7 @@ def _step_with_backoff(task: Task, step: int, log: RunLog | _NoLog, knobs_change
     Data-parallel, every rank backs off together: `Task.accumulate` tells the others at the gradient sum."""
     while True:
         try:
-            faults.before_step(task.cfg)
+            faults.before_step(task.cfg, task.ctx.device)
             return task.train_step(step)
         except StepFailedElsewhere as err:
             oom_message = str(err)

@@ -1,0 +1,172 @@
+"""Every run checks its plan: at the end of each phase, the plan's predicted peak against the peak measured in it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fewshot_cli.runner.memory import MiB, probe, return_freed_memory
+
+#: the log events a phase's memory comes from; any other event with `mem` (e.g. extraction progress) belongs to the
+#: evaluation it happens in
+PHASE_OF_EVENT = {"step": "train"}
+
+
+def measured(device: torch.device, mem: dict[str, float], baseline_mb: float) -> dict[str, float]:
+    """One probe's figures for the check: on CUDA the caching allocator's peak reserved (and allocated beside it),
+    on MPS the driver's allocated memory, on the CPU the peak resident set less the resident set before the run
+    built its model."""
+    if device.type == "cuda":
+        return {"measured_mb": mem.get("cuda_reserved_peak_mb", mem.get("cuda_reserved_mb", 0.0)),
+                "allocated_mb": mem.get("cuda_peak_mb", mem.get("cuda_allocated_mb", 0.0))}
+    if device.type == "mps":
+        return {"measured_mb": mem.get("mps_driver_mb", 0.0)}
+    return {"measured_mb": max(0.0, mem.get("rss_peak_mb", mem["rss_mb"]) - baseline_mb)}
+
+
+class PlanCheck:
+    """Folds each phase's probes into its peak and, at the phase's end, gives the `plan_check` event's fields."""
+
+    def __init__(self, device: torch.device, predicted_mb: dict[str, float], baseline_mb: float) -> None:
+        self.device, self.predicted_mb, self.baseline_mb = device, predicted_mb, baseline_mb
+        self.peaks: dict[str, dict[str, float]] = {}
+        self.seen: set[str] = set()
+
+    def predicted(self, phase: str) -> float | None:
+        """The plan's peak for the phase (validation: the test's). A CUDA or MPS allocator keeps what earlier
+        phases reserved, so there a phase's measure is at least the largest plan of the phases run so far."""
+        own = self._own(phase)
+        if own is None or self.device.type == "cpu":
+            return own
+        return max([own, *(x for x in map(self._own, self.seen) if x is not None)])
+
+    def _own(self, phase: str) -> float | None:
+        return self.predicted_mb.get(phase, self.predicted_mb.get("test") if phase == "val" else None)
+
+    def observe(self, phase: str, mem: dict[str, float]) -> None:
+        self.seen.add(phase)
+        peak = self.peaks.setdefault(phase, {})
+        for name, value in measured(self.device, mem, self.baseline_mb).items():
+            peak[name] = max(peak.get(name, 0.0), value)
+
+    def end(self, phase: str) -> dict[str, Any] | None:
+        """The check of the phase now ending (None if it saw no probe or has no prediction); its peak starts over."""
+        peak = self.peaks.pop(phase, None)
+        predicted = self.predicted(phase)
+        if not peak or predicted is None or not peak["measured_mb"]:
+            return None
+        if self.device.type == "cuda":  # the device's memory in use now, the context and libraries included
+            free, total = torch.cuda.mem_get_info(self.device)
+            peak["device_used_mb"] = (total - free) / MiB
+        fields = {"phase": phase, "predicted_mb": round(predicted, 1), **{k: round(v, 1) for k, v in peak.items()}}
+        error = (fields["predicted_mb"] - fields["measured_mb"]) / fields["measured_mb"]
+        return {**fields, "error": round(error, 4)}
+
+
+class CheckedLog:
+    """A run log that also checks the plan: training steps make up the train phase, which ends at the test (or at
+    the run's end); each evaluation is a phase that ends with its own `eval` event."""
+
+    def __init__(self, log: Any, check: PlanCheck) -> None:
+        self.log, self.check = log, check
+        self._pending: dict[str, float] = {}
+
+    def write(self, event: str, **fields: Any) -> dict[str, Any]:
+        if event == "run_end":  # a stopped run checks the training it did; `run_end` stays the last event
+            self._end("train")
+        record = self.log.write(event, **fields)
+        mem = fields.get("mem")
+        if event == "step" and isinstance(mem, dict):
+            self.check.observe("train", mem)
+        elif event == "eval" and isinstance(mem, dict):
+            phase = str(fields.get("phase"))
+            if phase == "test":
+                self._end("train")
+            for probe in (self._pending, mem):
+                if probe:
+                    self.check.observe(phase, probe)
+            self._pending = {}
+            self._end(phase)
+        elif event != "run_end" and isinstance(mem, dict):  # inside an evaluation: folds into it
+            self._pending = {k: max(v, self._pending.get(k, v)) for k, v in mem.items()}
+        return record
+
+    def _end(self, phase: str) -> None:
+        fields = self.check.end(phase)
+        if fields is not None:
+            self.log.write("plan_check", **fields)
+
+    def close(self) -> None:
+        self.log.close()
+
+
+def predicted_mb(report: dict[str, Any]) -> dict[str, float]:
+    """Per phase, the part of a plan the run's own measure sees: the plan's lines less those outside it."""
+    from fewshot_cli.plan import OUTSIDE_THE_MEASURE
+
+    return {phase: (entry["peak_bytes"] - sum(entry["components"].get(n, 0) for n in OUTSIDE_THE_MEASURE)) / MiB
+            for phase, entry in report["phases"].items()}
+
+
+def for_run(command: Any, resolved: Any, device: torch.device, run_dir: Path, extra_config: dict[str, Any] | None,
+            baseline_mb: float) -> PlanCheck:
+    """The check of a run against the plan it was started with (config.json's on resume), or a plan made now."""
+    record = (extra_config or {}).get("plan")
+    config_path = run_dir / "config.json"
+    if record is None and config_path.is_file():
+        record = json.loads(config_path.read_text()).get("plan")
+    if not record or "predicted_mb" not in record:
+        from fewshot_cli.plan import checked_record
+
+        record = checked_record(command, resolved, device, None) or {}
+    return PlanCheck(device, record.get("predicted_mb", {}), baseline_mb)
+
+
+def start(device: torch.device, budget_bytes: int | None) -> float:
+    """At a run's start, before its model is built: under a memory budget, make the CPU allocator behave as the
+    plan assumes (it costs time: freed pages are mapped afresh); return the resident set (MiB) the CPU measure
+    starts from."""
+    if budget_bytes is not None:
+        return_freed_memory(device)
+    return probe(device)["rss_mb"]
+
+
+def earlier_checks(runs_dir: Path, command: str, knobs: dict[str, Any], device: torch.device) -> list[dict[str, Any]]:
+    """The plan checks of earlier runs of the same configuration (command, knob values, device kind) under
+    `runs_dir`: per run its directory and each phase's error."""
+    found = []
+    values = {name: entry["value"] for name, entry in knobs.items()}
+    for config_path in sorted(Path(runs_dir).glob("*/config.json")):
+        try:
+            config = json.loads(config_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        same = (config.get("command") == command and str(config.get("device", "")).split(":")[0] == device.type
+                and {k: v.get("value") for k, v in config.get("knobs", {}).items()} == values)
+        log = config_path.parent / "log.jsonl"
+        if not same or not log.is_file():
+            continue
+        checks = [e for e in map(_event, log.read_text().splitlines()) if e and e.get("event") == "plan_check"]
+        if checks:
+            found.append({"run": str(config_path.parent), "errors": {e["phase"]: e["error"] for e in checks}})
+    return found
+
+
+def _event(line: str) -> dict[str, Any] | None:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:  # a run killed mid-line
+        return None
+
+
+def render_earlier(found: list[dict[str, Any]]) -> str:
+    if not found:
+        return ""
+    lines = [f"  plan error seen on {len(found)} earlier run(s) of this configuration:"]
+    for entry in found:
+        errors = ", ".join(f"{phase} {100 * error:+.1f}%" for phase, error in entry["errors"].items())
+        lines.append(f"    {entry['run']}: {errors}")
+    return "\n".join(lines) + "\n"
