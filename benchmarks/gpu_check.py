@@ -23,6 +23,8 @@ from typing import Any
 import torch
 import torchvision
 
+from fewshot_cli.plan import HOST_LINES
+
 MiB = 1024**2
 T4 = ["--preset", "t4", "--memory-budget", "15GiB", "--device", "cuda", "--quiet", "--json"]
 #: each command's short run at the t4 preset: only its length is cut (and embed-classify's backbone, see NOTES)
@@ -149,8 +151,8 @@ def cuda_terms(terms: list[tuple[str, str, float, float, float, float]]) -> list
     return md
 
 
-#: plan lines that are the device's own terms, not traced tensors
-DEVICE_LINES = ("cuda_context", "cuda_allocator", "cuda_workspaces")
+#: plan lines that are not tensors on the GPU: the device's own terms, and what the host holds (fewshot_cli.plan)
+DEVICE_LINES = ("cuda_context", "cuda_allocator", "cuda_workspaces", *HOST_LINES)
 
 
 def check_oom(out: Path, md: list[str]) -> bool:

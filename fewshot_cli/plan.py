@@ -40,9 +40,13 @@ CPU_RUNTIME = {"training": 26 * MiB, "inference": 13 * MiB}
 #: largest configuration, mahalanobis-train with ResNet-12 at 84 px)
 CPU_ALLOCATOR = 0.05
 MPS_OVERHEAD = 1.15  # the MPS allocator's heaps round up; measured overhead factor
-#: plan lines that a run's own measure of its phases does not see: the CUDA context lies outside the caching
-#: allocator, and the CPU's start-up resident set is there before the run builds its model (the check subtracts it)
-OUTSIDE_THE_MEASURE = ("cuda_context", "startup_baseline")
+#: plan lines a command declares for memory the host holds whatever the device (batches its loader's workers
+#: prefetch, caches of decoded frames): on CUDA or MPS they are the machine's memory, not the device's
+HOST_LINES = ("loader_prefetch", "prefetched_episodes", "frame_cache", "episode_uint8")
+#: per device type, plan lines that a run's own measure of its phases does not see: the CUDA context lies outside
+#: the caching allocator, host lines outside any device's allocator, and the CPU's start-up resident set is there
+#: before the run builds its model (the check subtracts it)
+OUTSIDE_THE_MEASURE = {"cpu": ("startup_baseline",), "cuda": ("cuda_context", *HOST_LINES), "mps": HOST_LINES}
 #: the device each preset is made for and its memory, so a plan for it can be made from any machine
 PRESET_DEVICES = {"t4": ("cuda", int(15.89 * 1024**3)), "a100": ("cuda", 80 * 1024**3),
                   "h100": ("cuda", 80 * 1024**3), "mps": ("mps", int(47.74 * 1024**3))}
@@ -155,7 +159,7 @@ def target(preset: str, device_name: str) -> tuple[torch.device, int | None]:
 def device_terms(device: torch.device, components: dict[str, int], baseline: int = 0,
                  training: bool = True) -> dict[str, int]:
     """The plan lines that tracing cannot see, for the device the plan is for."""
-    traced = sum(components.values())
+    traced = sum(v for k, v in components.items() if device.type == "cpu" or k not in HOST_LINES)
     if device.type == "cuda":
         return {"cuda_context": CUDA_CONTEXT, "cuda_workspaces": CUDA_WORKSPACES,
                 "cuda_allocator": int((traced + CUDA_WORKSPACES) * CUDA_ALLOCATOR)}

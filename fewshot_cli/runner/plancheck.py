@@ -107,7 +107,8 @@ def predicted_mb(report: dict[str, Any]) -> dict[str, float]:
     """Per phase, the part of a plan the run's own measure sees: the plan's lines less those outside it."""
     from fewshot_cli.plan import OUTSIDE_THE_MEASURE
 
-    return {phase: (entry["peak_bytes"] - sum(entry["components"].get(n, 0) for n in OUTSIDE_THE_MEASURE)) / MiB
+    outside = OUTSIDE_THE_MEASURE[torch.device(report["device"]).type]
+    return {phase: (entry["peak_bytes"] - sum(entry["components"].get(n, 0) for n in outside)) / MiB
             for phase, entry in report["phases"].items()}
 
 
