@@ -93,7 +93,7 @@ def capped_run(command: str, runs: Path, common: list[str], small: list[str], la
 #: reports (the margin measured on the small run no longer separates the two configurations): run them with
 #: FEWSHOT_REAL_OOM_ALL=1
 unsettled = pytest.mark.skipif(os.environ.get("FEWSHOT_REAL_OOM_ALL") != "1",
-                               reason="margin not yet reliable with per-run plan checks; FEWSHOT_REAL_OOM_ALL=1 runs it")
+                               reason="margin not yet reliable with per-run plan checks (FEWSHOT_REAL_OOM_ALL=1)")
 
 
 def real_backoffs(run: Path, phase: str) -> list[dict]:
