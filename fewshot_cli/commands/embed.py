@@ -97,7 +97,12 @@ class EmbedTask(Task):
         super().__init__(cfg, ctx)
         self.threshold = parse_threshold(cfg.threshold)
         self.data: EmbedData | None = scan(Path(ctx.data)) if ctx.data else None
-        self.model = build_embedder(cfg.backbone, cfg.weights, cfg.model_dir, cfg.image_size).to(ctx.device)
+        model = build_embedder(cfg.backbone, cfg.weights, cfg.model, cfg.image_size, ctx.emit, cfg.weights_strict)
+        record = getattr(model, "record", None) or getattr(getattr(model, "loaded", None), "record", None)
+        self.loaded_weights = (record,) if record else ()
+        if record and record["option"] == "--model":
+            ctx.emit("weights_loaded", **record, module=cfg.backbone)
+        self.model = model.to(ctx.device)
         self.model.eval()
         self._scratch: tempfile.TemporaryDirectory | None = None
         self.table: dict[str, Counter] = {}

@@ -151,7 +151,8 @@ def run(command: Command, resolved: Resolved, opts: RunOptions, extra_config: di
     if opts.resume is None:
         config = {"command": command.name, "preset": resolved.preset, "knobs": resolved.record(),
                   "seed": opts.seed, "device": str(opts.device), "data": str(opts.data) if opts.data else None,
-                  "memory_budget_bytes": opts.budget_bytes, "versions": versions(), **(extra_config or {})}
+                  "memory_budget_bytes": opts.budget_bytes, "versions": versions(),
+                  "weights": list(task.loaded_weights), **(extra_config or {})}
         agreed(group, lambda: rundir.claim(run_dir, config) if main else None)
     if group is not None:
         task.wrap_data_parallel()  # DistributedDataParallel starts every rank from rank 0's model
@@ -200,6 +201,8 @@ def _restore(task: Task, path: Path) -> int:
         for name, value in state.get("knobs", {}).items():
             task.set_knob(name, value, state.get("accumulation", 1))
         return int(state["step"])
+    except BadInput:  # a file that would need unpickling: its own sentence says so
+        raise
     except Exception as err:  # noqa: BLE001 - truncated, not a checkpoint, or another run's: all one answer
         cause = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise BadInput(f"--resume {path.parent}: {path.name} cannot be read ({type(err).__name__}: {cause}); "
