@@ -251,6 +251,7 @@ def _plan_command(command: Command, knobs: dict[str, Any], options: dict[str, An
     base = preset if preset in command.presets else _device_preset_name(device)
     resolved = resolve(command.config, command.presets, base, knobs)
     resolved.preset = preset
+    pretrained.settle(resolved, options.get("data"))
     if preset == "auto":
         plan.fit_to_budget(command, resolved, device, budget, {"force": True})
     report = plan.plan_run(command, resolved, device, budget)

@@ -14,8 +14,8 @@ from PIL import Image
 from fewshot_cli.commands.mahalanobis import COMMAND, FewShotTransformer, MahalanobisConfig
 from fewshot_cli.errors import BadInput
 from fewshot_cli.models.backbones import build_backbone
-from fewshot_cli.models.weights import from_resnet, load_into, resolve
 from fewshot_cli.models.heads import MahalanobisHead, build_head
+from fewshot_cli.models.weights import from_resnet, load_into, resolve
 
 
 def reference_mahalanobis_logits(support, labels, query, n_way, beta):

@@ -178,9 +178,9 @@ def test_clip_id_loads_the_cached_snapshot_and_records_every_file(tmp_path, monk
     model = build_embedder("clip", model="DEFAULT")
     reference = CLIPModel.from_pretrained(snapshot).state_dict()
     assert all(torch.equal(model.net.state_dict()[k], v) for k, v in reference.items())
-    assert model.record["id"] == CLIP_ID
-    assert model.record["files"]["model.safetensors"] == sha256(snapshot / "model.safetensors")
-    assert set(model.record["files"]) == {p.name for p in snapshot.iterdir()}
+    assert model.loaded["id"] == CLIP_ID
+    assert model.loaded["files"]["model.safetensors"] == sha256(snapshot / "model.safetensors")
+    assert set(model.loaded["files"]) == {p.name for p in snapshot.iterdir()}
 
 
 def test_cli_clip_id_runs_offline_from_the_cache(tmp_path, offline) -> None:
@@ -280,6 +280,8 @@ def test_gpu_presets_load_pretrained_weights_only_with_real_data(tmp_path) -> No
     assert settled(MAHALANOBIS, "a100", tmp_path, backbone="resnet34").weights == "DEFAULT"
     assert settled(EMBED, "h100", tmp_path, backbone="clip").model == "DEFAULT"
     assert settled(EMBED, "h100", tmp_path).model is None  # the small backbone takes no model
+    with pytest.raises(BadInput, match="--freeze-backbone needs --weights"):
+        settled(DETECT, "cpu", tmp_path, freeze_backbone=True)
 
 
 # ---------------------------------------------------------------- no file we read runs code
@@ -351,3 +353,19 @@ def test_checkpoints_the_runner_writes_load_with_weights_only(tmp_path, offline)
     assert result.returncode == 0, result.stderr
     state = torch.load(runs / "r" / "checkpoint.pt", weights_only=True)
     assert "optimizer" in state["task"] and "scaler" in state["task"]
+
+
+def test_a_frozen_backbone_keeps_its_weights_and_statistics_through_a_step(tmp_path) -> None:
+    from fewshot_cli.commands.mahalanobis import MahalanobisConfig, MahalanobisTask
+    from fewshot_cli.runner.task import RunContext
+
+    torch.save(build_backbone("conv4").state_dict(), tmp_path / "conv4.pt")
+    cfg = MahalanobisConfig(weights=str(tmp_path / "conv4.pt"), freeze_backbone=True, image_size=16, n_query=2,
+                            adapt="prototypes")
+    task = MahalanobisTask(cfg, RunContext(torch.device("cpu"), 0, None))
+    before = {k: v.clone() for k, v in task.model.backbone.state_dict().items()}
+    task.model.train()
+    task.train_step(1)
+    after = task.model.backbone.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BatchNorm running statistics
+    assert not task.model.backbone.training and task.model.adapter.training

@@ -30,7 +30,7 @@ from fewshot_cli.models.detection import (
     dense_proposals,
     load_backbone_weights,
 )
-from fewshot_cli.models.weights import check_freeze, param_groups
+from fewshot_cli.models.weights import param_groups
 from fewshot_cli.runner.task import BackoffKnob, RunContext, Task
 
 FLOAT = 4  # bytes per float32
@@ -76,7 +76,6 @@ class DetectTask(Task):
                                          tuple(s * cfg.image_size for s in scales)).to(ctx.device)
         backbone, stride = build_backbone(cfg.backbone, cfg.embedding_dim)
         weights = load_backbone_weights(backbone, cfg.weights, cfg.backbone, ctx.emit, cfg.weights_strict)
-        check_freeze(cfg.freeze_backbone, weights)
         self.loaded_weights = (weights.record,) if weights is not None else ()
         self.model = FewShotDetector(backbone, stride, cfg.embedding_dim, cfg.head_hidden,
                                      cfg.objectness_hidden).to(ctx.device)

@@ -97,12 +97,9 @@ class EmbedTask(Task):
         super().__init__(cfg, ctx)
         self.threshold = parse_threshold(cfg.threshold)
         self.data: EmbedData | None = scan(Path(ctx.data)) if ctx.data else None
-        model = build_embedder(cfg.backbone, cfg.weights, cfg.model, cfg.image_size, ctx.emit, cfg.weights_strict)
-        record = getattr(model, "record", None) or getattr(getattr(model, "loaded", None), "record", None)
-        self.loaded_weights = (record,) if record else ()
-        if record and record["option"] == "--model":
-            ctx.emit("weights_loaded", **record, module=cfg.backbone)
-        self.model = model.to(ctx.device)
+        self.model = build_embedder(cfg.backbone, cfg.weights, cfg.model, cfg.image_size, ctx.emit,
+                                    cfg.weights_strict).to(ctx.device)
+        self.loaded_weights = (self.model.loaded,) if self.model.loaded else ()
         self.model.eval()
         self._scratch: tempfile.TemporaryDirectory | None = None
         self.table: dict[str, Counter] = {}

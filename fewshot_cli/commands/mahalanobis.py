@@ -22,7 +22,7 @@ from fewshot_cli.errors import BadInput
 from fewshot_cli.models.adaptation import SetToSetAttention
 from fewshot_cli.models.backbones import build_backbone, feature_dim
 from fewshot_cli.models.heads import build_head, prototypes
-from fewshot_cli.models.weights import check_freeze, from_resnet, load_pretrained, param_groups
+from fewshot_cli.models.weights import from_resnet, load_pretrained, param_groups
 from fewshot_cli.runner.metrics import RunningMean
 from fewshot_cli.runner.task import BackoffKnob, RunContext, Task
 
@@ -88,7 +88,6 @@ class MahalanobisTask(Task):
         self.model = FewShotTransformer(cfg, lambda **f: ctx.emit("covariance_fallback", **f))
         weights = load_pretrained(self.model.backbone, cfg.weights, cfg.backbone, "backbone", ctx.emit,
                                   cfg.weights_strict, adapt=from_resnet)
-        check_freeze(cfg.freeze_backbone, weights)
         if weights is not None:
             self.loaded_weights = (weights.record,)
             if weights.mean is not None:  # the weights' own transforms() normalisation

@@ -198,10 +198,8 @@ class TripletTask(Task):
         if cfg.init:
             loaded = load_backbone(self.model, cfg.init, cfg.backbone)
             ctx.emit("init_backbone", path=str(cfg.init), tensors=loaded)
-            self.loaded_weights += ({"option": "--init", "path": str(cfg.init),
-                                     "files": {str(p): sha256(p) for p in [_checkpoint_file(cfg.init)]}},)
-        if cfg.freeze_backbone and not self.loaded_weights:
-            raise BadInput("--freeze-backbone needs --weights or --init: a random backbone would stay random.")
+            source = _checkpoint_file(cfg.init)
+            self.loaded_weights += ({"option": "--init", "path": str(source), "files": {str(source): sha256(source)}},)
         self.model.to(ctx.device)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, self.model.backbone, cfg.lr, cfg.lr_backbone,
                                                         cfg.freeze_backbone), weight_decay=1e-4)

@@ -10,7 +10,7 @@ from torch import nn
 
 from fewshot_cli.errors import BadInput
 from fewshot_cli.models.names import CLASSIFIERS
-from fewshot_cli.models.weights import Pretrained, check_freeze, load_pretrained
+from fewshot_cli.models.weights import Pretrained, load_pretrained
 
 #: each network's head module (trained when the backbone is frozen) and, inside it, the layer sized to the classes
 HEADS = {
@@ -60,7 +60,6 @@ def build_classifier(name: str, num_classes: int, weights: str | None = None, fr
         raise BadInput(f"Unknown model {name!r}; choose one of {', '.join(MODELS)}.")
     net = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
     loaded = load_pretrained(net, weights, name, name, emit, strict, head=(HEADS[name][1],))
-    check_freeze(freeze_backbone, loaded)
     if loaded is None:
         # mobilenet_v3's BatchNorm momentum 0.01 suits long ImageNet schedules; from scratch in a short run its
         # running statistics lag the weights and evaluation collapses to one class, so use PyTorch's 0.1

@@ -25,11 +25,13 @@ SMALL_SEED = 20240601  # fixed, not --seed: the small backbone is one network, s
 
 class Embedder(nn.Module):
     """A frozen backbone: `preprocess` turns one RGB PIL image into a CHW float32 tensor, `forward` a batch of
-    them into (B, D) float32 embeddings; `identity` names what decides the numbers (the cache key)."""
+    them into (B, D) float32 embeddings; `identity` names what decides the numbers (the cache key); `loaded` is the
+    record of the pretrained weights read (for config.json), None for random ones."""
 
     def __init__(self) -> None:
         super().__init__()
         self.identity: dict[str, Any] = {}
+        self.loaded: dict[str, Any] | None = None
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         raise NotImplementedError
@@ -79,13 +81,14 @@ class ResNet50(Embedder):
         super().__init__()
         self.net = resnet50(weights=None)
         # the ImageNet classifier is not used: a file without it (or with another) is fine
-        self.loaded = load_pretrained(self.net, weights, "resnet50", "resnet50", emit, strict, head=("fc",))
+        pretrained = load_pretrained(self.net, weights, "resnet50", "resnet50", emit, strict, head=("fc",))
         self.net.fc = nn.Identity()
         self.requires_grad_(False)
-        self.transform = self.loaded.transforms if self.loaded and self.loaded.transforms else transforms.Compose([
+        self.transform = pretrained.transforms if pretrained and pretrained.transforms else transforms.Compose([
             transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
             transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-        digest = next(iter(self.loaded.record["files"].values())) if self.loaded else "random"
+        self.loaded = pretrained.record if pretrained else None
+        digest = next(iter(self.loaded["files"].values())) if self.loaded else "random"
         self.identity = {"backbone": "resnet50", "weights": digest}
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
@@ -99,7 +102,8 @@ class HFEmbedder(Embedder):
     """CLIP (image tower + projection), DINOv2 or any `AutoModel` image encoder (pooled output) from a Hugging Face
     id through the HF cache, or a local directory; preprocessed by the model's own image processor."""
 
-    def __init__(self, kind: str, model: str | None) -> None:
+    def __init__(self, kind: str, model: str | None, emit: Callable[..., None] = lambda event, **fields: None
+                 ) -> None:
         super().__init__()
         try:
             import transformers
@@ -107,7 +111,7 @@ class HFEmbedder(Embedder):
             raise BadInput(f"--backbone {kind} needs the transformers package: pip install 'fewshot[hf]'.") from None
         transformers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
-        path, self.record = hf_model(kind, model)
+        path, self.loaded = hf_model(kind, model)
         model_type = json.loads((path / "config.json").read_text()).get("model_type")
         expected = {"clip": "clip", "dinov2": "dinov2"}.get(kind)
         if expected and model_type != expected:
@@ -125,6 +129,7 @@ class HFEmbedder(Embedder):
         self.kind = kind
         self.requires_grad_(False)
         self.identity = {"backbone": kind, "model": directory_digest(path)}
+        emit("weights_loaded", **self.loaded, module=kind)
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         pixels = self.processor(images=image, return_tensors="pt")["pixel_values"][0]
@@ -148,7 +153,7 @@ def build_embedder(backbone: str, weights: str | None = None, model: str | None 
     if backbone == "resnet50":
         return ResNet50(weights, emit, strict)
     if backbone in HF_BACKBONES:
-        return HFEmbedder(backbone, model)
+        return HFEmbedder(backbone, model, emit)
     raise BadInput(f"--backbone must be one of {', '.join(BACKBONES)}, not {backbone!r}.")
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from fewshot_cli.errors import BadInput
+
 #: our backbones that torchvision publishes ImageNet weights for
 TORCHVISION_WEIGHTED = frozenset({"resnet18", "resnet34", "resnet50", "efficientnet_b0", "mobilenet_v3_large"})
 #: Hugging Face backbones and the model `--model DEFAULT` loads for each
@@ -26,7 +28,8 @@ def architecture(cfg: Any) -> str:
 
 def settle(resolved: Any, data: Any) -> None:
     """Turn a preset's `DEFAULT` into none where it cannot apply, saying why in the knob's note: the built-in
-    data, a backbone torchvision has no weights for, a backbone that takes no Hugging Face model."""
+    data, a backbone torchvision has no weights for, a backbone that takes no Hugging Face model. A frozen backbone
+    needs weights."""
     cfg = resolved.config
     arch = architecture(cfg)
     for knob in ("weights", "model"):
@@ -39,3 +42,6 @@ def settle(resolved: Any, data: Any) -> None:
                   else f"{arch} takes no Hugging Face model" if knob == "model" and arch not in HF_MODELS else "")
         if reason:
             resolved.set(knob, None, "preset", note=reason)
+    if getattr(cfg, "freeze_backbone", False) and cfg.weights is None and not getattr(cfg, "init", None):
+        source = "--weights or --init" if hasattr(cfg, "init") else "--weights"
+        raise BadInput(f"--freeze-backbone needs {source}: a random backbone would stay random.")

@@ -7,6 +7,7 @@ import hashlib
 import os
 import pickle
 import socket
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -256,9 +257,12 @@ def load_pretrained(module: nn.Module, spec: str | None, arch: str, what: str, e
     return weights
 
 
-def check_freeze(freeze: bool, weights: Pretrained | None) -> None:
-    if freeze and weights is None:
-        raise BadInput("--freeze-backbone needs --weights: a random backbone would stay random.")
+def _freeze(module: nn.Module) -> None:
+    """Fixed parameters and BatchNorm statistics: the module stays in eval mode whatever mode its parent is put in
+    (in train mode BatchNorm would overwrite the pretrained running statistics with the new data's)."""
+    module.requires_grad_(False)
+    module.train = types.MethodType(lambda self, mode=True: nn.Module.train(self, False), module)
+    module.eval()
 
 
 def param_groups(model: nn.Module, backbone: nn.Module, lr: float, lr_backbone: float | None,
@@ -266,7 +270,7 @@ def param_groups(model: nn.Module, backbone: nn.Module, lr: float, lr_backbone: 
     """The optimiser's groups: the backbone at `lr_backbone` (default `lr`), or frozen and left out; the rest at
     `lr`."""
     if freeze:
-        backbone.requires_grad_(False)
+        _freeze(backbone)
     inside = {id(p) for p in backbone.parameters()}
     rest = [p for p in model.parameters() if id(p) not in inside and p.requires_grad]
     trained = [p for p in backbone.parameters() if p.requires_grad]
