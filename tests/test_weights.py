@@ -369,3 +369,19 @@ def test_a_frozen_backbone_keeps_its_weights_and_statistics_through_a_step(tmp_p
     after = task.model.backbone.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BatchNorm running statistics
     assert not task.model.backbone.training and task.model.adapter.training
+
+
+def test_any_automodel_image_encoder_loads_from_a_directory(tmp_path) -> None:
+    from test_embed import _tiny_dinov2
+    from transformers import AutoModel
+
+    from fewshot_cli.models.embedders import build_embedder
+
+    directory = _tiny_dinov2(tmp_path / "encoder")
+    model = build_embedder("hf", model=str(directory))
+    reference = AutoModel.from_pretrained(directory).state_dict()
+    assert all(torch.equal(model.net.state_dict()[k], v) for k, v in reference.items())
+    assert model.loaded["path"] == str(directory) and "model.safetensors" in model.loaded["files"]
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 16)
+    with pytest.raises(BadInput, match="--backbone hf needs --model"):
+        build_embedder("hf", model="DEFAULT")
