@@ -1,9 +1,12 @@
 """Mahalanobis head: ms per episode and peak memory of dense Cholesky vs exact low-rank vs torch.inverse, side by side.
 
-5-way 5-shot, 40 queries, float32 on the CPU. Peak memory is the torch tensors alive at once, measured by torch's
-memory tracker in real mode. Dense and torch.inverse run only where their d x d matrices fit in --max-gib.
+5-way 5-shot, 40 queries, float32 on the CPU, for each covariance estimator. Peak memory is the torch tensors alive
+at once, measured by torch's memory tracker in real mode. Dense and torch.inverse run only where their d x d matrices
+fit in --max-gib; torch.inverse is the reference code's Simple CNAPS, timed beside every estimator. The last column
+compares the low-rank path with the dense path of the same estimator in float64.
 
-    python benchmarks/mahalanobis.py [--dims 64 512 2048 25088] [--repeats 3] [--markdown results/mahalanobis.md]
+    python benchmarks/mahalanobis.py [--dims 64 512 2048 25088] [--estimators ledoit-wolf simple-cnaps]
+        [--repeats 3] [--markdown results/mahalanobis.md]
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import time
 import torch
 
 from fewshot_cli.models.heads import MahalanobisHead, covariance_bytes
+from fewshot_cli.models.names import ESTIMATORS
 from fewshot_cli.plan import StepTracker
 
 N_WAY, K_SHOT, QUERIES = 5, 5, 40
@@ -58,40 +62,41 @@ def measure(fn, repeats: int) -> tuple[float, int]:
     return 1e3 * min(times), peak
 
 
+def measure_dim(estimator: str, d: int, args: argparse.Namespace) -> dict:
+    support, labels, query = episode(d)
+
+    def run(mode: str, support=support, query=query) -> torch.Tensor:
+        head = MahalanobisHead(1.0, mode, estimator=estimator)
+        head.process_support_set(support, labels, N_WAY)
+        return head(query)
+
+    row = {"estimator": estimator, "d": d, "lowrank": measure(lambda: run("lowrank"), args.repeats)}
+    if covariance_bytes(N_WAY, d, N_WAY * K_SHOT, "dense") <= args.max_gib * 1024**3:
+        row["dense"] = measure(lambda: run("dense"), args.repeats)
+        row["inverse"] = measure(lambda: inverse_logits(support, labels, query), args.repeats)
+        reference = run("dense", support.double(), query.double())
+        row["max_rel_diff"] = float(((run("lowrank").double() - reference).abs() / reference.abs()).max())
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dims", type=int, nargs="+", default=[64, 512, 2048, 25088])
+    parser.add_argument("--estimators", nargs="+", default=["ledoit-wolf", "simple-cnaps"], choices=ESTIMATORS)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-gib", type=float, default=6.0, help="skip dense methods whose matrices exceed this")
     parser.add_argument("--markdown", help="also write the table here")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     rows = []
-    for d in args.dims:
-        support, labels, query = episode(d)
-
-        def run(mode: str, support=support, labels=labels, query=query):
-            head = MahalanobisHead(1.0, mode)
-            head.process_support_set(support, labels, N_WAY)
-            return head(query)
-
-        def inverse(support=support, labels=labels, query=query):
-            return inverse_logits(support, labels, query)
-
-        row = {"d": d}
-        fits = covariance_bytes(N_WAY, d, N_WAY * K_SHOT, "dense") <= args.max_gib * 1024**3
-        row["lowrank"] = measure(lambda: run("lowrank"), args.repeats)
-        if fits:
-            row["dense"] = measure(lambda: run("dense"), args.repeats)
-            row["inverse"] = measure(inverse, args.repeats)
-            reference = inverse_logits(support.double(), labels, query.double())
-            row["max_rel_diff"] = float(((run("lowrank").double() - reference).abs() / reference.abs()).max())
-        rows.append(row)
-    header = ("| d | dense ms | dense peak MiB | low-rank ms | low-rank peak MiB | torch.inverse ms | "
-              "torch.inverse peak MiB | low-rank vs float64 inverse (max rel. diff) |")
-    lines = [header, "|" + "---|" * 8]
+    for estimator in args.estimators:
+        for d in args.dims:
+            rows.append(measure_dim(estimator, d, args))
+    header = ("| estimator | d | dense ms | dense peak MiB | low-rank ms | low-rank peak MiB | torch.inverse ms | "
+              "torch.inverse peak MiB | low-rank vs float64 dense (max rel. diff) |")
+    lines = [header, "|" + "---|" * 9]
     for row in rows:
-        cells = [str(row["d"])]
+        cells = [row["estimator"], str(row["d"])]
         for method in ("dense", "lowrank", "inverse"):
             if method in row:
                 ms, peak = row[method]

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fewshot_cli.errors import BadInput
-from fewshot_cli.runner.config import Resolved, from_record, option_name
+from fewshot_cli.runner.config import Resolved, from_record, option_name, result_neutral, validate
 
 if TYPE_CHECKING:
     from fewshot_cli.runner.task import Command
@@ -49,9 +49,15 @@ def resumed(command: Command, run_dir: Path, knobs: dict[str, Any], options: dic
     resolved = from_record(command.config, record["knobs"], where)
     resolved.preset = record.get("preset", "")
     # only what the line types is compared: a value the preset or the planner chose was not typed the first time
+    neutral = result_neutral(command.config)  # evaluation batches and the like: another value, the same result
     for name, value in knobs.items():
-        if value is not None:
+        if value is None:
+            continue
+        if name in neutral:
+            resolved.set(name, value, "cli")
+        else:
             _must_match(where, name, getattr(resolved.config, name), value)
+    validate(resolved.config)
     _check_shared(where, run_dir, record, options)
     if command.prepare is not None:
         command.prepare({name: getattr(resolved.config, name) for name in knobs})

@@ -16,6 +16,7 @@ import psutil
 import torch
 
 from fewshot_cli.errors import BadInput
+from fewshot_cli.postmortem import killed
 from fewshot_cli.runner.leaks import LeakDetector
 from fewshot_cli.runner.log import read_log
 from fewshot_cli.runner.loop import versions
@@ -467,7 +468,10 @@ def memreport(run_dir: Path) -> dict[str, Any]:
         for e in steps:
             leaks += [{"series": v.series, "growth_mb": v.growth_mb, "window_steps": v.window_steps,
                        "step": v.at_step} for v in detector.observe(e.get("step", 0), e["mem"])]
-    return {"phases": phases, "leak": bool(leaks), "leaks": leaks}
+    report = {"phases": phases, "leak": bool(leaks), "leaks": leaks}
+    config_path = Path(run_dir) / "config.json"
+    ended = killed(events, json.loads(config_path.read_text()) if config_path.is_file() else {}, leaks)
+    return {**report, "killed": ended} if ended else report
 
 
 def render_memreport(report: dict[str, Any]) -> str:
@@ -483,6 +487,10 @@ def render_memreport(report: dict[str, Any]) -> str:
     verdict = "LEAK: " + "; ".join(f"{x['series']} grew {x['growth_mb']:.1f} MiB over {x['window_steps']} steps"
                                    for x in report["leaks"]) if report["leak"] else "no leak"
     lines.append(verdict)
+    if report.get("killed"):
+        k = report["killed"]
+        lines.append(f"KILLED after step {k['last_step']} (no run_end; last event {k['last_event']}): "
+                     f"likely cause: {k['likely_cause']}")
     return "\n".join(lines) + "\n"
 
 

@@ -15,6 +15,7 @@ from fewshot_cli.commands.mahalanobis import COMMAND, FewShotTransformer, Mahala
 from fewshot_cli.errors import BadInput
 from fewshot_cli.models.backbones import build_backbone
 from fewshot_cli.models.heads import MahalanobisHead, build_head
+from fewshot_cli.models.shrinkage import shrinkage
 from fewshot_cli.models.weights import from_resnet, load_into, resolve
 
 
@@ -48,15 +49,98 @@ def _episode(n_way: int, k_shot: int, d: int, m: int = 12, seed: int = 0):
 @pytest.mark.parametrize(("n_way", "k_shot", "d"), [(5, 5, 8), (5, 5, 64), (3, 1, 16), (4, 3, 40), (1, 1, 6)])
 def test_mahalanobis_head_matches_the_float64_reference(covariance, n_way, k_shot, d) -> None:
     support, labels, query = _episode(n_way, k_shot, d)
-    head = MahalanobisHead(beta=0.7, covariance=covariance)
+    head = MahalanobisHead(beta=0.7, covariance=covariance, estimator="simple-cnaps")
     head.process_support_set(support, labels, n_way)
     expected = reference_mahalanobis_logits(support, labels, query, n_way, 0.7)
     torch.testing.assert_close(head(query).double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
+def sklearn_shrunk_logits(support, labels, query, n_way, estimator, ridge, temperature=10.0):
+    """LDA with shrinkage written plainly in float64: scikit-learn's estimator on the within-class rows, the ridge
+    times the features' mean variance v, a dense inverse; logits -T a d_k / (v d), a the isotropic part of Q."""
+    from sklearn.covariance import OAS, LedoitWolf
+
+    s, q = support.double().numpy(), query.double().numpy()
+    lab = labels.numpy()
+    n, d = s.shape
+    means = np.stack([s[lab == k].mean(0) for k in range(n_way)])
+    within = s - means[lab]
+    fitted = {"ledoit-wolf": LedoitWolf, "oas": OAS}[estimator](assume_centered=True).fit(within)
+    variance = ((s - s.mean(0)) ** 2).mean() if n > 1 else (s**2).mean()
+    isotropic = fitted.shrinkage_ * np.trace(within.T @ within / n) / d + ridge * variance
+    precision = np.linalg.inv(fitted.covariance_ + ridge * variance * np.eye(d))
+    diff = q[:, None] - means[None]  # (m, N, d)
+    distance = np.einsum("mkd,de,mke->mk", diff, precision, diff)
+    return torch.from_numpy(-temperature * isotropic / (variance * d) * distance)
+
+
+@pytest.mark.parametrize("estimator", ["ledoit-wolf", "oas"])
+@pytest.mark.parametrize(("n_way", "k_shot", "d"), [(5, 5, 8), (5, 5, 64), (3, 1, 16), (4, 3, 40), (5, 1, 6)])
+def test_shrinkage_heads_match_sklearn_in_float64_on_both_paths(estimator, n_way, k_shot, d) -> None:
+    support, labels, query = _episode(n_way, k_shot, d)
+    expected = sklearn_shrunk_logits(support, labels, query, n_way, estimator, ridge=0.3)
+    got = {}
+    for covariance in ("dense", "lowrank"):
+        head = MahalanobisHead(covariance=covariance, estimator=estimator, ridge=0.3)
+        head.process_support_set(support, labels, n_way)
+        got[covariance] = head(query).double()
+        torch.testing.assert_close(got[covariance], expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    torch.testing.assert_close(got["dense"], got["lowrank"], rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("estimator", ["simple-cnaps", "ledoit-wolf"])
+def test_unequal_shots_match_the_reference_on_both_paths(estimator) -> None:
+    support, labels, query = _episode(3, 4, 12)
+    keep = torch.tensor([0, 1, 2, 3, 4, 5, 8, 9, 10])  # 4, 2 and 3 shots: simple-cnaps pads its class rows
+    support, labels = support[keep], labels[keep]
+    if estimator == "simple-cnaps":
+        expected = reference_mahalanobis_logits(support, labels, query, 3, 0.5)
+    else:
+        expected = sklearn_shrunk_logits(support, labels, query, 3, estimator, ridge=0.5)
+    for covariance in ("dense", "lowrank"):
+        head = MahalanobisHead(beta=0.5, covariance=covariance, estimator=estimator, ridge=0.5)
+        head.process_support_set(support, labels, 3)
+        torch.testing.assert_close(head(query).double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("method", ["ledoit-wolf", "oas"])
+@pytest.mark.parametrize(("n", "d"), [(20, 64), (30, 5), (2, 9)])
+def test_shrinkage_intensity_is_sklearns_and_has_gradients(method, n, d) -> None:
+    from sklearn.covariance import OAS, LedoitWolf
+
+    rows = torch.randn(n, d, dtype=torch.float64) * torch.linspace(0.2, 3.0, d, dtype=torch.float64)
+    fitted = {"ledoit-wolf": LedoitWolf, "oas": OAS}[method](assume_centered=True).fit(rows.numpy())
+    s, mu = shrinkage(rows, method)
+    assert float(s) == pytest.approx(fitted.shrinkage_, rel=1e-9)
+    shrunk = (1 - s) * rows.T @ rows / n + s * mu * torch.eye(d, dtype=torch.float64)
+    np.testing.assert_allclose(shrunk.numpy(), fitted.covariance_, rtol=1e-9, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x: shrinkage(x, method)[0], rows[:, :4].clone().requires_grad_(True))
+
+
+def test_one_shot_shrinkage_head_is_euclidean_up_to_a_positive_scale() -> None:
+    support, labels, query = _episode(5, 1, 20)
+    head = MahalanobisHead(estimator="ledoit-wolf", covariance="lowrank")
+    head.process_support_set(support, labels, 5)
+    euclidean = build_head("euclidean")
+    euclidean.process_support_set(support, labels, 5)
+    ratio = head(query) / euclidean(query)
+    torch.testing.assert_close(ratio, ratio[0, 0].expand_as(ratio))
+    assert ratio[0, 0] > 0
+
+
+def test_zero_support_scatter_keeps_gradients_finite() -> None:
+    support, labels, query = _episode(5, 1, 16)
+    support.requires_grad_(True)
+    for estimator in ("ledoit-wolf", "oas"):
+        head = MahalanobisHead(estimator=estimator, covariance="lowrank")
+        head.process_support_set(support, labels, 5)
+        torch.nn.functional.cross_entropy(head(query), torch.arange(12) % 5).backward()
+        assert torch.isfinite(support.grad).all() and support.grad.abs().sum() > 0
+
+
 def test_one_shot_class_term_vanishes_and_no_scalar_is_added_to_every_entry() -> None:
     support, labels, query = _episode(3, 1, 5)
-    head = MahalanobisHead(beta=1.0, covariance="dense")
+    head = MahalanobisHead(beta=1.0, covariance="dense", estimator="simple-cnaps")
     head.process_support_set(support, labels, 3)
     task_cov = torch.cov(support.T.double())
     expected_cov = 0.5 * task_cov + torch.eye(5, dtype=torch.float64)
@@ -77,7 +161,8 @@ def test_auto_covariance_is_lowrank_when_the_dimension_exceeds_the_support() -> 
 def test_a_covariance_that_is_not_positive_definite_falls_back_and_says_so() -> None:
     fired = []
     support, labels, query = _episode(2, 2, 10)
-    head = MahalanobisHead(beta=0.0, covariance="dense", on_fallback=lambda **f: fired.append(f))
+    head = MahalanobisHead(beta=0.0, covariance="dense", on_fallback=lambda **f: fired.append(f),
+                           estimator="simple-cnaps")
     head.process_support_set(support, labels, 2)
     assert fired and fired[0]["kind"] == "jitter"
     assert torch.isfinite(head(query)).all()

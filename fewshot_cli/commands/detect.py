@@ -8,6 +8,7 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from fewshot_cli.models.detection import (
     load_backbone_weights,
 )
 from fewshot_cli.models.weights import param_groups
+from fewshot_cli.runner.backoff import evaluation_part
 from fewshot_cli.runner.task import BackoffKnob, RunContext, Task
 
 FLOAT = 4  # bytes per float32
@@ -85,6 +87,8 @@ class DetectTask(Task):
         self.dropped_seen = BoxCounts()
         self.test_files: tuple[dict[str, Any], list[dict[str, Any]]] | None = None
         self._report_dropped("data", 0)
+        if cfg.eval_batch_size is None:
+            cfg.eval_batch_size = cfg.n_way * cfg.n_query
 
     # ------------------------------------------------------------------ training
 
@@ -151,11 +155,12 @@ class DetectTask(Task):
             support = self._support(self.test_data, episode)
             prototypes, pooled = self.model.prototypes(support.images, torch.stack(support.boxes),
                                                        torch.cat(support.labels), cfg.n_way)
-            for chunk in self._query_chunks(episode):
-                queries = self._queries(self.test_data, chunk, episode.classes)
-                found, counts = self.model.detect(queries.images, prototypes, pooled, self.proposals,
-                                                  cfg.proposals_top_k, cfg.score_threshold, cfg.nms_iou,
-                                                  cfg.max_detections)
+            chunk = [query for part in self._query_chunks(episode) for query in part]
+            while chunk:
+                # each image is detected on its own, so how many are scored at once never changes a detection
+                queries, found, counts = evaluation_part(self, phase, step, "eval_batch_size", partial(
+                    self._detect, chunk, episode.classes, prototypes, pooled))
+                chunk = chunk[len(found):]
                 dropped.add(counts)
                 for i, (boxes, scores, classes) in enumerate(found):
                     image_id = len(images) + 1
@@ -181,6 +186,15 @@ class DetectTask(Task):
             self.test_files = (gt, detections)
             return {"map": map_all, "map50": map50, "test_episodes": float(episodes)}
         return {"map": map_all, "map50": map50}
+
+    def _detect(self, chunk: list[tuple[int, int]], classes: tuple, prototypes: torch.Tensor, pooled: torch.Tensor
+                ) -> tuple[Batch, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], BoxCounts]:
+        """The first `eval_batch_size` query images of `chunk`, their detections and dropped boxes."""
+        cfg = self.cfg
+        queries = self._queries(self.test_data, chunk[:cfg.eval_batch_size], classes)
+        found, counts = self.model.detect(queries.images, prototypes, pooled, self.proposals, cfg.proposals_top_k,
+                                          cfg.score_threshold, cfg.nms_iou, cfg.max_detections)
+        return queries, found, counts
 
     def finish(self, metrics: dict[str, float]) -> dict[str, float]:
         """Write gt.json and detections.json and score exactly those files with pycocotools."""
@@ -223,7 +237,7 @@ class DetectTask(Task):
 
     def _plan_test(self) -> None:
         prototypes, pooled = self._plan_prototypes()
-        queries = self._plan_batch(self.cfg.n_way * self.cfg.n_query, False)
+        queries = self._plan_batch(min(self.cfg.eval_batch_size, self.cfg.n_way * self.cfg.n_query), False)
         self.model.candidates(queries.images, prototypes, pooled, self.proposals, self.cfg.proposals_top_k)
 
     def plan_extra_bytes(self) -> dict[str, dict[str, int]]:

@@ -30,6 +30,8 @@ class DetectConfig(EpisodicConfig):
     score_threshold: float = knob(0.05, "lowest detection score kept", minimum=0.0)
     nms_iou: float = knob(0.5, "IoU above which class-aware NMS suppresses a box", minimum=0.0)
     max_detections: int = knob(100, "detections kept per image after NMS", minimum=1)
+    eval_batch_size: int | None = knob(None, "query images scored at once in evaluation, halved on OOM (default: "
+                                       "an episode's n_way x n_query)", minimum=1, result_neutral=True)
 
 
 # t4 is the seed's configuration after its OOM fix; a100/h100 its configuration before (fits 40+ GB)

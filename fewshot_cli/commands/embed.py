@@ -25,6 +25,7 @@ from fewshot_cli.models.embedders import build_embedder
 from fewshot_cli.models.frozen_heads import FrozenHead, build_frozen_head, l2_normalise, prototypes
 from fewshot_cli.reports.embedding import MAX_POINTS
 from fewshot_cli.reports.open_set import OpenSetScores, unknown_auroc
+from fewshot_cli.runner.backoff import evaluation_part
 from fewshot_cli.runner.memory import probe
 from fewshot_cli.runner.metrics import RunningMean
 from fewshot_cli.runner.task import RunContext, Task
@@ -124,6 +125,12 @@ class EmbedTask(Task):
         pixels = torch.zeros(self.cfg.batch_size, 3, side, side, device=self.ctx.device)
         return {"test": lambda: self.model(pixels)}
 
+    def plan_extra_bytes(self) -> dict[str, dict[str, int]]:
+        """Batches the loader's workers hold ready (DataLoader's default prefetch factor, 2 per worker)."""
+        side = self.model.preprocess(Image.new("RGB", (self.cfg.image_size,) * 2)).shape[-1]
+        prefetch = self.cfg.workers * 2 * self.cfg.batch_size * 3 * side * side * 4
+        return {"test": {"loader_prefetch": prefetch}} if prefetch else {}
+
     def _work_dir(self) -> Path:
         if self.ctx.run_dir is not None:
             return Path(self.ctx.run_dir)
@@ -138,9 +145,11 @@ class EmbedTask(Task):
         store = EmbeddingStore(Path(cfg.cache_dir) if cfg.cache_dir else work / "embeddings", self.model.identity)
         try:
             self.unreadable = []
-            report = extract(
-                self.model, sorted({ref.path for ref in (*data.support, *data.queries)}), store, self.ctx.device,
-                cfg.batch_size, cfg.workers, on_batch=self._on_batch, on_failure=self._on_failure)
+            paths = sorted({ref.path for ref in (*data.support, *data.queries)})
+            # after an OOM back-off the store already holds what was extracted: the retry goes on from there
+            report = evaluation_part(self, phase, step, "batch_size", lambda: extract(
+                self.model, paths, store, self.ctx.device, cfg.batch_size, cfg.workers, on_batch=self._on_batch,
+                on_failure=self._on_failure))
             self.ctx.emit("extraction", extracted=report.extracted, cached=report.cached,
                           unreadable=report.unreadable, store=str(store.dir))
             return self._score(data, store, report)

@@ -20,7 +20,7 @@ class EmbedConfig(BaseConfig):
     model: str | None = knob(None, "clip / dinov2: a Hugging Face model id (through the HF cache) or a local "
                              "directory; DEFAULT: openai/clip-vit-base-patch32, facebook/dinov2-base")
     image_size: int = knob(32, "small backbone's input side; side of the built-in images", minimum=8)
-    batch_size: int = knob(32, "images per extraction batch", minimum=1)
+    batch_size: int = knob(32, "images per extraction batch (halved on OOM)", minimum=1, result_neutral=True)
     threshold: str = knob("auto", "cosine below which a query is Unknown, or auto (leave-one-out on the support)")
     cache_dir: str | None = knob(None, "embedding store to share across runs (default: RUN_DIR/embeddings)")
     categories: int = knob(4, "built-in data: categories", minimum=1)

@@ -7,6 +7,7 @@ import math
 import os
 from collections import Counter
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from fewshot_cli.data.food101 import (
 )
 from fewshot_cli.errors import BadInput
 from fewshot_cli.models.classifiers import build_classifier, head_first_groups
+from fewshot_cli.runner.backoff import evaluation_part
 from fewshot_cli.runner.task import BackoffKnob, RunContext, Task
 
 #: torch refuses to start MPS above this ratio on unified memory (MPSAllocator.mm), and its default low ratio
@@ -106,6 +108,8 @@ class Food101Task(Task):
         self.classes = self.train_split.classes
         # the effective batch survives OOM back-off: cfg.batch_size becomes the micro-batch
         self.effective_batch = cfg.batch_size
+        if cfg.eval_batch_size is None:
+            cfg.eval_batch_size = cfg.batch_size
         group = ctx.distributed
         if group is not None and self.effective_batch % group.world_size:
             raise BadInput(f"--batch-size {self.effective_batch} does not split evenly over the {group.world_size} "
@@ -227,8 +231,10 @@ class Food101Task(Task):
         return {"loss": out["loss"], "train_top1": out["correct"] / self.batch_images,
                 "lr": self.optimizer.param_groups[0]["lr"]}
 
-    def _score(self, images: torch.Tensor, labels: torch.Tensor, pairs: Counter | None = None) -> tuple[int, int]:
-        """(top-1 hits, top-5 hits) of one evaluation batch; counts (true, predicted) into `pairs` when given."""
+    def _score(self, images: torch.Tensor, labels: torch.Tensor, pairs: Counter | None = None
+               ) -> tuple[int, int, int]:
+        """(top-1 hits, top-5 hits, images) of one evaluation batch; counts (true, predicted) into `pairs` when
+        given."""
         y = labels.to(self.device)
         with self._autocast():
             logits = self.model(self._to_device(images))
@@ -236,7 +242,12 @@ class Food101Task(Task):
         hits = top == y[:, None]
         if pairs is not None:
             pairs.update(zip(y.tolist(), top[:, 0].tolist(), strict=True))
-        return int(hits[:, 0].sum()), int(hits.any(dim=1).sum())
+        return int(hits[:, 0].sum()), int(hits.any(dim=1).sum()), len(y)
+
+    def _score_from(self, images: torch.Tensor, labels: torch.Tensor, start: int, pairs: Counter | None = None
+                    ) -> tuple[int, int, int]:
+        end = start + self.cfg.eval_batch_size
+        return self._score(images[start:end], labels[start:end], pairs)
 
     def evaluate(self, phase: str, step: int) -> dict[str, float]:
         # data-parallel, each rank scores every N-th test image; the hit counts add up exactly
@@ -245,9 +256,12 @@ class Food101Task(Task):
         top1 = top5 = 0
         pairs: Counter | None = Counter() if phase == "test" else None
         if indices:
-            for images, labels in self._data_loader(samples, batch_size=self.cfg.batch_size):
-                hits1, hits5 = self._score(images, labels, pairs)
-                top1, top5 = top1 + hits1, top5 + hits5
+            for images, labels in self._data_loader(samples, batch_size=self.cfg.eval_batch_size):
+                done = 0
+                while done < len(labels):  # after an OOM back-off, the loaded batch in smaller pieces
+                    hits1, hits5, n = evaluation_part(self, phase, step, "eval_batch_size",
+                                                      partial(self._score_from, images, labels, done, pairs))
+                    top1, top5, done = top1 + hits1, top5 + hits5, done + n
         if self.cache_every:
             empty_cache(self.device)
         hits = self.all_sum({"top1": top1, "top5": top5})
@@ -309,18 +323,18 @@ class Food101Task(Task):
 
     def plan_phases(self) -> dict[str, Callable[[], Any]]:
         """Train and test on a batch of zeros of the run's shape, so the planner traces no image decoding."""
-        def batch() -> tuple[torch.Tensor, torch.Tensor]:
+        def batch(n: int) -> tuple[torch.Tensor, torch.Tensor]:
             size = self.cfg.image_size
-            return torch.zeros(self.cfg.batch_size, 3, size, size), torch.zeros(self.cfg.batch_size, dtype=torch.long)
+            return torch.zeros(n, 3, size, size), torch.zeros(n, dtype=torch.long)
 
-        def test() -> tuple[int, int]:
+        def test() -> tuple[int, int, int]:
             self.model.eval()
             try:
                 with torch.inference_mode():
-                    return self._score(*batch())
+                    return self._score(*batch(self.cfg.eval_batch_size))
             finally:
                 self.model.train()
-        return {"train": lambda: self._optimise(1, *batch()), "test": test}
+        return {"train": lambda: self._optimise(1, *batch(self.cfg.batch_size)), "test": test}
 
     def plan_extra_bytes(self) -> dict[str, dict[str, int]]:
         """Batches the loader's workers hold ready in host memory (the same pool as the GPU's on Apple silicon)."""

@@ -34,6 +34,8 @@ class Food101Config(BaseConfig):
                                             minimum=0)
     amp: bool = knob(False, "mixed precision: bf16 (fp16 where bf16 is missing) on CUDA, fp16 on MPS, bf16 on CPU")
     synthetic_classes: int = knob(101, "classes of the built-in data (used without --data)", minimum=2)
+    eval_batch_size: int | None = knob(None, "images scored at once in evaluation, halved on OOM (default: "
+                                       "--batch-size)", minimum=1, result_neutral=True)
 
 
 PRESETS: dict[str, dict[str, Any]] = {

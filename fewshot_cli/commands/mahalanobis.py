@@ -23,6 +23,7 @@ from fewshot_cli.models.adaptation import SetToSetAttention
 from fewshot_cli.models.backbones import build_backbone, feature_dim
 from fewshot_cli.models.heads import build_head, prototypes
 from fewshot_cli.models.weights import from_resnet, load_pretrained, param_groups
+from fewshot_cli.runner.backoff import evaluation_part
 from fewshot_cli.runner.metrics import RunningMean
 from fewshot_cli.runner.task import BackoffKnob, RunContext, Task
 
@@ -48,7 +49,8 @@ class FewShotTransformer(nn.Module):
         self.embedding_dim = dim
         self.adapt = cfg.adapt
         self.adapter = SetToSetAttention(dim, cfg.variant) if cfg.adapt != "none" else None
-        self.head = build_head(cfg.head, cfg.beta, cfg.covariance, on_fallback)
+        self.head = build_head(cfg.head, cfg.beta, cfg.covariance, on_fallback, cfg.covariance_estimator,
+                               cfg.ridge)
         self.checkpoint_activations = cfg.checkpoint_activations
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -141,7 +143,8 @@ class MahalanobisTask(Task):
 
     def evaluate(self, phase: str, step: int) -> dict[str, float]:
         n = self.cfg.val_episodes if phase == "val" else self.cfg.test_episodes
-        result = self._evaluate(phase, [self.samplers[phase].episode(i) for i in range(n)], record=phase == "test")
+        result = self._evaluate(phase, [self.samplers[phase].episode(i) for i in range(n)], step,
+                                record=phase == "test")
         if phase == "test":
             result["test_episodes"] = n
         return result
@@ -150,14 +153,18 @@ class MahalanobisTask(Task):
         names = getattr(self.data, "class_names", None)
         return names[cls] if names is not None else self.data.class_name(cls)
 
-    def _evaluate(self, phase: str, episodes: list[Episode], record: bool = False) -> dict[str, float]:
-        """Features of every image the episodes use, computed once (the backbone is fixed here), then each
-        episode's head on them. `record`: keep the (true, predicted) class counts of the queries, and with
-        --plots the features, for `finish`."""
+    def _evaluate(self, phase: str, episodes: list[Episode], step: int = 0, record: bool = False
+                  ) -> dict[str, float]:
+        """Features of every image the episodes use, computed once (the backbone is fixed here) in batches of
+        `batch_size` (halved on OOM, from the batch that failed), then each episode's head on them. `record`: keep
+        the (true, predicted) class counts of the queries, and with --plots the features, for `finish`."""
         items = sorted({i for e in episodes for i in (*e.support_items()[0], *e.query_items()[0])})
         row = {item: r for r, item in enumerate(items)}
-        features = torch.cat([self.model.embed(self._images(items[a:a + self.cfg.batch_size]))
-                              for a in range(0, len(items), self.cfg.batch_size)])
+        parts: list[torch.Tensor] = []
+        while (done := sum(len(p) for p in parts)) < len(items):
+            parts.append(evaluation_part(self, phase, step, "batch_size", lambda a=done: self.model.embed(
+                self._images(items[a:a + self.cfg.batch_size]))))
+        features = torch.cat(parts)
         accuracy = RunningMean()
         for episode in episodes:
             (s_items, s_labels), (q_items, q_labels) = episode.support_items(), episode.query_items()

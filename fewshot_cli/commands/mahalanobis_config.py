@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from fewshot_cli.models.names import BACKBONES, COVARIANCES, EMBEDDING_PLOTS, HEADS, VARIANTS
+from fewshot_cli.models.names import BACKBONES, COVARIANCES, EMBEDDING_PLOTS, ESTIMATORS, HEADS, VARIANTS
 from fewshot_cli.models.pretrained import FREEZE_HELP, LR_BACKBONE_HELP, PRETRAINED, STRICT_HELP, WEIGHTS_HELP
 from fewshot_cli.runner.command import Command
 from fewshot_cli.runner.config import EpisodicConfig, knob
@@ -22,12 +22,16 @@ class MahalanobisConfig(EpisodicConfig):
     lr_backbone: float | None = knob(None, LR_BACKBONE_HELP, minimum=0.0)
     head: str = knob("mahalanobis", "classification head", choices=HEADS)
     covariance: str = knob("auto", "Mahalanobis covariance: dense d x d, exact low-rank, or auto", choices=COVARIANCES)
-    beta: float = knob(1.0, "Mahalanobis ridge beta in Q_k = l_k S_k + (1 - l_k) S_task + beta I", minimum=1e-8)
+    covariance_estimator: str = knob("ledoit-wolf", "Mahalanobis covariance: the pooled within-class scatter shrunk "
+                                     "by Ledoit-Wolf or OAS, or Simple CNAPS's own", choices=ESTIMATORS)
+    beta: float = knob(1.0, "simple-cnaps: ridge beta in Q_k = l_k S_k + (1 - l_k) S_task + beta I", minimum=1e-8)
+    ridge: float = knob(10.0, "ledoit-wolf / oas: ridge as a multiple of the features' mean variance", minimum=1e-8)
     reduced_dim: int = knob(512, "project features above this size to it (0: never)", minimum=0)
     adapt: str = knob("prototypes", "set-to-set transformer over", choices=("none", "prototypes", "support"))
     variant: str = knob("cosine", "the transformer's attention metric", choices=VARIANTS)
     checkpoint_activations: bool = knob(False, "recompute backbone activations in backward to save memory")
-    batch_size: int = knob(128, "images per forward when computing evaluation features", minimum=1)
+    batch_size: int = knob(128, "images per forward when computing evaluation features (halved on OOM)", minimum=1,
+                           result_neutral=True)
     lr: float = knob(1e-3, "Adam learning rate", minimum=0.0)
     plots: bool = knob(False, "write embedding.png, the test images' features in 2-D")
     embedding_plot: str = knob("pca", "the 2-D projection of --plots", choices=EMBEDDING_PLOTS)

@@ -30,6 +30,7 @@ from fewshot_cli.errors import BadInput
 from fewshot_cli.models.detection import load_backbone_weights
 from fewshot_cli.models.localiser import Localiser, best_boxes, localisation_loss
 from fewshot_cli.models.weights import param_groups, sha256
+from fewshot_cli.runner.backoff import evaluation_part
 from fewshot_cli.runner.checkpoint import load_checkpoint
 from fewshot_cli.runner.metrics import RunningMean
 from fewshot_cli.runner.task import BackoffKnob, RunContext, Task
@@ -323,10 +324,7 @@ class TripletTask(Task):
             for length in batch.clip_frames:
                 frames = slice(first, first + length)
                 first += length
-                logits, boxes = self.model(to_input(batch.frames[frames], device),
-                                           prototypes[batch.frame_label[frames].to(device)])
-                pred, scores = best_boxes(logits, boxes, size)
-                pred, scores = pred.cpu().numpy(), scores.cpu().numpy()
+                pred, scores = self._clip_boxes(batch, prototypes, frames, phase, step)
                 gt = batch.boxes[frames].numpy()
                 box_ap.add(scores, pred, gt)
                 clip_st_iou.add(st_iou(np.where((scores >= cfg.score_threshold)[:, None], pred, np.nan), gt))
@@ -340,6 +338,27 @@ class TripletTask(Task):
             metrics.update(test_episodes=float(episodes), st_iou_centre_box=centre_st_iou.mean,
                            st_iou_whole_frame=frame_st_iou.mean)
         return metrics
+
+    def _clip_boxes(self, batch: EpisodeBatch, prototypes: torch.Tensor, frames: slice, phase: str, step: int
+                    ) -> tuple[np.ndarray, np.ndarray]:
+        """Each frame's best box (T x 4) and its score (T) for one clip, `eval_frames` frames at a time (each
+        frame is scored on its own, so the count never changes a box)."""
+        device, pred, scores = self.ctx.device, [], []
+
+        def part(start: int) -> tuple[np.ndarray, np.ndarray]:
+            chosen = slice(start, min(start + self.cfg.eval_frames, frames.stop))
+            logits, boxes = self.model(to_input(batch.frames[chosen], device),
+                                       prototypes[batch.frame_label[chosen].to(device)])
+            best, score = best_boxes(logits, boxes, self.cfg.image_size)
+            return best.cpu().numpy(), score.cpu().numpy()
+
+        start = frames.start
+        while start < frames.stop:
+            best, score = evaluation_part(self, phase, step, "eval_frames", lambda s=start: part(s))
+            pred.append(best)
+            scores.append(score)
+            start += len(score)
+        return np.concatenate(pred), np.concatenate(scores)
 
     def finish(self, metrics: dict[str, float]) -> dict[str, float]:
         self._batches = None

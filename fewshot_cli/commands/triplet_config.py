@@ -33,6 +33,7 @@ class TripletConfig(EpisodicConfig):
     frame_cache_mb: int = knob(256, "MiB the LRU frame cache holds at most", minimum=0)
     score_threshold: float = knob(0.3, "a frame's box counts as present when its score reaches this", minimum=0)
     lr: float = knob(2e-3, "AdamW learning rate (cosine decay over the run)", minimum=0)
+    eval_frames: int = knob(64, "frames scored at once in evaluation, halved on OOM", minimum=1, result_neutral=True)
 
 
 _GPU = dict(n_way=4, k_shot=5, n_query=8, triplet_batch_size=8, num_aug=5, val_episodes=10, workers=4,

@@ -5,6 +5,8 @@ BACKBONES = ("conv4", "conv6", "resnet12", "resnet18", "resnet34", "resnet50")
 #: `models.heads`: few-shot classification heads and their covariance forms
 HEADS = ("cosine", "euclidean", "mahalanobis")
 COVARIANCES = ("auto", "dense", "lowrank")
+#: the Mahalanobis covariance estimators: shrunk pooled within-class scatter, or Simple CNAPS's own
+ESTIMATORS = ("ledoit-wolf", "oas", "simple-cnaps")
 #: `models.adaptation`: the set-to-set transformer's attention metrics
 VARIANTS = ("cosine", "euclidean")
 #: `models.localiser`: the video localiser's backbones

@@ -14,11 +14,23 @@ PRESET_CHOICES = (*PRESETS, "auto")
 
 
 def knob(default: Any, help: str, choices: tuple[str, ...] | None = None, minimum: float | None = None,
-         cli: bool = True, panel: str | None = None) -> Any:
+         cli: bool = True, panel: str | None = None, result_neutral: bool = False) -> Any:
     """A config field with its help text, allowed choices and lower bound, read by the CLI and the validator;
-    `panel` names its group in `--help` where `fewshot_cli.help.PANELS` does not."""
+    `panel` names its group in `--help` where `fewshot_cli.help.PANELS` does not.
+
+    `result_neutral`: the knob sets how much is computed at once, never the result (an evaluation's batch), so
+    `--resume` may give it another value and OOM back-off in evaluation may lower it."""
     return field(default=default, metadata={"help": help, "choices": choices, "min": minimum, "cli": cli,
-                                            "panel": panel})
+                                            "panel": panel, RESULT_NEUTRAL: result_neutral})
+
+
+#: the field metadata key marking a result-neutral knob
+RESULT_NEUTRAL = "result_neutral"
+
+
+def result_neutral(cls: type) -> set[str]:
+    """Names of the knobs of a config class that do not change a run's result."""
+    return {f.name for f in dataclasses.fields(cls) if f.metadata.get(RESULT_NEUTRAL)}
 
 
 def cuda_preset(memory_bytes: int) -> str:

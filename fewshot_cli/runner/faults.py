@@ -1,7 +1,8 @@
 """Fault injection for testing the runner end to end through the CLI (set by environment variables only).
 
 FEWSHOT_SIMULATE_OOM="KNOB>N": a training step's micro-steps raise an out-of-memory error while the knob is above N
-  (with FEWSHOT_SIMULATE_OOM_RANK="R" under torchrun, on rank R only).
+  (with FEWSHOT_SIMULATE_OOM_RANK="R" under torchrun, on rank R only); "PHASE:KNOB>N" (PHASE `val` or `test`):
+  each part of that evaluation raises instead, while its knob is above N.
 FEWSHOT_SIMULATE_LEAK_MB="N": every training step keeps N MiB alive for the rest of the run.
 """
 
@@ -16,11 +17,20 @@ _kept: list[torch.Tensor] = []
 
 
 def in_micro_step(cfg: Any) -> None:
+    _simulate_oom(cfg, "train")
+
+
+def in_evaluation(cfg: Any, phase: str) -> None:
+    _simulate_oom(cfg, phase)
+
+
+def _simulate_oom(cfg: Any, phase: str) -> None:
     rule = os.environ.get("FEWSHOT_SIMULATE_OOM")
     rank = os.environ.get("FEWSHOT_SIMULATE_OOM_RANK")
     if rule and (rank is None or rank == os.environ.get("RANK", "0")):
+        rule_phase, _, rule = rule.rpartition(":")
         name, limit = rule.split(">")
-        if getattr(cfg, name.strip()) > int(limit):
+        if (rule_phase or "train") == phase and getattr(cfg, name.strip()) > int(limit):
             raise torch.OutOfMemoryError(f"CUDA out of memory (simulated: {name.strip()} above {limit})")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import signal
 import time
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 import torchvision
 
@@ -152,7 +154,8 @@ def run(command: Command, resolved: Resolved, opts: RunOptions, extra_config: di
         config = {"command": command.name, "preset": resolved.preset, "knobs": resolved.record(),
                   "seed": opts.seed, "device": str(opts.device), "data": str(opts.data) if opts.data else None,
                   "memory_budget_bytes": opts.budget_bytes, "versions": versions(),
-                  "weights": list(task.loaded_weights), **(extra_config or {})}
+                  "machine_memory_bytes": psutil.virtual_memory().total, "weights": list(task.loaded_weights),
+                  **(extra_config or {})}
         agreed(group, lambda: rundir.claim(run_dir, config) if main else None)
     if group is not None:
         task.wrap_data_parallel()  # DistributedDataParallel starts every rank from rank 0's model
@@ -166,7 +169,8 @@ def run(command: Command, resolved: Resolved, opts: RunOptions, extra_config: di
         log = RunLog(run_dir / "log.jsonl", elapsed_offset)
         if opts.tensorboard is not None:
             log = TensorBoardLog(opts.tensorboard / run_dir.name, log)
-        log.write("run_start", command=command.name, config=resolved.record(), resumed_from_step=start_step)
+        log.write("run_start", command=command.name, config=resolved.record(), resumed_from_step=start_step,
+                  pid=os.getpid(), host=platform.node())  # so a report can tell a killed run from a running one
         for event, fields in pending:
             log.write(event, **fields)
     except CannotWrite as err:
@@ -301,7 +305,7 @@ def _back_off(task: Task, step: int, log: RunLog | _NoLog, knobs_changed: dict[s
             task.set_knob(knob.name, new, accumulation)
             knobs_changed[knob.name] = new
             log.write("oom_backoff", phase="train", step=step, knob=knob.name, **{"from": value, "to": new},
-                      grad_accumulation=accumulation)
+                      grad_accumulation=accumulation, error=message)
             return
     floors = ", ".join(f"{k.name}={getattr(task.cfg, k.name)} (floor {k.floor})" for k in task.backoff_knobs)
     raise RunFailed(f"out of memory at step {step} with every back-off knob at its floor ({floors or 'none'}); "
