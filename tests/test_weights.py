@@ -385,3 +385,27 @@ def test_any_automodel_image_encoder_loads_from_a_directory(tmp_path) -> None:
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 16)
     with pytest.raises(BadInput, match="--backbone hf needs --model"):
         build_embedder("hf", model="DEFAULT")
+
+
+def test_resnet50_default_serves_the_detector_trunk_and_the_embedder(tmp_path, monkeypatch) -> None:
+    from PIL import Image
+
+    from fewshot_cli.models.detection import build_backbone as detection_backbone
+    from fewshot_cli.models.detection import load_backbone_weights
+    from fewshot_cli.models.embedders import build_embedder
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    _, state = _place_torchvision(tmp_path / "torch", "resnet50")
+    seen: list = []
+    trunk, _ = detection_backbone("resnet50", 16)
+    initial = trunk.project.weight.clone()
+    load_backbone_weights(trunk, "DEFAULT", "resnet50", lambda e, **f: seen.append(f))
+    assert torch.equal(trunk.body[6][5].conv3.weight, state["layer3.5.conv3.weight"])  # up to layer3
+    assert torch.equal(trunk.project.weight, initial)  # the new projection keeps its initial values
+    assert seen[0]["left_at_init"] == ["project.bias", "project.weight"]
+    assert seen[0]["name"] == "ResNet50_Weights.IMAGENET1K_V2"
+
+    embedder = build_embedder("resnet50", weights="DEFAULT")
+    assert torch.equal(embedder.net.layer4[2].conv3.weight, state["layer4.2.conv3.weight"])
+    pixels = embedder.preprocess(Image.new("RGB", (300, 260), (124, 116, 104)))
+    assert pixels.shape == (3, 224, 224) and pixels.abs().max() < 0.01  # its transforms(): crop 224, ImageNet stats
