@@ -409,3 +409,14 @@ def test_resnet50_default_serves_the_detector_trunk_and_the_embedder(tmp_path, m
     assert torch.equal(embedder.net.layer4[2].conv3.weight, state["layer4.2.conv3.weight"])
     pixels = embedder.preprocess(Image.new("RGB", (300, 260), (124, 116, 104)))
     assert pixels.shape == (3, 224, 224) and pixels.abs().max() < 0.01  # its transforms(): crop 224, ImageNet stats
+
+
+def test_embed_options_for_the_other_kind_of_backbone_are_bad_input(tmp_path) -> None:
+    from fewshot_cli.commands.embed_config import COMMAND as EMBED
+    from fewshot_cli.models.pretrained import settle
+    from fewshot_cli.runner.config import resolve as resolve_config
+
+    for knobs, needle in (({"backbone": "resnet50", "model": CLIP_ID}, "--model is for"),
+                          ({"backbone": "clip", "weights": "DEFAULT"}, "with --model ID_OR_DIR")):
+        with pytest.raises(BadInput, match=needle):
+            settle(resolve_config(EMBED.config, EMBED.presets, "t4", knobs), tmp_path)

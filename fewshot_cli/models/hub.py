@@ -10,10 +10,9 @@ from typing import Any
 from urllib.parse import urlparse
 
 from fewshot_cli.errors import BadInput
+from fewshot_cli.models.pretrained import HF_BACKBONES as HF_BACKBONES
 from fewshot_cli.models.pretrained import HF_MODELS, PRETRAINED
 
-#: the Hugging Face backbones: CLIP's image tower, DINOv2, and any image encoder `AutoModel` loads
-HF_BACKBONES = ("clip", "dinov2", "hf")
 CONNECT_TIMEOUT_S = 3.0
 
 

@@ -9,6 +9,8 @@ from fewshot_cli.errors import BadInput
 
 #: our backbones that torchvision publishes ImageNet weights for
 TORCHVISION_WEIGHTED = frozenset({"resnet18", "resnet34", "resnet50", "efficientnet_b0", "mobilenet_v3_large"})
+#: the Hugging Face backbones: CLIP's image tower, DINOv2, and any image encoder `AutoModel` loads
+HF_BACKBONES = ("clip", "dinov2", "hf")
 #: Hugging Face backbones and the model `--model DEFAULT` loads for each
 HF_MODELS = {"clip": "openai/clip-vit-base-patch32", "dinov2": "facebook/dinov2-base"}
 #: the value a GPU preset gives `--weights` and `--model`
@@ -37,11 +39,32 @@ def settle(resolved: Any, data: Any) -> None:
             continue  # classify-food101's `model` is the architecture itself
         if not hasattr(cfg, knob) or resolved.sources.get(knob) != "preset" or getattr(cfg, knob) is None:
             continue
-        reason = ("the built-in data starts from random initialisation" if data is None else
-                  f"{arch} has no torchvision weights" if knob == "weights" and arch not in TORCHVISION_WEIGHTED
-                  else f"{arch} takes no Hugging Face model" if knob == "model" and arch not in HF_MODELS else "")
+        reason = _why_not(knob, arch, data)
         if reason:
             resolved.set(knob, None, "preset", note=reason)
+    _check_options(cfg, arch, resolved.sources)
     if getattr(cfg, "freeze_backbone", False) and cfg.weights is None and not getattr(cfg, "init", None):
         source = "--weights or --init" if hasattr(cfg, "init") else "--weights"
         raise BadInput(f"--freeze-backbone needs {source}: a random backbone would stay random.")
+
+
+def _why_not(knob: str, arch: str, data: Any) -> str:
+    """Why a preset's `DEFAULT` for `knob` cannot apply here; empty when it can."""
+    if data is None:
+        return "the built-in data starts from random initialisation"
+    if knob == "weights" and arch not in TORCHVISION_WEIGHTED:
+        return f"{arch} has no torchvision weights"
+    if knob == "model" and arch not in HF_MODELS:
+        return f"{arch} takes no Hugging Face model"
+    return ""
+
+
+def _check_options(cfg: Any, arch: str, sources: dict[str, str]) -> None:
+    """embed-classify: `--model` is for Hugging Face backbones and `--weights` for the others; a value given on
+    the command line for the wrong one would be ignored, so it is bad input."""
+    if not (hasattr(cfg, "backbone") and hasattr(cfg, "model")):
+        return
+    if cfg.model is not None and sources.get("model") == "cli" and arch not in HF_BACKBONES:
+        raise BadInput(f"--model is for --backbone {', '.join(HF_BACKBONES)}; {arch} takes --weights.")
+    if cfg.weights is not None and sources.get("weights") == "cli" and arch in HF_BACKBONES:
+        raise BadInput(f"--backbone {arch} loads its weights with --model ID_OR_DIR, not --weights.")
