@@ -17,7 +17,7 @@ class EmbedConfig(BaseConfig):
     backbone: str = knob("small", "frozen feature extractor (small: built-in, no weights)", choices=BACKBONES)
     weights: str | None = knob(None, "resnet50: " + WEIGHTS_HELP)
     weights_strict: bool = knob(True, STRICT_HELP)
-    model: str | None = knob(None, "clip / dinov2: a Hugging Face model id (through the HF cache) or a local "
+    model: str | None = knob(None, "clip / dinov2 / hf: a Hugging Face model id (through the HF cache) or a local "
                              "directory; DEFAULT: openai/clip-vit-base-patch32, facebook/dinov2-base")
     image_size: int = knob(32, "small backbone's input side; side of the built-in images", minimum=8)
     batch_size: int = knob(32, "images per extraction batch (halved on OOM)", minimum=1, result_neutral=True)

@@ -18,7 +18,7 @@ PRETRAINED = "DEFAULT"
 
 WEIGHTS_HELP = ("none, a torchvision weights name for the backbone (DEFAULT, IMAGENET1K_V1, ...) from the torch hub "
                 "cache, or a file: .pt/.pth/.safetensors state dict, a checkpoint, a fewshot model.pt/checkpoint.pt")
-STRICT_HELP = "every tensor of --weights must fit (the new head's excepted); --no-weights-strict loads those that fit"
+STRICT_HELP = "every tensor of --weights must fit (a new head's excepted); --no-weights-strict loads those that fit"
 FREEZE_HELP = "keep the pretrained backbone fixed: train only the layers after it"
 LR_BACKBONE_HELP = "learning rate of the backbone's layers (default: --lr), smaller to keep pretrained features"
 
