@@ -205,8 +205,6 @@ def _restore(task: Task, path: Path) -> int:
         for name, value in state.get("knobs", {}).items():
             task.set_knob(name, value, state.get("accumulation", 1))
         return int(state["step"])
-    except BadInput:  # a file that would need unpickling: its own sentence says so
-        raise
     except Exception as err:  # noqa: BLE001 - truncated, not a checkpoint, or another run's: all one answer
         cause = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise BadInput(f"--resume {path.parent}: {path.name} cannot be read ({type(err).__name__}: {cause}); "
