@@ -16,6 +16,7 @@ import fewshot_cli
 from fewshot_cli.commands import load_commands
 from fewshot_cli.errors import BadInput, RunFailed
 from fewshot_cli.help import knob_help, knob_panel, machine_preset, option_panel, panel_rank
+from fewshot_cli.models import pretrained
 from fewshot_cli.runner.command import Command
 from fewshot_cli.runner.config import PRESET_CHOICES, Resolved, config_fields, option_name, resolve
 
@@ -153,6 +154,7 @@ def resolve_run(command: Command, knobs: dict[str, Any], options: dict[str, Any]
     base_preset = device_preset(device) if preset == "auto" else preset
     resolved = resolve(command.config, command.presets, base_preset, knobs)
     resolved.preset = preset
+    pretrained.settle(resolved, data)
     return device, resolved, budget
 
 
@@ -251,6 +253,7 @@ def _plan_command(command: Command, knobs: dict[str, Any], options: dict[str, An
     base = preset if preset in command.presets else _device_preset_name(device)
     resolved = resolve(command.config, command.presets, base, knobs)
     resolved.preset = preset
+    pretrained.settle(resolved, options.get("data"))
     if preset == "auto":
         plan.fit_to_budget(command, resolved, device, budget, {"force": True})
     report = plan.plan_run(command, resolved, device, budget)

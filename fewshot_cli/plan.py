@@ -110,6 +110,9 @@ def trace(command: Command, config: Any, seed: int = 0, fake: bool = True,
     """Per phase, the bytes of each kind at that phase's peak: with `fake`, nothing is allocated for real; without,
     the same steps run for real on the CPU under the same tracker (to check the prediction)."""
     cfg = copy.deepcopy(config)
+    for name in ("weights", "init"):  # the values of the weights change no tensor's size: trace none
+        if hasattr(cfg, name):
+            setattr(cfg, name, None)
     phases: dict[str, dict[str, int]] = {}
     task_class = command.task  # imported before fake mode: a module's own tensors (constants) must be real
     with _fake() if fake else ExitStack(), patch.object(faults, "in_micro_step", lambda cfg: None):

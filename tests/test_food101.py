@@ -175,7 +175,7 @@ def test_weights_file_loads_all_but_the_class_layer(tmp_path):
 
 def test_weights_of_another_network_are_bad_input(tmp_path):
     torch.save(torchvision.models.get_model("resnet50", num_classes=10).state_dict(), tmp_path / "r50.pt")
-    with pytest.raises(BadInput, match="does not fit mobilenet_v3_large"):
+    with pytest.raises(BadInput, match="does not fit the mobilenet_v3_large"):
         make_task(tiny_config(weights=str(tmp_path / "r50.pt")))
 
 

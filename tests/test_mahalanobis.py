@@ -13,9 +13,10 @@ from PIL import Image
 
 from fewshot_cli.commands.mahalanobis import COMMAND, FewShotTransformer, MahalanobisConfig
 from fewshot_cli.errors import BadInput
-from fewshot_cli.models.backbones import build_backbone, load_weights
+from fewshot_cli.models.backbones import build_backbone
 from fewshot_cli.models.heads import MahalanobisHead, build_head
 from fewshot_cli.models.shrinkage import shrinkage
+from fewshot_cli.models.weights import from_resnet, load_into, resolve
 
 
 def reference_mahalanobis_logits(support, labels, query, n_way, beta):
@@ -198,12 +199,12 @@ def test_weights_load_strictly_and_a_mismatch_says_what_differs(tmp_path: Path) 
     source = build_backbone("conv4")
     torch.save(source.state_dict(), tmp_path / "good.pt")
     target = build_backbone("conv4")
-    load_weights(target, tmp_path / "good.pt")
+    load_into(target, resolve(str(tmp_path / "good.pt"), "conv4"), "backbone")
     assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), target.state_dict().values(),
                                                   strict=True))
     torch.save(build_backbone("conv6").state_dict(), tmp_path / "bad.pt")
     with pytest.raises(BadInput, match="unexpected"):
-        load_weights(build_backbone("conv4"), tmp_path / "bad.pt")
+        load_into(build_backbone("conv4"), resolve(str(tmp_path / "bad.pt"), "conv4"), "backbone")
 
 
 def test_torchvision_named_weights_load_into_the_unpooled_resnet(tmp_path: Path) -> None:
@@ -212,7 +213,9 @@ def test_torchvision_named_weights_load_into_the_unpooled_resnet(tmp_path: Path)
     reference = torchvision.models.resnet18(weights=None)
     torch.save(reference.state_dict(), tmp_path / "resnet18.pth")
     backbone = build_backbone("resnet18")
-    load_weights(backbone, tmp_path / "resnet18.pth")
+    weights = resolve(str(tmp_path / "resnet18.pth"), "resnet18")
+    weights.state = from_resnet(weights.state)
+    load_into(backbone, weights, "backbone")
     assert torch.equal(backbone[0].weight, reference.conv1.weight)
 
 

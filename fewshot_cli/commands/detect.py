@@ -24,7 +24,14 @@ from fewshot_cli.commands.detect_config import DetectConfig
 from fewshot_cli.data.coco import coco_splits, synthetic_splits
 from fewshot_cli.episodes import Episode, EpisodeSampler
 from fewshot_cli.errors import BadInput
-from fewshot_cli.models.detection import BoxCounts, FewShotDetector, build_backbone, dense_proposals
+from fewshot_cli.models.detection import (
+    BoxCounts,
+    FewShotDetector,
+    build_backbone,
+    dense_proposals,
+    load_backbone_weights,
+)
+from fewshot_cli.models.weights import param_groups
 from fewshot_cli.runner.backoff import evaluation_part
 from fewshot_cli.runner.task import BackoffKnob, RunContext, Task
 
@@ -69,10 +76,13 @@ class DetectTask(Task):
         }
         self.proposals = dense_proposals(cfg.image_size, cfg.proposal_step,
                                          tuple(s * cfg.image_size for s in scales)).to(ctx.device)
-        backbone, stride = build_backbone(cfg.backbone, cfg.embedding_dim, cfg.weights)
+        backbone, stride = build_backbone(cfg.backbone, cfg.embedding_dim)
+        weights = load_backbone_weights(backbone, cfg.weights, cfg.backbone, ctx.emit, cfg.weights_strict)
+        self.loaded_weights = (weights.record,) if weights is not None else ()
         self.model = FewShotDetector(backbone, stride, cfg.embedding_dim, cfg.head_hidden,
                                      cfg.objectness_hidden).to(ctx.device)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=1e-4)
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, backbone, cfg.lr, cfg.lr_backbone,
+                                                        cfg.freeze_backbone), weight_decay=1e-4)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _WarmupCosine(cfg.steps()))
         self.dropped_seen = BoxCounts()
         self.test_files: tuple[dict[str, Any], list[dict[str, Any]]] | None = None

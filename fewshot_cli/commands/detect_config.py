@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from fewshot_cli.models.pretrained import FREEZE_HELP, LR_BACKBONE_HELP, PRETRAINED, STRICT_HELP, WEIGHTS_HELP
 from fewshot_cli.runner.command import Command
 from fewshot_cli.runner.config import EpisodicConfig, knob
 
@@ -13,7 +14,10 @@ from fewshot_cli.runner.config import EpisodicConfig, knob
 class DetectConfig(EpisodicConfig):
     image_size: int = knob(256, "input image side in pixels (images are resized to a square)", minimum=32)
     backbone: str = knob("resnet50", "feature extractor", choices=("small", "resnet50"))
-    weights: str | None = knob(None, "local state dict for the backbone (strict; nothing is downloaded)")
+    weights: str | None = knob(None, WEIGHTS_HELP)
+    weights_strict: bool = knob(True, STRICT_HELP)
+    freeze_backbone: bool = knob(False, FREEZE_HELP)
+    lr_backbone: float | None = knob(None, LR_BACKBONE_HELP, minimum=0.0)
     embedding_dim: int = knob(256, "channels of the feature map and size of the ROI embedding", minimum=8)
     head_hidden: int = knob(512, "hidden width of the detection head Linear(C*7*7, H) -> Linear(H, C)", minimum=8)
     objectness_hidden: int = knob(64, "hidden width of the objectness net Linear(C, H) -> Linear(H, 1)", minimum=1)
@@ -36,7 +40,8 @@ _AFTER = {"image_size": 256, "embedding_dim": 256, "k_shot": 3, "n_query": 10, "
 _BEFORE = {"image_size": 384, "embedding_dim": 512, "k_shot": 5, "n_query": 20, "proposal_step": 16,
            "head_hidden": 1024, "objectness_hidden": 128}
 _GPU = {"backbone": "resnet50", "n_way": 5, "episodes": 2000, "test_episodes": 100, "val_every": 500,
-        "val_episodes": 20, "proposals_top_k": 128, "lr": 1e-4, "checkpoint_every": 100}
+        "val_episodes": 20, "proposals_top_k": 128, "lr": 1e-4, "checkpoint_every": 100,
+        "weights": PRETRAINED}
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {"image_size": 128, "backbone": "small", "embedding_dim": 32, "head_hidden": 128, "objectness_hidden": 32,
             "proposal_step": 8, "proposals_top_k": 64, "n_way": 3, "k_shot": 3, "n_query": 2, "episodes": 400,

@@ -7,6 +7,7 @@ from typing import Any
 
 from fewshot_cli.models.names import EMBEDDER_BACKBONES as BACKBONES
 from fewshot_cli.models.names import EMBEDDING_PLOTS, FROZEN_HEADS
+from fewshot_cli.models.pretrained import PRETRAINED, STRICT_HELP, WEIGHTS_HELP
 from fewshot_cli.runner.command import Command
 from fewshot_cli.runner.config import BaseConfig, knob
 
@@ -14,8 +15,10 @@ from fewshot_cli.runner.config import BaseConfig, knob
 @dataclass
 class EmbedConfig(BaseConfig):
     backbone: str = knob("small", "frozen feature extractor (small: built-in, no weights)", choices=BACKBONES)
-    weights: str | None = knob(None, "resnet50: a local state dict file (default: random weights)")
-    model_dir: str | None = knob(None, "clip / dinov2: a local Hugging Face model directory")
+    weights: str | None = knob(None, "resnet50: " + WEIGHTS_HELP)
+    weights_strict: bool = knob(True, STRICT_HELP)
+    model: str | None = knob(None, "clip / dinov2 / hf: a Hugging Face model id (through the HF cache) or a local "
+                             "directory; DEFAULT: openai/clip-vit-base-patch32, facebook/dinov2-base")
     image_size: int = knob(32, "small backbone's input side; side of the built-in images", minimum=8)
     batch_size: int = knob(32, "images per extraction batch (halved on OOM)", minimum=1, result_neutral=True)
     threshold: str = knob("auto", "cosine below which a query is Unknown, or auto (leave-one-out on the support)")
@@ -34,10 +37,10 @@ class EmbedConfig(BaseConfig):
 
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {"batch_size": 32, "image_size": 32, "workers": 0},
-    "mps": {"batch_size": 64, "image_size": 64, "workers": 2},
-    "t4": {"batch_size": 64, "image_size": 64, "workers": 4},
-    "a100": {"batch_size": 128, "image_size": 64, "workers": 8},
-    "h100": {"batch_size": 128, "image_size": 64, "workers": 8},
+    "mps": {"batch_size": 64, "image_size": 64, "workers": 2, "weights": PRETRAINED, "model": PRETRAINED},
+    "t4": {"batch_size": 64, "image_size": 64, "workers": 4, "weights": PRETRAINED, "model": PRETRAINED},
+    "a100": {"batch_size": 128, "image_size": 64, "workers": 8, "weights": PRETRAINED, "model": PRETRAINED},
+    "h100": {"batch_size": 128, "image_size": 64, "workers": 8, "weights": PRETRAINED, "model": PRETRAINED},
 }
 
 

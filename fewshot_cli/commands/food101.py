@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections import Counter
@@ -31,7 +32,7 @@ from fewshot_cli.data.food101 import (
     train_transform,
 )
 from fewshot_cli.errors import BadInput
-from fewshot_cli.models.classifiers import build_classifier
+from fewshot_cli.models.classifiers import build_classifier, head_first_groups
 from fewshot_cli.runner.backoff import evaluation_part
 from fewshot_cli.runner.task import BackoffKnob, RunContext, Task
 
@@ -117,12 +118,16 @@ class Food101Task(Task):
         # images in each step's batch (over all ranks): fewer than a batch only when the split is
         self.batch_images = min(self.effective_batch, len(self.train_indices))
 
-        weights = Path(cfg.weights) if cfg.weights else None
-        self.model = build_classifier(cfg.model, len(self.classes), weights, cfg.freeze_backbone).to(self.device)
+        # preprocessing keeps its own resize and augmentation at --image-size (training needs them); its
+        # normalisation is ImageNet's mean/std, the one every torchvision classification weight's transforms() uses
+        self.model, weights = build_classifier(cfg.model, len(self.classes), cfg.weights, cfg.freeze_backbone,
+                                               ctx.emit, cfg.weights_strict)
+        self.model.to(self.device)
+        self.loaded_weights = (weights.record,) if weights is not None else ()
         if self.device.type == "cuda":
             self.model.to(memory_format=torch.channels_last)
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(head_first_groups(self.model, cfg.lr, cfg.lr_backbone),
+                                           weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(self.total_steps()))
         self.amp_dtype = autocast_dtype(self.device, cfg.amp)
         # fp16 gradients underflow without loss scaling; bf16 and fp32 need none
@@ -270,14 +275,22 @@ class Food101Task(Task):
         return metrics
 
     def _save_model(self, step: int, metrics: dict[str, float]) -> None:
-        """The best model so far as `model.pt`: the torchvision network's state dict and what it classifies."""
+        """The best model so far as `model.pt` (the torchvision network's state dict and what it classifies) and as
+        `model.safetensors` (the same tensors, the rest as metadata), which loads without unpickling anything."""
         if self.ctx.run_dir is None:
             return
+        from safetensors.torch import save_file
+
         path = Path(self.ctx.run_dir) / "model.pt"
         partial = path.with_suffix(".pt.partial")
-        torch.save({"model": self.model.net.state_dict(), "model_name": self.cfg.model, "classes": self.classes,
-                    "image_size": self.cfg.image_size, "step": step, **metrics}, partial)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.model.net.state_dict().items()}
+        about = {"model_name": self.cfg.model, "classes": self.classes, "image_size": self.cfg.image_size,
+                 "step": step, **metrics}
+        torch.save({"model": state, **about}, partial)
         os.replace(partial, path)  # a reader never sees half a file
+        partial = path.with_suffix(".safetensors.partial")
+        save_file(state, str(partial), metadata={k: json.dumps(v) for k, v in about.items()})
+        os.replace(partial, path.with_suffix(".safetensors"))
 
     def set_knob(self, name: str, value: int, accumulation: int) -> None:
         super().set_knob(name, value, accumulation)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fewshot_cli.models.names import CLASSIFIERS as MODELS
+from fewshot_cli.models.pretrained import LR_BACKBONE_HELP, PRETRAINED, STRICT_HELP, WEIGHTS_HELP
 from fewshot_cli.runner.command import Command
 from fewshot_cli.runner.config import BaseConfig, knob
 
@@ -20,8 +21,10 @@ class Food101Config(BaseConfig):
                            minimum=1)
     image_size: int = knob(224, "side of the square network input in pixels", minimum=16)
     model: str = knob("efficientnet_b0", "torchvision classification network", choices=MODELS)
-    weights: str | None = knob(None, "local state dict to start from; its class layer is replaced")
+    weights: str | None = knob(None, WEIGHTS_HELP + "; its class layer is replaced")
+    weights_strict: bool = knob(True, STRICT_HELP)
     freeze_backbone: bool = knob(False, "train only the classification head (needs --weights)")
+    lr_backbone: float | None = knob(None, LR_BACKBONE_HELP, minimum=0.0)
     lr: float = knob(1e-3, "AdamW peak learning rate (cosine schedule, 5% warm-up)", minimum=0)
     weight_decay: float = knob(0.05, "AdamW weight decay", minimum=0)
     dev_samples: int = knob(0, "N train and N/3 test images per class, stratified and seeded (0: all)", minimum=0)
@@ -41,13 +44,13 @@ PRESETS: dict[str, dict[str, Any]] = {
             "synthetic_classes": 20, "workers": 0, "checkpoint_every": 100},
     # the seed's fix: 224 px at batch 24 stays under 48 GB where 1024 px at 32 did not
     "mps": {"epochs": 10, "batch_size": 24, "image_size": 224, "model": "efficientnet_b0",
-            "empty_cache_every": 10, "workers": 4, "checkpoint_every": 500},
+            "empty_cache_every": 10, "workers": 4, "checkpoint_every": 500, "weights": PRETRAINED},
     "t4": {"epochs": 10, "batch_size": 64, "image_size": 224, "model": "efficientnet_b0", "amp": True,
-           "workers": 4, "checkpoint_every": 500},
+           "workers": 4, "checkpoint_every": 500, "weights": PRETRAINED},
     "a100": {"epochs": 10, "batch_size": 128, "image_size": 224, "model": "efficientnet_b0", "amp": True,
-             "workers": 8, "checkpoint_every": 500},
+             "workers": 8, "checkpoint_every": 500, "weights": PRETRAINED},
     "h100": {"epochs": 10, "batch_size": 256, "image_size": 224, "model": "efficientnet_b0", "amp": True,
-             "workers": 8, "checkpoint_every": 500},
+             "workers": 8, "checkpoint_every": 500, "weights": PRETRAINED},
 }
 
 

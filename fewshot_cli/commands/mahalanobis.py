@@ -21,8 +21,9 @@ from fewshot_cli.data.synthetic import SyntheticImages
 from fewshot_cli.episodes import Episode, EpisodeSampler, steps_hash
 from fewshot_cli.errors import BadInput
 from fewshot_cli.models.adaptation import SetToSetAttention
-from fewshot_cli.models.backbones import build_backbone, feature_dim, load_weights
+from fewshot_cli.models.backbones import build_backbone, feature_dim
 from fewshot_cli.models.heads import build_head, prototypes
+from fewshot_cli.models.weights import from_resnet, load_pretrained, param_groups
 from fewshot_cli.runner.backoff import evaluation_part
 from fewshot_cli.runner.metrics import RunningMean
 from fewshot_cli.runner.task import BackoffKnob, RunContext, Task
@@ -37,8 +38,9 @@ class FewShotTransformer(nn.Module):
     def __init__(self, cfg: MahalanobisConfig, on_fallback) -> None:
         super().__init__()
         self.backbone = build_backbone(cfg.backbone, cfg.flatten)
-        if cfg.weights:
-            load_weights(self.backbone, cfg.weights)
+        # the input normalisation the backbone's weights were trained with (ImageNet's unless they say otherwise)
+        self.register_buffer("mean", MEAN.clone(), persistent=False)
+        self.register_buffer("std", STD.clone(), persistent=False)
         dim = feature_dim(self.backbone, cfg.image_size)
         self.feature_dim = dim
         self.reduction: nn.Module | None = None
@@ -53,7 +55,7 @@ class FewShotTransformer(nn.Module):
         self.checkpoint_activations = cfg.checkpoint_activations
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        images = (images - MEAN.to(images.device)) / STD.to(images.device)
+        images = (images - self.mean) / self.std
         if self.checkpoint_activations and self.training:
             features = checkpoint(self.backbone, images, use_reentrant=False)
         else:
@@ -86,8 +88,17 @@ class MahalanobisTask(Task):
             splits = tuple(s for s in ("train", "val", "test") if self.data.has_split(s))
         shape = {"n_way": cfg.n_way, "k_shot": cfg.k_shot, "n_query": cfg.n_query, "seed": ctx.seed}
         self.samplers = {s: EpisodeSampler(self.data.items_by_class(s), split=s, **shape) for s in splits}
-        self.model = FewShotTransformer(cfg, lambda **f: ctx.emit("covariance_fallback", **f)).to(ctx.device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+        self.model = FewShotTransformer(cfg, lambda **f: ctx.emit("covariance_fallback", **f))
+        weights = load_pretrained(self.model.backbone, cfg.weights, cfg.backbone, "backbone", ctx.emit,
+                                  cfg.weights_strict, adapt=from_resnet)
+        if weights is not None:
+            self.loaded_weights = (weights.record,)
+            if weights.mean is not None:  # the weights' own transforms() normalisation
+                self.model.mean.copy_(torch.tensor(weights.mean).view(1, 3, 1, 1))
+                self.model.std.copy_(torch.tensor(weights.std).view(1, 3, 1, 1))
+        self.model.to(ctx.device)
+        self.optimizer = torch.optim.Adam(param_groups(self.model, self.model.backbone, cfg.lr, cfg.lr_backbone,
+                                                       cfg.freeze_backbone))
         self.pairs: Counter = Counter()  # (true class, predicted) -> test queries
         self.test_features: tuple[np.ndarray, list[str]] | None = None
 

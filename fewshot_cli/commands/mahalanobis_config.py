@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fewshot_cli.models.names import BACKBONES, COVARIANCES, EMBEDDING_PLOTS, ESTIMATORS, HEADS, VARIANTS
+from fewshot_cli.models.pretrained import FREEZE_HELP, LR_BACKBONE_HELP, PRETRAINED, STRICT_HELP, WEIGHTS_HELP
 from fewshot_cli.runner.command import Command
 from fewshot_cli.runner.config import EpisodicConfig, knob
 
@@ -15,7 +16,10 @@ class MahalanobisConfig(EpisodicConfig):
     image_size: int = knob(32, "input image side in pixels", minimum=8)
     backbone: str = knob("conv4", "feature extractor", choices=BACKBONES)
     flatten: bool = knob(False, "torchvision ResNets: keep the last feature map unpooled (512x7x7 at 224 px)")
-    weights: str | None = knob(None, "a local state dict for the backbone")
+    weights: str | None = knob(None, WEIGHTS_HELP)
+    weights_strict: bool = knob(True, STRICT_HELP)
+    freeze_backbone: bool = knob(False, FREEZE_HELP)
+    lr_backbone: float | None = knob(None, LR_BACKBONE_HELP, minimum=0.0)
     head: str = knob("mahalanobis", "classification head", choices=HEADS)
     covariance: str = knob("auto", "Mahalanobis covariance: dense d x d, exact low-rank, or auto", choices=COVARIANCES)
     covariance_estimator: str = knob("ledoit-wolf", "Mahalanobis covariance: the pooled within-class scatter shrunk "
@@ -37,13 +41,17 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {"image_size": 32, "backbone": "conv4", "episodes": 300, "n_query": 10, "val_every": 100,
             "val_episodes": 50, "test_episodes": 600, "checkpoint_every": 100, "batch_size": 256, "workers": 0},
     "t4": {"image_size": 84, "backbone": "resnet12", "episodes": 2000, "n_query": 15, "val_every": 200,
-           "val_episodes": 100, "test_episodes": 600, "checkpoint_every": 200, "batch_size": 64, "workers": 4},
+           "val_episodes": 100, "test_episodes": 600, "checkpoint_every": 200, "batch_size": 64, "workers": 4,
+           "weights": PRETRAINED},
     "mps": {"image_size": 84, "backbone": "resnet12", "episodes": 2000, "n_query": 15, "val_every": 200,
-            "val_episodes": 100, "test_episodes": 600, "checkpoint_every": 200, "batch_size": 32, "workers": 4},
+            "val_episodes": 100, "test_episodes": 600, "checkpoint_every": 200, "batch_size": 32, "workers": 4,
+            "weights": PRETRAINED},
     "a100": {"image_size": 84, "backbone": "resnet12", "episodes": 4000, "n_query": 15, "val_every": 250,
-             "val_episodes": 200, "test_episodes": 600, "checkpoint_every": 250, "batch_size": 256, "workers": 8},
+             "val_episodes": 200, "test_episodes": 600, "checkpoint_every": 250, "batch_size": 256, "workers": 8,
+             "weights": PRETRAINED},
     "h100": {"image_size": 84, "backbone": "resnet12", "episodes": 4000, "n_query": 15, "val_every": 250,
-             "val_episodes": 200, "test_episodes": 600, "checkpoint_every": 250, "batch_size": 512, "workers": 8},
+             "val_episodes": 200, "test_episodes": 600, "checkpoint_every": 250, "batch_size": 512, "workers": 8,
+             "weights": PRETRAINED},
 }
 
 

@@ -27,7 +27,9 @@ from fewshot_cli.data.clips import (
 )
 from fewshot_cli.episodes import EpisodeSampler
 from fewshot_cli.errors import BadInput
+from fewshot_cli.models.detection import load_backbone_weights
 from fewshot_cli.models.localiser import Localiser, best_boxes, localisation_loss
+from fewshot_cli.models.weights import param_groups, sha256
 from fewshot_cli.runner.backoff import evaluation_part
 from fewshot_cli.runner.checkpoint import load_checkpoint
 from fewshot_cli.runner.metrics import RunningMean
@@ -97,18 +99,19 @@ def to_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     return images.to(device, non_blocking=True).float() / 255  # [0, 1], as `detect-train` feeds its backbone
 
 
+def _checkpoint_file(path: str) -> Path:
+    """`--init`'s file: the path itself, or a run directory's checkpoint.pt."""
+    source = Path(path)
+    return source / "checkpoint.pt" if source.is_dir() else source
+
+
 def load_backbone(model: Localiser, path: str, backbone: str) -> int:
     """Copy the backbone weights of a stage-1 checkpoint (`detect-train` or `triplet-train`) into `model`;
     returns how many tensors were loaded. A checkpoint without a matching backbone is a BadInput."""
-    source = Path(path)
-    if source.is_dir():
-        source = source / "checkpoint.pt"
+    source = _checkpoint_file(path)
     if not source.is_file():
         raise BadInput(f"--init {path}: no checkpoint there (give checkpoint.pt or the run directory holding it).")
-    try:
-        state = load_checkpoint(source)
-    except Exception as err:  # torch.load raises many kinds on a file that is not a checkpoint
-        raise BadInput(f"--init {source} is not a readable PyTorch checkpoint ({type(err).__name__}).") from None
+    state = load_checkpoint(source, "--init")  # tensors and plain containers only: no pickled code runs
     weights = _find_model_state(state)
     found = {key.split("backbone.", 1)[1]: value for key, value in (weights or {}).items()
              if "backbone." in key and isinstance(value, torch.Tensor)}
@@ -190,11 +193,17 @@ class TripletTask(Task):
         if cfg.triplet_ratio > 1:
             raise BadInput(f"--triplet-ratio must be between 0 and 1, not {cfg.triplet_ratio}.")
         self.model = Localiser(cfg.backbone, cfg.embedding_dim)
+        weights = load_backbone_weights(self.model.backbone, cfg.weights, cfg.backbone, ctx.emit,
+                                        cfg.weights_strict)
+        self.loaded_weights = (weights.record,) if weights is not None else ()
         if cfg.init:
             loaded = load_backbone(self.model, cfg.init, cfg.backbone)
             ctx.emit("init_backbone", path=str(cfg.init), tensors=loaded)
+            source = _checkpoint_file(cfg.init)
+            self.loaded_weights += ({"option": "--init", "path": str(source), "files": {str(source): sha256(source)}},)
         self.model.to(ctx.device)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=1e-4)
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, self.model.backbone, cfg.lr, cfg.lr_backbone,
+                                                        cfg.freeze_backbone), weight_decay=1e-4)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(cfg.steps(), 1))
         self.triplet_loss = nn.TripletMarginLoss(margin=cfg.triplet_margin)
         # the episode keeps its full size after an OOM back-off; micro-steps split it instead

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fewshot_cli.models.names import LOCALISER_BACKBONES as BACKBONES
+from fewshot_cli.models.pretrained import FREEZE_HELP, LR_BACKBONE_HELP, PRETRAINED, STRICT_HELP, WEIGHTS_HELP
 from fewshot_cli.runner.command import Command
 from fewshot_cli.runner.config import EpisodicConfig, knob
 
@@ -19,6 +20,10 @@ class TripletConfig(EpisodicConfig):
     clip_frames: int = knob(8, "frames per built-in synthetic clip", minimum=1)
     backbone: str = knob("small", "feature extractor", choices=BACKBONES)
     embedding_dim: int = knob(64, "backbone width and embedding size (match a --init checkpoint's)", minimum=8)
+    weights: str | None = knob(None, WEIGHTS_HELP)
+    weights_strict: bool = knob(True, STRICT_HELP)
+    freeze_backbone: bool = knob(False, FREEZE_HELP)
+    lr_backbone: float | None = knob(None, LR_BACKBONE_HELP, minimum=0.0)
     init: str | None = knob(None, "stage-1 checkpoint (checkpoint.pt or its run directory) to take the backbone from")
     triplet_ratio: float = knob(0.3, "weight of the triplet loss; the localisation loss gets 1 minus it", minimum=0)
     triplet_batch_size: int = knob(8, "(anchor, positive, negative) triplets per step", minimum=1)
@@ -33,7 +38,8 @@ class TripletConfig(EpisodicConfig):
 
 _GPU = dict(n_way=4, k_shot=5, n_query=8, triplet_batch_size=8, num_aug=5, val_episodes=10, workers=4,
             image_size=160, backbone="resnet50", embedding_dim=256, lr=3e-4, episodes=3000, val_every=100,
-            test_episodes=100, frame_cache_size=500, frame_cache_mb=512, checkpoint_every=200)
+            test_episodes=100, frame_cache_size=500, frame_cache_mb=512, checkpoint_every=200,
+            weights=PRETRAINED)
 PRESETS: dict[str, dict[str, Any]] = {
     # small enough that 300 episodes with validation every 20 take a few minutes on two cores
     "cpu": dict(n_way=4, k_shot=2, n_query=2, triplet_batch_size=8, num_aug=1, val_episodes=4, workers=0,

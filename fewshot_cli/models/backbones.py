@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torchvision
 from torch import nn
 
 from fewshot_cli.errors import BadInput
 from fewshot_cli.models.names import BACKBONES
-from fewshot_cli.models.weights import read_state_dict
 
 
 def _conv_block(c_in: int, c_out: int, pool: bool) -> nn.Sequential:
@@ -79,29 +76,3 @@ def feature_dim(backbone: nn.Module, image_size: int) -> int:
         dim = backbone(torch.zeros(1, 3, image_size, image_size)).shape[1]
     backbone.train(was_training)
     return int(dim)
-
-
-def load_weights(module: nn.Module, path: str | Path) -> None:
-    """Load a local state dict strictly; a missing file or a mismatch is a BadInput that says what differs."""
-    state = read_state_dict(path)
-    result = module.load_state_dict(_match_prefix(module, state), strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise BadInput(f"--weights {path} does not match the backbone: {len(result.missing_keys)} missing keys "
-                       f"(e.g. {', '.join(result.missing_keys[:3]) or '-'}), {len(result.unexpected_keys)} "
-                       f"unexpected (e.g. {', '.join(result.unexpected_keys[:3]) or '-'}).")
-
-
-def _match_prefix(module: nn.Module, state: dict) -> dict:
-    """torchvision checkpoints name layers `layer1...`; our Sequential names them by index: map one to the other."""
-    own = module.state_dict()
-    if set(state) <= set(own) or not isinstance(module, nn.Sequential):
-        return state
-    names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
-    mapped = {}
-    for key, value in state.items():
-        head, _, rest = key.partition(".")
-        if head in names:
-            mapped[f"{names.index(head)}.{rest}"] = value
-        elif head != "fc":
-            mapped[key] = value
-    return mapped

@@ -1,8 +1,8 @@
-"""Torchvision classification networks built without downloads, with local weights and a frozen backbone."""
+"""Torchvision classification networks, random or from pretrained weights, with a frozen backbone."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Callable
 
 import torch
 import torchvision
@@ -10,7 +10,7 @@ from torch import nn
 
 from fewshot_cli.errors import BadInput
 from fewshot_cli.models.names import CLASSIFIERS
-from fewshot_cli.models.weights import read_state_dict
+from fewshot_cli.models.weights import Pretrained, load_pretrained
 
 #: each network's head module (trained when the backbone is frozen) and, inside it, the layer sized to the classes
 HEADS = {
@@ -51,41 +51,28 @@ class Classifier(nn.Module):
         return self
 
 
-def load_weights(net: nn.Module, name: str, path: Path) -> None:
-    """Load a local state dict into `net` except the class layer (replaced to our class count); every other
-    tensor must match by name and shape, else a BadInput naming the first differences."""
-    state = read_state_dict(path)
-    layer = HEADS[name][1] + "."
-    own = {k: v for k, v in net.state_dict().items() if not k.startswith(layer)}
-    given = {k: v for k, v in state.items() if not k.startswith(layer)}
-    missing, unexpected = sorted(own.keys() - given.keys()), sorted(given.keys() - own.keys())
-    if missing or unexpected:
-        detail = "; ".join(part for part in (
-            f"missing {', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else "") if missing else "",
-            f"unexpected {', '.join(unexpected[:3])}" + (" ..." if len(unexpected) > 3 else "") if unexpected else "",
-        ) if part)
-        raise BadInput(f"--weights {path} does not fit {name} ({detail}).")
-    wrong = [k for k in own if own[k].shape != given[k].shape]
-    if wrong:
-        raise BadInput(f"--weights {path} does not fit {name}: {wrong[0]} is {tuple(given[wrong[0]].shape)}, "
-                       f"{name} needs {tuple(own[wrong[0]].shape)}.")
-    net.load_state_dict(given, strict=False)
-
-
-def build_classifier(name: str, num_classes: int, weights: Path | None = None,
-                     freeze_backbone: bool = False) -> Classifier:
-    """`name` from torchvision with `num_classes` outputs, random or from a local state dict; nothing downloads."""
+def build_classifier(name: str, num_classes: int, weights: str | None = None, freeze_backbone: bool = False,
+                     emit: Callable[..., None] = lambda event, **fields: None, strict: bool = True
+                     ) -> tuple[Classifier, Pretrained | None]:
+    """`name` from torchvision with `num_classes` outputs, random or from `--weights` (a torchvision name or a
+    file); the class layer is new unless the weights' has the same size."""
     if name not in HEADS:
         raise BadInput(f"Unknown model {name!r}; choose one of {', '.join(MODELS)}.")
-    if freeze_backbone and weights is None:
-        raise BadInput("--freeze-backbone needs --weights: a random backbone would stay random.")
     net = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
-    if weights is not None:
-        load_weights(net, name, weights)
-    else:
+    loaded = load_pretrained(net, weights, name, name, emit, strict, head=(HEADS[name][1],))
+    if loaded is None:
         # mobilenet_v3's BatchNorm momentum 0.01 suits long ImageNet schedules; from scratch in a short run its
         # running statistics lag the weights and evaluation collapses to one class, so use PyTorch's 0.1
         for module in net.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.momentum = 0.1
-    return Classifier(net, name, frozen=freeze_backbone)
+    return Classifier(net, name, frozen=freeze_backbone), loaded
+
+
+def head_first_groups(model: Classifier, lr: float, lr_backbone: float | None) -> list[dict]:
+    """The optimiser's groups: the head at `lr`, every other trainable layer at `lr_backbone` (default `lr`)."""
+    head = {id(p) for p in model.head().parameters()}
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) in head], "lr": lr},
+              {"params": [p for p in model.parameters() if p.requires_grad and id(p) not in head],
+               "lr": lr if lr_backbone is None else lr_backbone}]
+    return [g for g in groups if g["params"]]

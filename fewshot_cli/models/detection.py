@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,7 +14,7 @@ from torch import Tensor, nn
 from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, roi_align, sigmoid_focal_loss
 
 from fewshot_cli.errors import BadInput
-from fewshot_cli.models.weights import read_state_dict
+from fewshot_cli.models.weights import Pretrained, from_resnet, load_pretrained
 
 ROI_SIZE = 7
 # Faster R-CNN's delta weights: keep the regression targets near unit scale
@@ -125,11 +126,9 @@ def small_backbone(channels: int) -> nn.Sequential:
 class ResNet50Features(nn.Module):
     """torchvision resnet50 up to layer3 (stride 16), projected to `channels` by a 1x1 conv."""
 
-    def __init__(self, channels: int, weights: str | None = None) -> None:
+    def __init__(self, channels: int) -> None:
         super().__init__()
         trunk = torchvision.models.resnet50(weights=None)
-        if weights:
-            load_weights(trunk, weights, "resnet50")
         self.body = nn.Sequential(trunk.conv1, trunk.bn1, trunk.relu, trunk.maxpool, trunk.layer1, trunk.layer2,
                                   trunk.layer3)
         self.project = nn.Conv2d(1024, channels, 1)
@@ -140,33 +139,27 @@ class ResNet50Features(nn.Module):
         return self.project(self.body((images - self.mean) / self.std))
 
 
-def load_weights(module: nn.Module, path: str, what: str) -> None:
-    """Load a local state dict strictly; a missing file or mismatched keys is a BadInput naming the problem."""
-    state = read_state_dict(path)
-    try:
-        module.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        own = set(module.state_dict())
-        missing, unexpected = sorted(own - set(state)), sorted(set(state) - own)
-        detail = []
-        if missing:
-            detail.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
-        if unexpected:
-            detail.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
-        if not detail:
-            detail.append("tensor shapes differ")
-        raise BadInput(f"--weights {path} does not match the {what} backbone: {', '.join(detail)}.") from err
+def load_backbone_weights(backbone: nn.Module, spec: str | None, name: str, emit: Callable[..., None],
+                          strict: bool = True) -> Pretrained | None:
+    """`--weights` for a detection backbone: a torchvision ResNet-50 trunk up to layer3 (its layer4 and ImageNet
+    classifier unused; the new 1x1 projection left at its initial values), or a file for either backbone."""
+    def adapt(state: dict) -> dict:
+        return {k: v for k, v in from_resnet(state, "body.").items() if not k.startswith("body.7.")}
+
+    weights = load_pretrained(backbone, spec, name, "backbone", emit, strict,
+                              head=("project",) if name == "resnet50" else (), adapt=adapt)
+    if weights is not None and weights.mean is not None and isinstance(backbone, ResNet50Features):
+        backbone.mean.copy_(torch.tensor(weights.mean).view(1, 3, 1, 1))  # the weights' transforms() constants
+        backbone.std.copy_(torch.tensor(weights.std).view(1, 3, 1, 1))
+    return weights
 
 
-def build_backbone(name: str, channels: int, weights: str | None = None) -> tuple[nn.Module, int]:
+def build_backbone(name: str, channels: int) -> tuple[nn.Module, int]:
     """The feature extractor and its stride."""
     if name == "resnet50":
-        return ResNet50Features(channels, weights), 16
+        return ResNet50Features(channels), 16
     if name == "small":
-        net = small_backbone(channels)
-        if weights:
-            load_weights(net, weights, "small")
-        return net, 4
+        return small_backbone(channels), 4
     raise BadInput(f"Unknown backbone {name!r}; choose small or resnet50.")
 
 

@@ -1,9 +1,10 @@
-"""Frozen image embedders for embed-classify: each backbone with its own preprocessing, loaded from local files."""
+"""Frozen image embedders for embed-classify: each backbone with its own preprocessing and pretrained weights."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,9 @@ from torchvision import transforms
 from torchvision.models import resnet50
 
 from fewshot_cli.errors import BadInput
+from fewshot_cli.models.hub import HF_BACKBONES, hf_model
 from fewshot_cli.models.names import EMBEDDER_BACKBONES as BACKBONES
-from fewshot_cli.models.weights import read_state_dict
+from fewshot_cli.models.weights import load_pretrained
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SMALL_SEED = 20240601  # fixed, not --seed: the small backbone is one network, so its cache key stays stable
@@ -23,11 +25,13 @@ SMALL_SEED = 20240601  # fixed, not --seed: the small backbone is one network, s
 
 class Embedder(nn.Module):
     """A frozen backbone: `preprocess` turns one RGB PIL image into a CHW float32 tensor, `forward` a batch of
-    them into (B, D) float32 embeddings; `identity` names what decides the numbers (the cache key)."""
+    them into (B, D) float32 embeddings; `identity` names what decides the numbers (the cache key); `loaded` is the
+    record of the pretrained weights read (for config.json), None for random ones."""
 
     def __init__(self) -> None:
         super().__init__()
         self.identity: dict[str, Any] = {}
+        self.loaded: dict[str, Any] | None = None
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         raise NotImplementedError
@@ -69,20 +73,23 @@ class SmallConvNet(Embedder):
 
 
 class ResNet50(Embedder):
-    """torchvision ResNet-50 without its classifier (2048-d pooled features); Resize 256, CenterCrop 224,
-    ImageNet mean/std, as the weights were trained with."""
+    """torchvision ResNet-50 without its classifier (2048-d pooled features). Preprocessed as its weights were
+    trained: a torchvision name's own `weights.transforms()`; else Resize 256, CenterCrop 224, ImageNet mean/std."""
 
-    def __init__(self, weights: str | None = None) -> None:
+    def __init__(self, weights: str | None = None, emit: Callable[..., None] = lambda event, **fields: None,
+                 strict: bool = True) -> None:
         super().__init__()
         self.net = resnet50(weights=None)
-        if weights:
-            self.net.load_state_dict(_load_state_dict(Path(weights)))
+        # the ImageNet classifier is not used: a file without it (or with another) is fine
+        pretrained = load_pretrained(self.net, weights, "resnet50", "resnet50", emit, strict, head=("fc",))
         self.net.fc = nn.Identity()
         self.requires_grad_(False)
-        self.transform = transforms.Compose([
+        self.transform = pretrained.transforms if pretrained and pretrained.transforms else transforms.Compose([
             transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
             transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-        self.identity = {"backbone": "resnet50", "weights": file_digest(Path(weights)) if weights else "random"}
+        self.loaded = pretrained.record if pretrained else None
+        digest = next(iter(self.loaded["files"].values())) if self.loaded else "random"
+        self.identity = {"backbone": "resnet50", "weights": digest}
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         return self.transform(image)
@@ -91,35 +98,24 @@ class ResNet50(Embedder):
         return self.net(pixels)
 
 
-def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    state = read_state_dict(path)
-    keys = set(resnet50(weights=None).state_dict())
-    if not keys & set(state):
-        raise BadInput(f"--weights {path} holds no ResNet-50 parameters.")
-    return {k: v for k, v in state.items() if k in keys}
-
-
 class HFEmbedder(Embedder):
-    """CLIP (image tower + projection) or DINOv2 (pooled CLS token) from a local Hugging Face model directory,
-    preprocessed by the directory's own image processor; never fetched from a hub."""
+    """CLIP (image tower + projection), DINOv2 or any `AutoModel` image encoder (pooled output) from a Hugging Face
+    id through the HF cache, or a local directory; preprocessed by the model's own image processor."""
 
-    def __init__(self, kind: str, model_dir: str | None) -> None:
+    def __init__(self, kind: str, model: str | None, emit: Callable[..., None] = lambda event, **fields: None
+                 ) -> None:
         super().__init__()
-        if not model_dir:
-            raise BadInput(f"--backbone {kind} needs --model-dir, a local Hugging Face model directory.")
-        path = Path(model_dir)
-        if not (path / "config.json").is_file():
-            raise BadInput(f"--model-dir {path} is not a Hugging Face model directory (no config.json).")
         try:
             import transformers
         except ImportError:
             raise BadInput(f"--backbone {kind} needs the transformers package: pip install 'fewshot[hf]'.") from None
         transformers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
+        path, self.loaded = hf_model(kind, model)
         model_type = json.loads((path / "config.json").read_text()).get("model_type")
-        expected = {"clip": "clip", "dinov2": "dinov2"}[kind]
-        if model_type != expected:
-            raise BadInput(f"--model-dir {path} holds a {model_type!r} model, not {expected!r}.")
+        expected = {"clip": "clip", "dinov2": "dinov2"}.get(kind)
+        if expected and model_type != expected:
+            raise BadInput(f"--model {model} holds a {model_type!r} model, not {expected!r}.")
         try:
             if kind == "clip":
                 self.net = transformers.CLIPModel.from_pretrained(path, local_files_only=True)
@@ -127,12 +123,13 @@ class HFEmbedder(Embedder):
             else:
                 self.net = transformers.AutoModel.from_pretrained(path, local_files_only=True)
                 self.processor = transformers.AutoImageProcessor.from_pretrained(path, local_files_only=True)
-        except OSError as err:
-            raise BadInput(f"--model-dir {path} could not be loaded: {str(err).splitlines()[0]}") from None
+        except (OSError, ValueError) as err:
+            raise BadInput(f"--model {model} ({path}) could not be loaded: {str(err).splitlines()[0]}") from None
         self.net = self.net.float()
         self.kind = kind
         self.requires_grad_(False)
         self.identity = {"backbone": kind, "model": directory_digest(path)}
+        emit("weights_loaded", **self.loaded, module=kind)
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         pixels = self.processor(images=image, return_tensors="pt")["pixel_values"][0]
@@ -143,30 +140,21 @@ class HFEmbedder(Embedder):
             out = self.net.get_image_features(pixel_values=pixels)
             # transformers 5 returns an output object whose pooler_output is projected; 4.x the tensor itself
             return out if isinstance(out, torch.Tensor) else out.pooler_output
-        return self.net(pixel_values=pixels).pooler_output
+        out = self.net(pixel_values=pixels)
+        pooled = getattr(out, "pooler_output", None)
+        return pooled.flatten(1) if pooled is not None else out.last_hidden_state.mean(1)
 
 
-def build_embedder(backbone: str, weights: str | None = None, model_dir: str | None = None,
-                   image_size: int = 32) -> Embedder:
-    """The named backbone, checked and loaded from local files only."""
+def build_embedder(backbone: str, weights: str | None = None, model: str | None = None, image_size: int = 32,
+                   emit: Callable[..., None] = lambda event, **fields: None, strict: bool = True) -> Embedder:
+    """The named backbone, its weights resolved (`--weights` for resnet50, `--model` for Hugging Face ones)."""
     if backbone == "small":
         return SmallConvNet(image_size)
     if backbone == "resnet50":
-        return ResNet50(weights)
-    if backbone in ("clip", "dinov2"):
-        return HFEmbedder(backbone, model_dir)
+        return ResNet50(weights, emit, strict)
+    if backbone in HF_BACKBONES:
+        return HFEmbedder(backbone, model, emit)
     raise BadInput(f"--backbone must be one of {', '.join(BACKBONES)}, not {backbone!r}.")
-
-
-def file_digest(path: Path) -> str:
-    """sha1 of a file's bytes, read in chunks (weights files are large)."""
-    if not path.is_file():
-        raise BadInput(f"--weights {path} is not a file.")
-    digest = hashlib.sha1()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def directory_digest(path: Path) -> str:

@@ -12,7 +12,7 @@ VARIANTS = ("cosine", "euclidean")
 #: `models.localiser`: the video localiser's backbones
 LOCALISER_BACKBONES = ("small", "resnet50")
 #: `models.embedders`: frozen embedding backbones
-EMBEDDER_BACKBONES = ("small", "resnet50", "clip", "dinov2")
+EMBEDDER_BACKBONES = ("small", "resnet50", "clip", "dinov2", "hf")
 #: `models.frozen_heads`: classifiers over frozen embeddings
 FROZEN_HEADS = ("prototype", "logistic", "knn")
 #: `reports.embedding`: 2-D projections of the embedding picture

@@ -61,5 +61,9 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     atomic_write_bytes(path, lambda h: torch.save(state, h))
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=False)
+def load_checkpoint(path: Path, option: str = "--resume") -> dict[str, Any]:
+    """A checkpoint holds tensors and plain containers only: read with `weights_only=True`, so no pickled code
+    runs; a file that needs more is a BadInput."""
+    from fewshot_cli.models.weights import safe_load
+
+    return safe_load(path, option)

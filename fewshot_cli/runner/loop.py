@@ -156,7 +156,8 @@ def run(command: Command, resolved: Resolved, opts: RunOptions, extra_config: di
         config = {"command": command.name, "preset": resolved.preset, "knobs": resolved.record(),
                   "seed": opts.seed, "device": str(opts.device), "data": str(opts.data) if opts.data else None,
                   "memory_budget_bytes": opts.budget_bytes, "versions": versions(),
-                  "machine_memory_bytes": psutil.virtual_memory().total, **(extra_config or {})}
+                  "machine_memory_bytes": psutil.virtual_memory().total, "weights": list(task.loaded_weights),
+                  **(extra_config or {})}
         agreed(group, lambda: rundir.claim(run_dir, config) if main else None)
     if group is not None:
         task.wrap_data_parallel()  # DistributedDataParallel starts every rank from rank 0's model

@@ -67,6 +67,8 @@ class Task(ABC):
     #: episodic tasks leave it off, since each episode is a part of its own
     sync_batchnorm: ClassVar[bool] = False
     _ddp: Any = None
+    #: what the task loaded as pretrained weights (each `models.weights.Pretrained.record`), for config.json
+    loaded_weights: tuple[dict[str, Any], ...] = ()
 
     def __init__(self, cfg: Any, ctx: RunContext) -> None:
         self.cfg = cfg
