@@ -6,8 +6,8 @@ import contextlib
 import io
 import json
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,8 @@ from fewshot_cli.commands.detect_config import _BEFORE as _BEFORE
 from fewshot_cli.commands.detect_config import COMMAND as COMMAND
 from fewshot_cli.commands.detect_config import PRESETS as PRESETS
 from fewshot_cli.commands.detect_config import DetectConfig
-from fewshot_cli.data.coco import coco_splits, synthetic_splits
+from fewshot_cli.data.coco import DetectionItem, coco_splits, synthetic_splits
+from fewshot_cli.data.loader import Feed, ItemReader, Loaders
 from fewshot_cli.episodes import Episode, EpisodeSampler
 from fewshot_cli.errors import BadInput
 from fewshot_cli.models.detection import (
@@ -36,6 +37,7 @@ from fewshot_cli.runner.backoff import evaluation_part
 from fewshot_cli.runner.task import BackoffKnob, RunContext, Task
 
 FLOAT = 4  # bytes per float32
+Read = dict[int, tuple[torch.Tensor, DetectionItem]]  # an episode's items: image on the device, boxes and size
 COUNTS = ("positives", "hard_negatives")  # step figures that add up; the others are means
 
 
@@ -86,6 +88,10 @@ class DetectTask(Task):
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _WarmupCosine(cfg.steps()))
         self.dropped_seen = BoxCounts()
         self.test_files: tuple[dict[str, Any], list[dict[str, Any]]] | None = None
+        self.loaders = {name: Loaders(ItemReader(data, "item"), _collate, cfg.workers, ctx.device,
+                                      received=lambda batch, data=data: _count_dropped(data, batch))
+                        for name, data in (("train", self.train_data), ("test", self.test_data))}
+        self.feed = Feed(self.loaders["train"], self._schedule)
         self._report_dropped("data", 0)
         if cfg.eval_batch_size is None:
             cfg.eval_batch_size = cfg.n_way * cfg.n_query
@@ -95,20 +101,32 @@ class DetectTask(Task):
     def total_steps(self) -> int:
         return self.cfg.steps()
 
+    def _train_episodes(self, step: int) -> list[Episode]:
+        return [self.samplers["train"].episode(i) for i in self.cfg.step_episodes(step)]
+
+    def _schedule(self, first: tuple[int, int]) -> Iterator[tuple[tuple[int, int], list[int]]]:
+        """This rank's training episodes' items from step `first`'s part on, in the order the steps take them."""
+        for step in range(first[0], self.total_steps() + 1):
+            episodes = self._train_episodes(step)
+            for j in self.my_share(list(range(len(episodes)))):
+                if (step, j) >= first:
+                    yield (step, j), _episode_items(episodes[j])
+
     def train_step(self, step: int) -> dict[str, float]:
         """The step's episodes (one by default), each one's queries in micro-steps of cfg.n_query per class (an
         OOM back-off lowers it); data-parallel, each rank takes its share of the episodes."""
-        episodes = [self.samplers["train"].episode(i) for i in self.cfg.step_episodes(step)]
+        episodes = self._train_episodes(step)
         weight = 1.0 / len(episodes)
 
         def micro_steps(j: int) -> list[tuple[torch.Tensor, torch.Tensor, Batch, float]]:
             episode = episodes[j]
-            support = self._support(self.train_data, episode)
+            read = _by_item(episode, self.feed.get((step, j)))
+            support = self._support(read, episode)
             prototypes, pooled = self.model.prototypes(support.images, torch.stack(support.boxes),
                                                        torch.cat(support.labels), self.cfg.n_way)
             chunks = self._query_chunks(episode)
             n_queries = sum(map(len, chunks))
-            return [(prototypes, pooled, self._queries(self.train_data, chunk, episode.classes),
+            return [(prototypes, pooled, self._queries(read, self.train_data, chunk, episode.classes),
                      len(chunk) / n_queries) for chunk in chunks if chunk]
 
         def compute(_: int, part: tuple[torch.Tensor, torch.Tensor, Batch, float]
@@ -124,6 +142,7 @@ class DetectTask(Task):
         self._optimizer_step()
         sums["boxes_dropped"] = self.all_sum({"n": self._report_dropped("data", step)})["n"]
         sums["lr"] = self.scheduler.get_last_lr()[0]
+        sums["data_wait_s"] = self.loaders["train"].take_wait()
         return sums
 
     def _loss(self, prototypes: torch.Tensor, pooled: torch.Tensor, queries: Batch
@@ -150,16 +169,20 @@ class DetectTask(Task):
         annotations: list[dict[str, Any]] = []
         detections: list[dict[str, Any]] = []
         dropped = BoxCounts()
-        for index in range(episodes):
-            episode = sampler.episode(index)
-            support = self._support(self.test_data, episode)
+        if phase == "test":
+            self.feed.close()
+        chosen = [sampler.episode(index) for index in range(episodes)]
+        batches = self.loaders["test"].fixed(phase, [_episode_items(e) for e in chosen])
+        for index, (episode, batch) in enumerate(zip(chosen, batches, strict=True)):
+            read = _by_item(episode, batch)
+            support = self._support(read, episode)
             prototypes, pooled = self.model.prototypes(support.images, torch.stack(support.boxes),
                                                        torch.cat(support.labels), cfg.n_way)
             chunk = [query for part in self._query_chunks(episode) for query in part]
             while chunk:
                 # each image is detected on its own, so how many are scored at once never changes a detection
                 queries, found, counts = evaluation_part(self, phase, step, "eval_batch_size", partial(
-                    self._detect, chunk, episode.classes, prototypes, pooled))
+                    self._detect, read, chunk, episode.classes, prototypes, pooled))
                 chunk = chunk[len(found):]
                 dropped.add(counts)
                 for i, (boxes, scores, classes) in enumerate(found):
@@ -178,6 +201,8 @@ class DetectTask(Task):
             self.ctx.emit("boxes_dropped", stage="predictions", phase=phase, step=step,
                           non_finite=dropped.non_finite, degenerate=dropped.degenerate, clamped=dropped.clamped)
         self._report_dropped("data", step)
+        if phase == "test":
+            self.loaders["test"].release(phase)
         classes = self.novel if phase == "test" else self.base
         gt = {"images": images, "annotations": annotations,
               "categories": [{"id": c, "name": self.test_data.categories[c]} for c in classes]}
@@ -187,11 +212,11 @@ class DetectTask(Task):
             return {"map": map_all, "map50": map50, "test_episodes": float(episodes)}
         return {"map": map_all, "map50": map50}
 
-    def _detect(self, chunk: list[tuple[int, int]], classes: tuple, prototypes: torch.Tensor, pooled: torch.Tensor
-                ) -> tuple[Batch, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], BoxCounts]:
+    def _detect(self, read: Read, chunk: list[tuple[int, int]], classes: tuple, prototypes: torch.Tensor,
+                pooled: torch.Tensor) -> tuple[Batch, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], BoxCounts]:
         """The first `eval_batch_size` query images of `chunk`, their detections and dropped boxes."""
         cfg = self.cfg
-        queries = self._queries(self.test_data, chunk[:cfg.eval_batch_size], classes)
+        queries = self._queries(read, self.test_data, chunk[:cfg.eval_batch_size], classes)
         found, counts = self.model.detect(queries.images, prototypes, pooled, self.proposals, cfg.proposals_top_k,
                                           cfg.score_threshold, cfg.nms_iou, cfg.max_detections)
         return queries, found, counts
@@ -269,40 +294,40 @@ class DetectTask(Task):
         return [[(item, cls) for cls, items in zip(episode.classes, episode.query, strict=True)
                  for item in items[start:start + per_class]] for start in range(0, n, per_class)]
 
-    def _support(self, data: Any, episode: Episode) -> Batch:
+    def _support(self, read: Read, episode: Episode) -> Batch:
         """One box per support image: the largest box of the class it was drawn for."""
         images, boxes, labels, sizes, names = [], [], [], [], []
         for label, (cls, items) in enumerate(zip(episode.classes, episode.support, strict=True)):
             for item in items:
-                sample = data.item(item)
+                image, sample = read[item]
                 mine = sample.boxes[sample.labels == cls]
                 if not len(mine):
                     raise BadInput(f"Support image {item} has no valid box of class {cls}.")
                 areas = (mine[:, 2] - mine[:, 0]) * (mine[:, 3] - mine[:, 1])
-                images.append(sample.image)
+                images.append(image)
                 boxes.append(mine[int(areas.argmax())])
                 labels.append(torch.tensor([label]))
                 sizes.append((sample.width, sample.height))
                 names.append(str(item))
         device = self.ctx.device
-        return Batch(torch.stack(images).to(device), [b.to(device) for b in boxes], [x.to(device) for x in labels],
+        return Batch(torch.stack(images), [b.to(device) for b in boxes], [x.to(device) for x in labels],
                      sizes, names)
 
-    def _queries(self, data: Any, chunk: list[tuple[int, int]], classes: tuple) -> Batch:
+    def _queries(self, read: Read, data: Any, chunk: list[tuple[int, int]], classes: tuple) -> Batch:
         """Query images with their boxes of the episode's classes (other objects count as background)."""
         index = {cls: i for i, cls in enumerate(classes)}
         images, boxes, labels, sizes, names = [], [], [], [], []
         device = self.ctx.device
         for item, _ in chunk:
-            sample = data.item(item)
+            image, sample = read[item]
             mine = torch.tensor([int(c) in index for c in sample.labels.tolist()], dtype=torch.bool)
-            images.append(sample.image)
+            images.append(image)
             boxes.append(sample.boxes[mine].to(device))
             labels.append(torch.tensor([index[int(c)] for c in sample.labels[mine].tolist()],
                                        dtype=torch.long, device=device))
             sizes.append((sample.width, sample.height))
             names.append(data.file_name(item))
-        return Batch(torch.stack(images).to(device), boxes, labels, sizes, names)
+        return Batch(torch.stack(images), boxes, labels, sizes, names)
 
     def _report_dropped(self, stage: str, step: int) -> int:
         """Log the data boxes dropped since the last report; returns how many."""
@@ -316,6 +341,26 @@ class DetectTask(Task):
             self.ctx.emit("boxes_dropped", stage=stage, step=step, non_finite=new.non_finite,
                           degenerate=new.degenerate, clamped=new.clamped)
         return new.dropped
+
+
+def _episode_items(episode: Episode) -> list[int]:
+    """The items an episode reads, support then queries (an image may serve several of its classes)."""
+    return episode.support_items()[0] + episode.query_items()[0]
+
+
+def _collate(samples: list[DetectionItem]) -> tuple[torch.Tensor, list[DetectionItem]]:
+    """Images stacked (one pinned copy to the device), the rest of each item as it is."""
+    return torch.stack([s.image for s in samples]), [replace(s, image=torch.empty(0)) for s in samples]
+
+
+def _count_dropped(data: Any, batch: tuple[torch.Tensor, list[DetectionItem]]) -> None:
+    for sample in batch[1]:
+        data.dropped.add(sample.dropped)
+
+
+def _by_item(episode: Episode, batch: tuple[torch.Tensor, list[DetectionItem]]) -> Read:
+    images, samples = batch
+    return {item: (images[p], samples[p]) for p, item in enumerate(_episode_items(episode))}
 
 
 class _WarmupCosine:

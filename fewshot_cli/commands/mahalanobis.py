@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from fewshot_cli.commands.mahalanobis_config import COMMAND as COMMAND
 from fewshot_cli.commands.mahalanobis_config import PRESETS as PRESETS
 from fewshot_cli.commands.mahalanobis_config import MahalanobisConfig
 from fewshot_cli.data.folders import ImageFolderSplits
+from fewshot_cli.data.loader import Feed, ItemReader, Loaders, stack_images
 from fewshot_cli.data.synthetic import SyntheticImages
 from fewshot_cli.episodes import Episode, EpisodeSampler, steps_hash
 from fewshot_cli.errors import BadInput
@@ -101,6 +103,9 @@ class MahalanobisTask(Task):
                                                        cfg.freeze_backbone))
         self.pairs: Counter = Counter()  # (true class, predicted) -> test queries
         self.test_features: tuple[np.ndarray, list[str]] | None = None
+        self.loaders = Loaders(ItemReader(self.data), stack_images, cfg.workers, ctx.device)
+        self.feed = Feed(self.loaders, self._schedule)
+        self._planning = False  # tracing under fake tensors reads in this process, without the loader
 
     def total_steps(self) -> int:
         return self.cfg.steps()
@@ -111,11 +116,28 @@ class MahalanobisTask(Task):
     def _images(self, items: list[int]) -> torch.Tensor:
         return torch.stack([self.data[i][0] for i in items]).to(self.ctx.device)
 
+    def _train_episodes(self, step: int) -> list[Episode]:
+        return [self.samplers["train"].episode(i + 1) for i in self.cfg.step_episodes(step)]
+
+    def _schedule(self, first: tuple[int, int]) -> Iterator[tuple[tuple[int, int], list[int]]]:
+        """This rank's training episodes' images (support, then queries) from step `first`'s part on, in the
+        order the steps take them."""
+        for step in range(first[0], self.total_steps() + 1):
+            episodes = self._train_episodes(step)
+            for j in self.my_share(list(range(len(episodes)))):
+                if (step, j) >= first:
+                    yield (step, j), episodes[j].support_items()[0] + episodes[j].query_items()[0]
+
+    def _episode_images(self, step: int, j: int, episode: Episode) -> torch.Tensor:
+        """Episode j of the step's images on the device, support then queries."""
+        if self._planning:
+            return self._images(episode.support_items()[0] + episode.query_items()[0])
+        return self.feed.get((step, j))
+
     def train_step(self, step: int) -> dict[str, float]:
         """The step's episodes (one by default); each one's queries in `accumulation` micro-steps after an OOM
         back-off; data-parallel, each rank takes its share of the episodes."""
-        sampler, indices = self.samplers["train"], self.cfg.step_episodes(step)
-        episodes = [sampler.episode(i + 1) for i in indices]
+        episodes = self._train_episodes(step)
         weight = 1.0 / len(episodes)
 
         def micro_steps(j: int) -> list[tuple[Episode, list[int]]]:
@@ -123,12 +145,14 @@ class MahalanobisTask(Task):
             chunks = np.array_split(np.arange(n_query), min(self.accumulation, n_query))
             return [(episodes[j], c.tolist()) for c in chunks]
 
-        def compute(_: int, part: tuple[Episode, list[int]]) -> tuple[torch.Tensor, dict[str, float]]:
+        def compute(j: int, part: tuple[Episode, list[int]]) -> tuple[torch.Tensor, dict[str, float]]:
             episode, chunk = part
             (support_items, support_labels), (query_items, query_labels) = (episode.support_items(),
                                                                             episode.query_items())
-            support = self.model.embed(self._images(support_items))
-            query = self.model.embed(self._images([query_items[i] for i in chunk]))
+            images = self._episode_images(step, j, episode)
+            n_support = len(support_items)
+            support = self.model.embed(images[:n_support])
+            query = self.model.embed(images[n_support + chunk[0]:n_support + chunk[-1] + 1])
             q_labels = torch.tensor([query_labels[i] for i in chunk], device=self.ctx.device)
             logits = self.model.logits(support, torch.tensor(support_labels, device=self.ctx.device), query,
                                        self.cfg.n_way)
@@ -140,13 +164,16 @@ class MahalanobisTask(Task):
         sums = self.accumulate(step, len(episodes), micro_steps, compute)
         self.optimizer.step()
         return {"loss": sums["loss"], "accuracy": sums["correct"] / sums["queries"],
-                "episode_hash": steps_hash(episodes)}
+                "episode_hash": steps_hash(episodes), "data_wait_s": self.loaders.take_wait()}
 
     def evaluate(self, phase: str, step: int) -> dict[str, float]:
         n = self.cfg.val_episodes if phase == "val" else self.cfg.test_episodes
+        if phase == "test":
+            self.feed.close()
         result = self._evaluate(phase, [self.samplers[phase].episode(i) for i in range(n)], step,
                                 record=phase == "test")
         if phase == "test":
+            self.loaders.release(phase)
             result["test_episodes"] = n
         return result
 
@@ -161,10 +188,15 @@ class MahalanobisTask(Task):
         the (true, predicted) class counts of the queries, and with --plots the features, for `finish`."""
         items = sorted({i for e in episodes for i in (*e.support_items()[0], *e.query_items()[0])})
         row = {item: r for r, item in enumerate(items)}
+        chunks = [items[a:a + self.cfg.batch_size] for a in range(0, len(items), self.cfg.batch_size)]
+        batches = map(self._images, chunks) if self._planning else self.loaders.fixed(phase, chunks)
         parts: list[torch.Tensor] = []
-        while (done := sum(len(p) for p in parts)) < len(items):
-            parts.append(evaluation_part(self, phase, step, "batch_size", lambda a=done: self.model.embed(
-                self._images(items[a:a + self.cfg.batch_size]))))
+        for images in batches:  # the loader's batches, each embedded in slices of batch_size (halved on OOM)
+            done = 0
+            while done < len(images):
+                parts.append(evaluation_part(self, phase, step, "batch_size", lambda a=done, x=images: self.model.embed(
+                    x[a:a + self.cfg.batch_size])))
+                done += len(parts[-1])
         features = torch.cat(parts)
         accuracy = RunningMean()
         for episode in episodes:
@@ -203,8 +235,17 @@ class MahalanobisTask(Task):
         activations), as many as the test has."""
         sampler, cfg = self.samplers["test"], self.cfg
         episodes = min(cfg.test_episodes, math.ceil(cfg.batch_size / (cfg.n_way * (cfg.k_shot + cfg.n_query))))
-        return {"train": lambda: self.train_step(1),
-                "test": lambda: self._evaluate("test", [sampler.episode(i) for i in range(episodes)])}
+        return {"train": self._planned(lambda: self.train_step(1)),
+                "test": self._planned(lambda: self._evaluate("test", [sampler.episode(i) for i in range(episodes)]))}
+
+    def _planned(self, phase: Callable[[], Any]) -> Callable[[], Any]:
+        def run() -> Any:
+            self._planning = True
+            try:
+                return phase()
+            finally:
+                self._planning = False
+        return run
 
     def plan_extra_bytes(self) -> dict[str, dict[str, int]]:
         """Evaluation keeps every image's features of its episodes at once; planning traces one episode only."""

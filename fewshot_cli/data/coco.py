@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +31,8 @@ class DetectionItem:
     labels: torch.Tensor
     width: int
     height: int
+    #: boxes validation dropped while reading this item (a DataLoader worker's counts reach the run this way)
+    dropped: BoxCounts = field(default_factory=BoxCounts)
 
 
 class SyntheticDetection:
@@ -55,9 +57,8 @@ class SyntheticDetection:
     def item(self, index: int) -> DetectionItem:
         scene = self.scenes[index]
         boxes, keep, counts = validate_box_array(scene.boxes, self.image_size, self.image_size)
-        self.dropped.add(counts)
         return DetectionItem(to_tensor(scene.image), torch.from_numpy(boxes), torch.from_numpy(scene.labels[keep] + 1),
-                             self.image_size, self.image_size)
+                             self.image_size, self.image_size, counts)
 
 
 def synthetic_class_name(cls: int) -> str:

@@ -1,0 +1,152 @@
+"""Episodes' images through torch's DataLoader: worker processes, prefetch and pinned memory, in a fixed order."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Iterable, Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+#: batches each worker holds ready; an episode's images are a few MB at 84 px, so 4 ahead cost little
+PREFETCH_FACTOR = 4
+
+Key = Hashable
+Schedule = Callable[[Key], Iterator[tuple[Key, list[int]]]]
+
+
+class ItemReader(Dataset):
+    """Item id -> what the dataset reads for it (`data[i]`, or `data.<method>(i)`), in whichever process asks."""
+
+    def __init__(self, data: Any, method: str = "__getitem__") -> None:
+        self.data, self.method = data, method
+
+    def __getitem__(self, item: int) -> Any:
+        return getattr(self.data, self.method)(item)
+
+
+def stack_images(samples: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
+    """(image, label) samples -> their images as one (B, 3, H, W) tensor; labels come from the episode."""
+    return torch.stack([image for image, _ in samples])
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Tensors (also inside tuples and lists) onto `device`; pinned host memory lets the copy overlap compute."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, tuple | list):
+        return type(batch)(to_device(b, device) for b in batch)
+    return batch
+
+
+class Loaders:
+    """One dataset's DataLoaders: `workers` processes, prefetch, pinned memory on CUDA. Each batch is the images of
+    an item list the caller names, so what a batch holds never depends on the number of workers."""
+
+    def __init__(self, reader: Dataset, collate: Callable[[list[Any]], Any], workers: int,
+                 device: torch.device, received: Callable[[Any], None] | None = None) -> None:
+        self.reader, self.collate, self.workers, self.device = reader, collate, workers, device
+        self.received = received  # sees each batch once, in this process (counts a worker kept go here)
+        self.wait_s = 0.0  # time spent waiting for a batch, since the last `take_wait`
+        self._fixed: dict[str, tuple[list[list[int]], DataLoader]] = {}
+
+    def loader(self, batches: Iterable[list[int]], persistent: bool = False) -> DataLoader:
+        workers = self.workers
+        return DataLoader(self.reader, batch_sampler=batches, collate_fn=self.collate, num_workers=workers,
+                          pin_memory=self.device.type == "cuda", persistent_workers=persistent and workers > 0,
+                          prefetch_factor=PREFETCH_FACTOR if workers else None,
+                          # a loader's own seed: drawing it from the global stream would shift the step's dropout
+                          generator=torch.Generator().manual_seed(0))
+
+    def fixed(self, name: str, batches: list[list[int]]) -> Iterator[Any]:
+        """The batches of a phase that repeats (validation: the same episodes every time), on device, through one
+        DataLoader whose workers persist between its passes; new batches make a new loader."""
+        held = self._fixed.get(name)
+        if held is None or held[0] != batches:
+            self._fixed[name] = held = (batches, self.loader(_Batches(batches), persistent=True))
+        return self._timed(iter(held[1]))
+
+    def _timed(self, batches: Iterator[Any]) -> Iterator[Any]:
+        while True:
+            started = time.perf_counter()
+            try:
+                batch = to_device(next(batches), self.device)
+            except StopIteration:
+                return
+            self.wait_s += time.perf_counter() - started
+            if self.received is not None:
+                self.received(batch)
+            yield batch
+
+    def take_wait(self) -> float:
+        """Seconds spent waiting for input since the last call."""
+        wait, self.wait_s = self.wait_s, 0.0
+        return round(wait, 4)
+
+    def release(self, name: str) -> None:
+        """Let a phase's workers go (the test runs once)."""
+        self._fixed.pop(name, None)
+
+
+class _Batches:
+    """A fixed list of item lists as a batch sampler that can be iterated again (for persistent workers)."""
+
+    def __init__(self, batches: list[list[int]]) -> None:
+        self.batches = batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class Feed:
+    """Training batches keyed `(step, part)`, fetched ahead in the order `schedule(first key)` gives. A step
+    retried after an OOM back-off gets the batches it already had; a key out of order (a resume) restarts the
+    loader there."""
+
+    def __init__(self, loaders: Loaders, schedule: Schedule) -> None:
+        self.loaders, self.schedule = loaders, schedule
+        self._batches: Iterator[Any] | None = None
+        self._keys: deque = deque()  # keys the loader has taken, in the order it yields their batches
+        self._held: dict[Key, Any] = {}
+
+    def get(self, key: tuple) -> Any:
+        if key in self._held:
+            return self._held[key]
+        if key[0] != next(iter(self._held), (None,))[0]:
+            self._held.clear()  # a new step: the last one's batches can go
+        batch = self._next(key) if self._batches is not None else None
+        if batch is None:
+            self._start(key)
+            batch = self._next(key)
+            if batch is None:
+                raise KeyError(f"{key} is not in the schedule")
+        self._held[key] = batch
+        return batch
+
+    def _start(self, key: Key) -> None:
+        self._keys.clear()
+
+        def items() -> Iterator[list[int]]:
+            for k, batch_items in self.schedule(key):
+                self._keys.append(k)
+                yield batch_items
+
+        self._batches = self.loaders._timed(iter(self.loaders.loader(items())))
+
+    def _next(self, key: Key) -> Any:
+        assert self._batches is not None
+        batch = next(self._batches, None)
+        if batch is None or self._keys.popleft() != key:
+            self._batches = None  # exhausted, or asked out of order
+            return None
+        return batch
+
+    def close(self) -> None:
+        """Let the workers go (training is over)."""
+        self._batches = None
+        self._held.clear()

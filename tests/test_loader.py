@@ -1,0 +1,86 @@
+"""Episodes through the DataLoader: the same losses and metrics with any number of workers, batches in order."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SMALL, events, fewshot
+
+from fewshot_cli.data.loader import Feed, ItemReader, Loaders, stack_images
+
+DETECT_TINY = ["--preset", "cpu", "--image-size", "64", "--embedding-dim", "8", "--head-hidden", "16",
+               "--objectness-hidden", "4", "--proposal-step", "16", "--proposals-top-k", "8", "--n-way", "2",
+               "--k-shot", "1", "--n-query", "2", "--episodes", "4", "--test-episodes", "2", "--val-every", "2",
+               "--val-episodes", "1", "--score-threshold", "0.0", "--quiet"]
+
+
+def _run(command: str, args: list[str], workers: int, out: Path) -> tuple[list[float], list[dict], dict]:
+    done = fewshot(command, *args, "--workers", workers, "--out", out, "--name", f"w{workers}")
+    assert done.returncode == 0, done.stderr
+    run_dir = out / f"w{workers}"
+    steps = events(run_dir, "step")
+    assert all(s["data_wait_s"] >= 0 for s in steps)
+    evals = [{k: v for k, v in e.items() if k not in ("time", "elapsed_s", "mem")} for e in events(run_dir, "eval")]
+    return [s["loss"] for s in steps], evals, json.loads((run_dir / "metrics.json").read_text())
+
+
+def test_mahalanobis_results_do_not_depend_on_the_number_of_workers(tmp_path: Path) -> None:
+    runs = [_run("mahalanobis-train", SMALL, w, tmp_path) for w in (0, 1, 2)]
+    assert len(runs[0][0]) == 6 and runs[0][1]
+    assert runs[1] == runs[0] and runs[2] == runs[0]
+
+
+def test_detect_results_do_not_depend_on_the_number_of_workers(tmp_path: Path) -> None:
+    runs = [_run("detect-train", DETECT_TINY, w, tmp_path) for w in (0, 2)]
+    assert len(runs[0][0]) == 4 and runs[0][1]
+    assert runs[1] == runs[0]
+
+
+class Squares:
+    """item i is an image filled with i; counts how often each item was read in this process."""
+
+    def __init__(self) -> None:
+        self.reads: list[int] = []
+
+    def __getitem__(self, item: int) -> tuple[torch.Tensor, int]:
+        self.reads.append(item)
+        return torch.full((1, 2, 2), float(item)), 0
+
+
+def _schedule(first: tuple[int, int]):
+    for step in range(first[0], 6):
+        if (step, 0) >= first:
+            yield (step, 0), [step * 10, step * 10 + 1]
+
+
+def _feed(data: Squares) -> Feed:
+    return Feed(Loaders(ItemReader(data), stack_images, 0, torch.device("cpu")), _schedule)
+
+
+def test_a_retried_step_gets_its_batch_again_without_reading_it_twice() -> None:
+    data = Squares()
+    feed = _feed(data)
+    first = feed.get((1, 0))
+    assert feed.get((1, 0)) is first and data.reads == [10, 11]
+    assert feed.get((2, 0))[:, 0, 0, 0].tolist() == [20.0, 21.0]
+
+
+def test_a_step_asked_out_of_order_restarts_the_loader_there() -> None:
+    feed = _feed(Squares())
+    assert feed.get((1, 0))[0, 0, 0, 0] == 10.0
+    assert feed.get((4, 0))[0, 0, 0, 0] == 40.0  # a resume from step 4
+    assert feed.get((5, 0))[0, 0, 0, 0] == 50.0
+    with pytest.raises(KeyError):
+        feed.get((9, 0))
+
+
+def test_fixed_batches_repeat_through_persistent_workers_in_order() -> None:
+    loaders = Loaders(ItemReader(Squares()), stack_images, 2, torch.device("cpu"))
+    batches = [[3, 1], [2], [7, 5, 4]]
+    for _ in range(2):
+        got = [b[:, 0, 0, 0].tolist() for b in loaders.fixed("val", batches)]
+        assert got == [[3.0, 1.0], [2.0], [7.0, 5.0, 4.0]]
+    assert loaders.take_wait() >= 0 and loaders.wait_s == 0
