@@ -17,6 +17,7 @@ import torch
 
 from fewshot_cli.errors import BadInput
 from fewshot_cli.postmortem import killed
+from fewshot_cli.runner.input_wait import from_steps
 from fewshot_cli.runner.leaks import LeakDetector
 from fewshot_cli.runner.log import read_log
 from fewshot_cli.runner.loop import versions
@@ -471,10 +472,21 @@ def memreport(run_dir: Path) -> dict[str, Any]:
         for e in steps:
             leaks += [{"series": v.series, "growth_mb": v.growth_mb, "window_steps": v.window_steps,
                        "step": v.at_step} for v in detector.observe(e.get("step", 0), e["mem"])]
-    report = {"phases": phases, "leak": bool(leaks), "leaks": leaks}
+    report: dict[str, Any] = {"phases": phases, "leak": bool(leaks), "leaks": leaks}
+    waits = from_steps(e for e in events if e.get("event") == "step")
+    if waits.step_s > 0:  # steps that timed their input
+        verdict = waits.verdict(_workers(events))
+        report["input"] = {"data_wait_share": round(waits.share, 4), "input_bound": verdict is not None,
+                           **({"advice": verdict["advice"]} if verdict else {})}
     config_path = Path(run_dir) / "config.json"
     ended = killed(events, json.loads(config_path.read_text()) if config_path.is_file() else {}, leaks)
     return {**report, "killed": ended} if ended else report
+
+
+def _workers(events: list[dict[str, Any]]) -> int:
+    start = next((e for e in events if e.get("event") == "run_start"), {})
+    workers = start.get("config", {}).get("workers", {})
+    return int(workers.get("value", 0) if isinstance(workers, dict) else workers or 0)
 
 
 def render_memreport(report: dict[str, Any]) -> str:
@@ -494,6 +506,9 @@ def render_memreport(report: dict[str, Any]) -> str:
         k = report["killed"]
         lines.append(f"KILLED after step {k['last_step']} (no run_end; last event {k['last_event']}): "
                      f"likely cause: {k['likely_cause']}")
+    waited = report.get("input")
+    if waited:
+        lines.append(waited.get("advice") or f"input wait {waited['data_wait_share']:.0%} of step time")
     return "\n".join(lines) + "\n"
 
 

@@ -10,6 +10,7 @@ import torch
 from conftest import SMALL, events, fewshot
 
 from fewshot_cli.data.loader import Feed, ItemReader, Loaders, stack_images
+from fewshot_cli.runner.input_wait import from_steps
 
 DETECT_TINY = ["--preset", "cpu", "--image-size", "64", "--embedding-dim", "8", "--head-hidden", "16",
                "--objectness-hidden", "4", "--proposal-step", "16", "--proposals-top-k", "8", "--n-way", "2",
@@ -84,3 +85,21 @@ def test_fixed_batches_repeat_through_persistent_workers_in_order() -> None:
         got = [b[:, 0, 0, 0].tolist() for b in loaders.fixed("val", batches)]
         assert got == [[3.0, 1.0], [2.0], [7.0, 5.0, 4.0]]
     assert loaders.take_wait() >= 0 and loaders.wait_s == 0
+
+
+def test_an_input_bound_run_says_so_in_its_log_and_memreport(tmp_path: Path) -> None:
+    done = fewshot("mahalanobis-train", *SMALL, "--out", tmp_path, "--name", "slow",
+                   env={"FEWSHOT_SIMULATE_SLOW_READ_S": "0.01"})
+    assert done.returncode == 0, done.stderr
+    [verdict] = events(tmp_path / "slow", "input_bound")
+    assert verdict["data_wait_share"] > 0.5 and "--workers 2" in verdict["advice"]
+    report = json.loads(fewshot("memreport", tmp_path / "slow", "--json").stdout)
+    assert report["input"]["input_bound"] is True and "--workers" in report["input"]["advice"]
+    assert "input-bound" in fewshot("memreport", tmp_path / "slow").stdout
+
+
+def test_input_wait_is_judged_against_step_time() -> None:
+    waits = from_steps([{"data_wait_s": 0.05, "step_s": 1.0}, {"data_wait_s": 0.04, "step_s": 1.0}, {"step_s": 9}])
+    assert waits.share == pytest.approx(0.045) and waits.verdict(0) is None
+    waits.add({"data_wait_s": 1.0}, 1.0)
+    assert waits.verdict(3)["advice"].endswith("try --workers 6 (now 3)")

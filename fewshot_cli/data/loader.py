@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from fewshot_cli.runner import faults
+
 #: batches each worker holds ready; an episode's images are a few MB at 84 px, so 4 ahead cost little
 PREFETCH_FACTOR = 4
 
@@ -24,6 +26,7 @@ class ItemReader(Dataset):
         self.data, self.method = data, method
 
     def __getitem__(self, item: int) -> Any:
+        faults.in_read()
         return getattr(self.data, self.method)(item)
 
 

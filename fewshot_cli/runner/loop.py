@@ -22,6 +22,7 @@ from fewshot_cli.runner import faults, plancheck, rundir
 from fewshot_cli.runner.checkpoint import load_checkpoint, save_checkpoint, save_json
 from fewshot_cli.runner.config import Resolved
 from fewshot_cli.runner.distributed import Distributed, StepFailedElsewhere, agreed
+from fewshot_cli.runner.input_wait import InputWait
 from fewshot_cli.runner.leaks import LeakDetector
 from fewshot_cli.runner.log import RunLog, read_log
 from fewshot_cli.runner.memory import is_oom, probe, release
@@ -232,6 +233,7 @@ def _loop(task: Task, command: Command, log: RunLog | _NoLog, opts: RunOptions, 
     every = max(1, getattr(cfg, "checkpoint_every", 50))
     stop = _StopFlag()
     knobs_changed: dict[str, int] = {}
+    waits = InputWait()
     probe(device)  # resets the CUDA peak so the first step's peak is its own
     with stop.installed(), Progress(total, start_step, enabled=main and not opts.quiet, label=command.name) as bar:
         for step in range(start_step + 1, total + 1):
@@ -247,18 +249,24 @@ def _loop(task: Task, command: Command, log: RunLog | _NoLog, opts: RunOptions, 
                 stopping = group.any(stopping)  # SIGTERM on any rank stops every rank after this same step
                 # leaks are judged on the worst rank
                 mem = {**mem, **{k: max(m.get(k, 0.0) for m in mems) for k in mem}}
-            log.write("step", phase="train", step=step, **figures, step_s=round(time.perf_counter() - started, 4),
+            step_s = round(time.perf_counter() - started, 4)
+            log.write("step", phase="train", step=step, **figures, step_s=step_s,
                       mem=mems[0] if group is not None else mem, **ranks)
+            waits.add(figures, step_s)
             for verdict in leaks.observe(step, mem):
                 log.write("leak_warning", series=verdict.series, growth_mb=verdict.growth_mb,
                           window_steps=verdict.window_steps, step=step)
-            bar.update(step, figures.get("loss"), mem["rss_mb"])
+            bar.update(step, figures.get("loss"), mem["rss_mb"], waits.share)
             if task.validate_now(step):
                 log.write("eval", phase="val", step=step, **_evaluate(task, "val", step), mem=probe(device))
             if (step % every == 0 or step == total or stopping) and main:
                 _checkpoint(task, step, checkpoint_path, knobs_changed, log)
             if stopping:
                 raise Interrupted()
+        input_bound = waits.verdict(getattr(cfg, "workers", 0))
+        if input_bound is not None:
+            log.write("input_bound", **input_bound)
+            bar.note(input_bound["advice"])
     metrics = _evaluate(task, "test", total)
     log.write("eval", phase="test", step=total, **metrics, mem=probe(device))
     return task.finish(metrics)
