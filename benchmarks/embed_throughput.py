@@ -18,8 +18,8 @@ import psutil
 import torch
 from PIL import Image
 
-from fewshot_cli.data.embed_layout import read_rgb
 from fewshot_cli.data.embedding_store import EmbeddingStore, extract
+from fewshot_cli.data.images import read_pil
 from fewshot_cli.data.synthetic import SyntheticImages
 from fewshot_cli.models.embedders import build_embedder
 
@@ -46,7 +46,7 @@ def bare_rate(model: torch.nn.Module, paths: list[Path], batch_size: int, device
     """Forward only, timed batch by batch; decoding and preprocessing happen outside the clock."""
     seconds, count = 0.0, 0
     for start in range(0, len(paths), batch_size):
-        pixels = torch.stack([model.preprocess(read_rgb(p)) for p in paths[start:start + batch_size]]).to(device)
+        pixels = torch.stack([model.preprocess(read_pil(p)) for p in paths[start:start + batch_size]]).to(device)
         sync(device)
         began = time.perf_counter()
         with torch.inference_mode():

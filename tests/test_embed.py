@@ -13,8 +13,9 @@ import torch
 from PIL import Image
 
 from fewshot_cli.commands.embed import EmbedConfig, EmbedTask, leave_one_out_threshold
-from fewshot_cli.data.embed_layout import UNKNOWN, read_rgb, scan, write_synthetic
+from fewshot_cli.data.embed_layout import UNKNOWN, scan, write_synthetic
 from fewshot_cli.data.embedding_store import EmbeddingStore, extract
+from fewshot_cli.data.images import read_pil as read_rgb
 from fewshot_cli.errors import BadInput
 from fewshot_cli.models.embedders import SmallConvNet, build_embedder
 from fewshot_cli.runner.task import RunContext

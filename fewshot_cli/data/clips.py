@@ -14,14 +14,13 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as TF
 
+from fewshot_cli.data.images import IMAGE_SUFFIXES, READ_ERRORS, read_rgb, resize
 from fewshot_cli.data.synthetic import SyntheticClips
 from fewshot_cli.episodes import SPLIT_IDS, Episode
 from fewshot_cli.errors import BadInput
 
 SPLITS = ("train", "val", "test")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 BOX_FILE = "boxes.csv"
 BOX_HEADER = ["frame", "x0", "y0", "x1", "y1"]
 # built-in data: 24 classes, disjoint across splits, ~40 clips each
@@ -245,12 +244,10 @@ class DiskClipSource(ClipSource):
 
     def _decode(self, path: Path, what: str) -> torch.Tensor:
         try:
-            with Image.open(path) as handle:
-                rgb = np.asarray(handle.convert("RGB"))
-        except (UnidentifiedImageError, OSError) as err:
+            image = read_rgb(path)
+        except READ_ERRORS as err:
             raise BadInput(f"Cannot decode {what}: {err}") from None
-        image = torch.from_numpy(rgb.copy()).permute(2, 0, 1)
-        return TF.resize(image, [self.image_size, self.image_size], antialias=True).contiguous()
+        return resize(image, self.image_size).contiguous()
 
 
 def _images_in(folder: Path) -> list[Path]:

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torchvision.datasets import CocoDetection
-from torchvision.transforms.v2 import functional as TF
 
+from fewshot_cli.data.images import read_image
 from fewshot_cli.data.synthetic import COLOURS, SHAPES, TEXTURES, SyntheticScenes, class_style, to_tensor
 from fewshot_cli.errors import BadInput
 from fewshot_cli.models.detection import BoxCounts, validate_box_array
@@ -142,10 +142,8 @@ class CocoSplit:
         return str(self.dataset.coco.imgs[self.index[index]]["file_name"])
 
     def item(self, index: int) -> DetectionItem:
-        image, _ = self.dataset[index]
         width, height = self.sizes[index]
-        pixels = TF.to_dtype(TF.pil_to_tensor(image.convert("RGB")), torch.float32, scale=True)
-        pixels = TF.resize(pixels, [self.image_size, self.image_size], antialias=True)
+        pixels = read_image(Path(self.dataset.root) / self.file_name(index), self.image_size)
         scale = np.array([self.image_size / width, self.image_size / height] * 2, dtype=np.float32)
         return DetectionItem(pixels, torch.from_numpy(self.boxes[index] * scale), torch.from_numpy(self.labels[index]),
                              width, height)

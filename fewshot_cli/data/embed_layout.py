@@ -1,5 +1,5 @@
-"""The embed-classify data layout (DATA/CATEGORY/2.support-set, DATA/CATEGORY/6.preprocessed), image reading
-into RGB, and the built-in synthetic categories written in that same layout."""
+"""The embed-classify data layout (DATA/CATEGORY/2.support-set, DATA/CATEGORY/6.preprocessed) and the built-in
+synthetic categories written in that same layout."""
 
 from __future__ import annotations
 
@@ -8,16 +8,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
+from fewshot_cli.data.images import IMAGE_SUFFIXES
 from fewshot_cli.data.synthetic import SyntheticImages
 from fewshot_cli.errors import BadInput
 
 SUPPORT_DIR, QUERY_DIR = "2.support-set", "6.preprocessed"
 UNKNOWN = "Unknown"
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 SHOT_DIR = re.compile(r"^shot[ _-]?\d+$", re.IGNORECASE)  # shot1, shot_2, Shot-3; "shotgun" is a class
-READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
 @dataclass(frozen=True)
@@ -99,34 +98,6 @@ def query_label(parts: tuple[str, ...], known: set[str]) -> str | None:
         if folder in known:
             return folder
     return None
-
-
-def read_rgb(path: Path) -> Image.Image:
-    """Decode an image fully, apply its EXIF orientation and return it as 8-bit RGB; raises READ_ERRORS."""
-    with Image.open(path) as opened:
-        opened.load()
-        image = ImageOps.exif_transpose(opened)
-    return to_rgb(image)
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB from any PIL mode: 16-bit and 32-bit grey are rescaled, transparency is laid on white."""
-    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        grey = np.asarray(image, dtype=np.float64)
-        # 16-bit data scaled to 8 bits; Pillow opens some 16-bit PNGs as mode I
-        grey = grey / 257.0 if grey.max(initial=0) > 255 or image.mode != "I" else grey
-        image = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), "L")
-    elif image.mode == "F":
-        grey = np.asarray(image, dtype=np.float64)
-        grey = grey * 255.0 if grey.max(initial=0) <= 1.0 else grey
-        image = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), "L")
-    if image.mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-    if image.mode in ("RGBA", "LA", "La", "RGBa", "PA"):
-        rgba = image.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(canvas, rgba)
-    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def write_synthetic(root: Path, categories: int, n_way: int, k_shot: int, n_query: int, image_size: int,

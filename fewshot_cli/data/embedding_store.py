@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from fewshot_cli.data.embed_layout import READ_ERRORS, read_rgb
+from fewshot_cli.data.images import READ_ERRORS, read_pil
 
 STORE_VERSION = 1
 
@@ -143,7 +143,7 @@ class _ImageFiles(Dataset):
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
         try:
-            image = read_rgb(self.paths[index])
+            image = read_pil(self.paths[index])
         except READ_ERRORS as err:
             return index, None, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}".strip()
         return index, self.preprocess(image).float(), None

@@ -4,26 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
 
+from fewshot_cli.data.images import IMAGE_SUFFIXES, READ_ERRORS, read_image
 from fewshot_cli.errors import BadInput
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-
-
-def read_rgb(path: Path, size: int | None = None) -> Image.Image:
-    """Read any image PIL knows as upright RGB (EXIF rotation applied), optionally resized to size x size."""
-    with Image.open(path) as image:
-        image = ImageOps.exif_transpose(image)
-        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-            array = np.asarray(image, dtype=np.float32)
-            image = Image.fromarray((array / max(float(array.max()), 1.0) * 255).astype(np.uint8))
-        image = image.convert("RGB")
-        if size is not None:
-            image = image.resize((size, size), Image.BILINEAR)
-        return image
 
 
 class ImageFolderSplits:
@@ -75,8 +59,6 @@ class ImageFolderSplits:
     def __getitem__(self, item: int) -> tuple[torch.Tensor, int]:
         path = self.paths[item]
         try:
-            image = read_rgb(path, self.image_size)
-        except (OSError, UnidentifiedImageError) as err:
+            return read_image(path, self.image_size), self.labels[item]
+        except READ_ERRORS as err:
             raise BadInput(f"Cannot read image {path}: {err}.") from None
-        array = np.asarray(image, dtype=np.float32) / 255.0
-        return torch.from_numpy(array.transpose(2, 0, 1).copy()), self.labels[item]

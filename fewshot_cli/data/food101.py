@@ -14,11 +14,10 @@ from torch.utils.data.distributed import DistributedSampler
 from torchvision import datasets
 from torchvision.transforms import v2
 
+from fewshot_cli.data.images import IMAGENET_MEAN, IMAGENET_STD
 from fewshot_cli.data.synthetic import SyntheticImages
 from fewshot_cli.errors import BadInput
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # short schedules learn faster from milder crops than ImageNet's (0.08, 1.0)
 CROP_SCALE = (0.25, 1.0)
 SPLITS = ("train", "test")

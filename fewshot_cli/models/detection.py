@@ -13,6 +13,7 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, roi_align, sigmoid_focal_loss
 
+from fewshot_cli.data.images import IMAGENET_MEAN, IMAGENET_STD
 from fewshot_cli.errors import BadInput
 from fewshot_cli.models.weights import Pretrained, from_resnet, load_pretrained
 
@@ -20,8 +21,6 @@ ROI_SIZE = 7
 # Faster R-CNN's delta weights: keep the regression targets near unit scale
 BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
 MAX_LOG_SCALE = math.log(1000.0 / 16)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 # ---------------------------------------------------------------- boxes

@@ -14,12 +14,12 @@ from torch import nn
 from torchvision import transforms
 from torchvision.models import resnet50
 
+from fewshot_cli.data.images import IMAGENET_MEAN, IMAGENET_STD
 from fewshot_cli.errors import BadInput
 from fewshot_cli.models.hub import HF_BACKBONES, hf_model
 from fewshot_cli.models.names import EMBEDDER_BACKBONES as BACKBONES
 from fewshot_cli.models.weights import load_pretrained
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SMALL_SEED = 20240601  # fixed, not --seed: the small backbone is one network, so its cache key stays stable
 
 
