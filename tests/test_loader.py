@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import SMALL, events, fewshot
 
-from fewshot_cli.data.loader import Feed, ItemReader, Loaders, stack_images
+from fewshot_cli.data.loader import Feed, ImageCache, ItemReader, Loaders, cache_share, stack_images
 from fewshot_cli.runner.input_wait import from_steps
 
 DETECT_TINY = ["--preset", "cpu", "--image-size", "64", "--embedding-dim", "8", "--head-hidden", "16",
@@ -103,3 +103,31 @@ def test_input_wait_is_judged_against_step_time() -> None:
     assert waits.share == pytest.approx(0.045) and waits.verdict(0) is None
     waits.add({"data_wait_s": 1.0}, 1.0)
     assert waits.verdict(3)["advice"].endswith("try --workers 6 (now 3)")
+
+
+def test_the_image_cache_keeps_the_most_recent_items_within_its_bytes() -> None:
+    cache = ImageCache(max_bytes=3 * 16)  # three 2x2 float32 images
+    for item in range(3):
+        cache.put(item, (torch.zeros(2, 2), item))
+    assert cache.get(0) is not None  # 0 is now the most recent
+    cache.put(3, (torch.zeros(2, 2), 3))
+    assert cache.get(1) is None and cache.get(0) is not None and cache.get(3) is not None
+    assert cache.bytes == 48
+    cache.put(4, torch.zeros(4, 4))  # larger than the whole cache: not kept, nothing evicted
+    assert cache.get(4) is None and cache.bytes == 48 and (cache.hits, cache.misses) == (3, 2)
+
+
+def test_a_cached_item_is_read_once() -> None:
+    data = Squares()
+    reader = ItemReader(data, cache_bytes=cache_share(1, 0))
+    loaders = Loaders(reader, stack_images, 0, torch.device("cpu"))
+    for _ in range(2):
+        list(loaders.fixed("val", [[1, 2], [2, 3]]))
+    assert data.reads == [1, 2, 3]
+    assert ItemReader(Squares(), cache_bytes=cache_share(4, 2)).cache.max_bytes == 2 * 1024 * 1024
+
+
+def test_the_image_cache_does_not_change_results(tmp_path: Path) -> None:
+    cached = _run("mahalanobis-train", SMALL, 0, tmp_path / "cached")
+    uncached = _run("mahalanobis-train", [*SMALL, "--image-cache-mb", "0"], 0, tmp_path / "uncached")
+    assert cached == uncached

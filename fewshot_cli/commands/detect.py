@@ -22,7 +22,7 @@ from fewshot_cli.commands.detect_config import COMMAND as COMMAND
 from fewshot_cli.commands.detect_config import PRESETS as PRESETS
 from fewshot_cli.commands.detect_config import DetectConfig
 from fewshot_cli.data.coco import DetectionItem, coco_splits, synthetic_splits
-from fewshot_cli.data.loader import Feed, ItemReader, Loaders
+from fewshot_cli.data.loader import Feed, ItemReader, Loaders, cache_share, loader_bytes
 from fewshot_cli.episodes import Episode, EpisodeSampler
 from fewshot_cli.errors import BadInput
 from fewshot_cli.models.detection import (
@@ -88,7 +88,8 @@ class DetectTask(Task):
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _WarmupCosine(cfg.steps()))
         self.dropped_seen = BoxCounts()
         self.test_files: tuple[dict[str, Any], list[dict[str, Any]]] | None = None
-        self.loaders = {name: Loaders(ItemReader(data, "item"), _collate, cfg.workers, ctx.device,
+        share = cache_share(cfg.image_cache_mb, cfg.workers)
+        self.loaders = {name: Loaders(ItemReader(data, "item", share), _collate, cfg.workers, ctx.device,
                                       received=lambda batch, data=data: _count_dropped(data, batch))
                         for name, data in (("train", self.train_data), ("test", self.test_data))}
         self.feed = Feed(self.loaders["train"], self._schedule)
@@ -171,6 +172,7 @@ class DetectTask(Task):
         dropped = BoxCounts()
         if phase == "test":
             self.feed.close()
+            self.loaders["test"].release("val")
         chosen = [sampler.episode(index) for index in range(episodes)]
         batches = self.loaders["test"].fixed(phase, [_episode_items(e) for e in chosen])
         for index, (episode, batch) in enumerate(zip(chosen, batches, strict=True)):
@@ -281,9 +283,14 @@ class DetectTask(Task):
         stride = 16 if cfg.backbone == "resnet50" else 4
         supports = cfg.n_way * cfg.k_shot
         support = supports * (3 * cfg.image_size**2 + cfg.embedding_dim * (cfg.image_size // stride) ** 2) * FLOAT
-        return {"train": {"proposal_grid": grid, "proposal_ranking": ranking, "support_pass": support},
+        image = 3 * cfg.image_size**2 * FLOAT
+        items, episode = len(self.train_data) + len(self.test_data), cfg.n_way * (cfg.k_shot + cfg.n_query) * image
+        # host memory: the image cache and prefetched episodes; training validates with a loader of its own
+        train = loader_bytes(cfg.image_cache_mb, items, image, cfg.workers, episode, 2 if cfg.val_every else 1)
+        test = loader_bytes(cfg.image_cache_mb, items, image, cfg.workers, episode)
+        return {"train": {"proposal_grid": grid, "proposal_ranking": ranking, "support_pass": support, **train},
                 "test": {"proposal_grid": grid, "proposal_ranking": ranking, "nms_inputs": nms,
-                         "support_pass": support}}
+                         "support_pass": support, **test}}
 
     # ------------------------------------------------------------------ episodes
 

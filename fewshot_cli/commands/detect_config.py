@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from fewshot_cli.help import MEMORY
 from fewshot_cli.models.pretrained import FREEZE_HELP, LR_BACKBONE_HELP, PRETRAINED, STRICT_HELP, WEIGHTS_HELP
 from fewshot_cli.runner.command import Command
 from fewshot_cli.runner.config import EpisodicConfig, knob
@@ -32,6 +33,8 @@ class DetectConfig(EpisodicConfig):
     max_detections: int = knob(100, "detections kept per image after NMS", minimum=1)
     eval_batch_size: int | None = knob(None, "query images scored at once in evaluation, halved on OOM (default: "
                                        "an episode's n_way x n_query)", minimum=1, result_neutral=True)
+    image_cache_mb: int = knob(256, "MiB of decoded, resized images kept for reuse (LRU; --workers split it)",
+                               minimum=0, panel=MEMORY, result_neutral=True)
 
 
 # t4 is the seed's configuration after its OOM fix; a100/h100 its configuration before (fits 40+ GB)

@@ -19,7 +19,7 @@ from fewshot_cli.commands.mahalanobis_config import PRESETS as PRESETS
 from fewshot_cli.commands.mahalanobis_config import MahalanobisConfig
 from fewshot_cli.data.folders import ImageFolderSplits
 from fewshot_cli.data.images import IMAGENET_MEAN, IMAGENET_STD
-from fewshot_cli.data.loader import Feed, ItemReader, Loaders, stack_images
+from fewshot_cli.data.loader import Feed, ItemReader, Loaders, cache_share, loader_bytes, stack_images
 from fewshot_cli.data.synthetic import SyntheticImages
 from fewshot_cli.episodes import Episode, EpisodeSampler, steps_hash
 from fewshot_cli.errors import BadInput
@@ -104,7 +104,8 @@ class MahalanobisTask(Task):
                                                        cfg.freeze_backbone))
         self.pairs: Counter = Counter()  # (true class, predicted) -> test queries
         self.test_features: tuple[np.ndarray, list[str]] | None = None
-        self.loaders = Loaders(ItemReader(self.data), stack_images, cfg.workers, ctx.device)
+        reader = ItemReader(self.data, cache_bytes=cache_share(cfg.image_cache_mb, cfg.workers))
+        self.loaders = Loaders(reader, stack_images, cfg.workers, ctx.device)
         self.feed = Feed(self.loaders, self._schedule)
         self._planning = False  # tracing under fake tensors reads in this process, without the loader
 
@@ -171,6 +172,7 @@ class MahalanobisTask(Task):
         n = self.cfg.val_episodes if phase == "val" else self.cfg.test_episodes
         if phase == "test":
             self.feed.close()
+            self.loaders.release("val")
         result = self._evaluate(phase, [self.samplers[phase].episode(i) for i in range(n)], step,
                                 record=phase == "test")
         if phase == "test":
@@ -249,8 +251,14 @@ class MahalanobisTask(Task):
         return run
 
     def plan_extra_bytes(self) -> dict[str, dict[str, int]]:
-        """Evaluation keeps every image's features of its episodes at once; planning traces one episode only."""
+        """Evaluation keeps every image's features of its episodes at once; planning traces one episode only. The
+        loader's image cache and prefetched batches are host memory; training validates with a loader of its own."""
         cfg = self.cfg
         split_items = sum(len(v) for v in self.samplers["test"].items.values())
         images = min(split_items, cfg.test_episodes * cfg.n_way * (cfg.k_shot + cfg.n_query))
-        return {"test": {"evaluation_features": images * self.model.embedding_dim * 4}}
+        items = sum(len(v) for sampler in self.samplers.values() for v in sampler.items.values())
+        image = 3 * cfg.image_size**2 * 4
+        episode = cfg.n_way * (cfg.k_shot + cfg.n_query) * image
+        train = loader_bytes(cfg.image_cache_mb, items, image, cfg.workers, episode, 2 if cfg.val_every else 1)
+        test = loader_bytes(cfg.image_cache_mb, items, image, cfg.workers, cfg.batch_size * image)
+        return {"train": train, "test": {"evaluation_features": images * self.model.embedding_dim * 4, **test}}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from fewshot_cli.help import MEMORY
 from fewshot_cli.models.names import BACKBONES, COVARIANCES, EMBEDDING_PLOTS, ESTIMATORS, HEADS, VARIANTS
 from fewshot_cli.models.pretrained import FREEZE_HELP, LR_BACKBONE_HELP, PRETRAINED, STRICT_HELP, WEIGHTS_HELP
 from fewshot_cli.runner.command import Command
@@ -30,6 +31,8 @@ class MahalanobisConfig(EpisodicConfig):
     adapt: str = knob("prototypes", "set-to-set transformer over", choices=("none", "prototypes", "support"))
     variant: str = knob("cosine", "the transformer's attention metric", choices=VARIANTS)
     checkpoint_activations: bool = knob(False, "recompute backbone activations in backward to save memory")
+    image_cache_mb: int = knob(256, "MiB of decoded, resized images kept for reuse (LRU; --workers split it)",
+                               minimum=0, panel=MEMORY, result_neutral=True)
     batch_size: int = knob(128, "images per forward when computing evaluation features (halved on OOM)", minimum=1,
                            result_neutral=True)
     lr: float = knob(1e-3, "Adam learning rate", minimum=0.0)

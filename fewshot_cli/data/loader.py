@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from typing import Any
 
@@ -19,15 +20,81 @@ Key = Hashable
 Schedule = Callable[[Key], Iterator[tuple[Key, list[int]]]]
 
 
-class ItemReader(Dataset):
-    """Item id -> what the dataset reads for it (`data[i]`, or `data.<method>(i)`), in whichever process asks."""
+MiB = 1024 * 1024
 
-    def __init__(self, data: Any, method: str = "__getitem__") -> None:
+
+class ImageCache:
+    """Decoded, resized items by id, least recently used first out, at most `max_bytes` of tensors."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes, self.bytes = max_bytes, 0
+        self.hits = self.misses = 0
+        self._items: OrderedDict[int, tuple[Any, int]] = OrderedDict()
+
+    def get(self, item: int) -> Any:
+        found = self._items.get(item)
+        if found is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._items.move_to_end(item)
+        return found[0]
+
+    def put(self, item: int, value: Any) -> None:
+        size = tensor_bytes(value)
+        if size > self.max_bytes:
+            return
+        while self.bytes + size > self.max_bytes:
+            _, (_, freed) = self._items.popitem(last=False)
+            self.bytes -= freed
+        self._items[item] = (value, size)
+        self.bytes += size
+
+
+def tensor_bytes(value: Any) -> int:
+    """Bytes of the tensors in a value (a tensor, or tuples, lists and dataclasses of them)."""
+    if isinstance(value, torch.Tensor):
+        return value.nbytes
+    if isinstance(value, tuple | list):
+        return sum(map(tensor_bytes, value))
+    if dataclasses.is_dataclass(value):
+        return sum(tensor_bytes(getattr(value, f.name)) for f in dataclasses.fields(value))
+    return 0
+
+
+class ItemReader(Dataset):
+    """Item id -> what the dataset reads for it (`data[i]`, or `data.<method>(i)`), in whichever process asks,
+    through a cache of `cache_bytes` in each process that reads (a worker's copy starts empty)."""
+
+    def __init__(self, data: Any, method: str = "__getitem__", cache_bytes: int = 0) -> None:
         self.data, self.method = data, method
+        self.cache = ImageCache(cache_bytes)
 
     def __getitem__(self, item: int) -> Any:
-        faults.in_read()
-        return getattr(self.data, self.method)(item)
+        value = self.cache.get(item)
+        if value is None:
+            faults.in_read()
+            value = getattr(self.data, self.method)(item)
+            self.cache.put(item, value)
+        return value
+
+
+def cache_share(cache_mb: int, workers: int) -> int:
+    """Each reading process's share of an --image-cache-mb budget: the workers split it, or the main process
+    holds it all."""
+    return cache_mb * MiB // max(1, workers)
+
+
+def loader_bytes(cache_mb: int, items: int, item_bytes: int, workers: int, batch_bytes: int,
+                 loaders: int = 1) -> dict[str, int]:
+    """Host memory `loaders` loaders alive at once hold that tracing a step does not see: the image cache at its
+    bound (or the whole data, if smaller) and the batches their workers hold ready. With no workers every loader
+    reads through the one cache of the main process."""
+    copies = loaders if workers else 1
+    out = {"image_cache": copies * min(cache_mb * MiB, items * item_bytes)}
+    if workers:
+        out["prefetched_batches"] = loaders * workers * PREFETCH_FACTOR * batch_bytes
+    return out
 
 
 def stack_images(samples: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
