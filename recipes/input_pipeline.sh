@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# fewshot against easyfsl 1.5.0 on 512 x 384 JPEGs: episodes/s, input wait and accuracy, conv4 and resnet12 at
+# 84 px, 0 and 2 workers; writes results/input_pipeline.md (machine-dependent). Needs the `bench` extra.
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+mkdir -p results
+python benchmarks/input_pipeline.py --episodes "${EPISODES:-40}" --backbones conv4,resnet12 --workers 0,2 \
+  --out results/input_pipeline.md
