@@ -4,5 +4,5 @@
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 mkdir -p results
-python benchmarks/input_pipeline.py --episodes "${EPISODES:-40}" --backbones conv4,resnet12 --workers 0,2 \
+python benchmarks/input_pipeline.py --episodes "${EPISODES:-30,5}" --backbones conv4,resnet12 --workers 0,2 \
   --out results/input_pipeline.md
