@@ -3,6 +3,7 @@
 # 84 px, 0 and 2 workers; writes results/input_pipeline.md (machine-dependent). Needs the `bench` extra.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # both sides alike; on shared cores more threads only contend
 mkdir -p results
 python benchmarks/input_pipeline.py --episodes "${EPISODES:-30,5}" --backbones conv4,resnet12 --workers 0,2 \
   --out results/input_pipeline.md
