@@ -43,7 +43,7 @@ CPU_ALLOCATOR = 0.05
 MPS_OVERHEAD = 1.15  # the MPS allocator's heaps round up; measured overhead factor
 #: plan lines a command declares for memory the host holds whatever the device (batches its loader's workers
 #: prefetch, caches of decoded frames): on CUDA or MPS they are the machine's memory, not the device's
-HOST_LINES = ("loader_prefetch", "prefetched_episodes", "frame_cache", "episode_uint8")
+HOST_LINES = ("loader_prefetch", "prefetched_episodes", "frame_cache", "episode_uint8", "image_cache")
 #: per device type, plan lines that a run's own measure of its phases does not see: the CUDA context lies outside
 #: the caching allocator, host lines outside any device's allocator, and the CPU's start-up resident set is there
 #: before the run builds its model (the check subtracts it)

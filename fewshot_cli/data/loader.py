@@ -93,7 +93,7 @@ def loader_bytes(cache_mb: int, items: int, item_bytes: int, workers: int, batch
     copies = loaders if workers else 1
     out = {"image_cache": copies * min(cache_mb * MiB, items * item_bytes)}
     if workers:
-        out["prefetched_batches"] = loaders * workers * PREFETCH_FACTOR * batch_bytes
+        out["loader_prefetch"] = loaders * workers * PREFETCH_FACTOR * batch_bytes
     return out
 
 
