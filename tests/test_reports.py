@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SMALL, fewshot
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
@@ -21,7 +22,6 @@ from fewshot_cli.models.frozen_heads import l2_normalise
 from fewshot_cli.reports.confusion import write_confusion
 from fewshot_cli.reports.open_set import unknown_auroc
 from fewshot_cli.runner.task import RunContext
-from tests.conftest import SMALL, fewshot
 
 
 def _embed(run_dir: Path, **knobs) -> tuple[EmbedTask, dict[str, float]]:

@@ -6,8 +6,7 @@ import subprocess
 import sys
 
 import pytest
-
-from tests.conftest import SMALL, events, fewshot
+from conftest import SMALL, events, fewshot
 
 pytest.importorskip("tensorboard")
 
