@@ -214,15 +214,18 @@ def check_amp(out: Path, md: list[str]) -> bool:
 
 def check_overhead(out: Path, md: list[str]) -> bool:
     from fewshot_cli.commands.mahalanobis import COMMAND
+    from fewshot_cli.models.pretrained import settle
     from fewshot_cli.runner.config import resolve
     from fewshot_cli.runner.loop import RunOptions, run
     from fewshot_cli.runner.task import RunContext, step_seed
 
     episodes, device = 40, torch.device("cuda")
 
-    def config():
-        return resolve(COMMAND.config, COMMAND.presets, "t4", {"episodes": episodes, "val_every": 0,
-                                                               "test_episodes": 1, "checkpoint_every": 10**6})
+    def config():  # the built-in data: the preset's pretrained weights settle to none, as on the command line
+        resolved = resolve(COMMAND.config, COMMAND.presets, "t4", {"episodes": episodes, "val_every": 0,
+                                                                   "test_episodes": 1, "checkpoint_every": 10**6})
+        settle(resolved, None)
+        return resolved
 
     def bare() -> float:
         torch.manual_seed(0)
