@@ -44,15 +44,22 @@ CONFIGS = [
     ("classify-food101", "held out: 96 px, batch 48", ["--epochs", "1", "--dev-samples", "2", "--image-size", "96",
                                                        "--batch-size", "48"]),
     ("embed-classify", "held out: 48 px, batch 64", ["--image-size", "48", "--batch-size", "64"]),
+    ("triplet-train", "held out: 80 px, batch 12", ["--episodes", "3", "--val-every", "0", "--test-episodes", "2",
+                                                    "--image-size", "80", "--triplet-batch-size", "12"]),
+    ("classify-food101", "held out: 112 px, batch 24, 4 a class", ["--epochs", "1", "--dev-samples", "4",
+                                                                  "--image-size", "112", "--batch-size", "24"]),
 ]
+#: configurations also run without a budget, where glibc keeps freed tensors in its heap: the plan assumes it does
+#: not, and the check says so (`freed_returned`); this table shows by how much such a run exceeds the plan
+WITHOUT_BUDGET = [("classify-food101", "held out: 96 px, batch 48"), ("mahalanobis-train", "cpu")]
 GOAL = (-0.05, 0.15)
 #: a budget every configuration fits: under a budget a CPU run returns freed tensors to the system, as planned
 BUDGET = "16GiB"
 
 
-def run(command: str, options: list[str], out: Path, name: str) -> list[dict]:
+def run(command: str, options: list[str], out: Path, name: str, budget: bool = True) -> list[dict]:
     args = [sys.executable, "-m", "fewshot_cli", command, "--preset", "cpu", "--device", "cpu", "--quiet",
-            "--memory-budget", BUDGET,
+            *(["--memory-budget", BUDGET] if budget else []),
             *options, "--out", str(out), "--name", name]
     done = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
                           check=False)
@@ -60,6 +67,24 @@ def run(command: str, options: list[str], out: Path, name: str) -> list[dict]:
         raise SystemExit(f"{' '.join(args)} failed:\n{done.stderr[-2000:]}")
     lines = [json.loads(line) for line in (out / name / "log.jsonl").read_text().splitlines() if line.strip()]
     return [e for e in lines if e["event"] == "plan_check"]
+
+
+def without_budget(commands: list[str] | None, out: Path) -> str:
+    """The WITHOUT_BUDGET configurations run with glibc's default allocator, as a table."""
+    lines = ["| command | configuration | phase | predicted MiB | measured MiB, no budget | error |",
+             "|---|---|---|---|---|---|"]
+    for index, (command, label, options) in enumerate(CONFIGS):
+        if (command, label) not in WITHOUT_BUDGET or (commands and command not in commands):
+            continue
+        for check in run(command, options, out, f"n{index}", budget=False):
+            assert check["freed_returned"] is False
+            lines.append(f"| {command} | {label} | {check['phase']} | {check['predicted_mb']:,.1f} | "
+                         f"{check['measured_mb']:,.1f} | {100 * check['error']:+.1f}% |")
+            print(lines[-1], flush=True)
+    if len(lines) == 2:
+        return ""
+    return ("\nWithout a budget (glibc's default: freed tensors stay in its heap; the plan assumes they go back to the "
+            "system, and each check says which it was, `freed_returned`):\n\n" + "\n".join(lines) + "\n")
 
 
 def main() -> None:
@@ -81,9 +106,10 @@ def main() -> None:
                 lines.append(f"| {command} | {label} | {check['phase']} | {check['predicted_mb']:,.1f} | "
                              f"{check['measured_mb']:,.1f} | {100 * error:+.1f}% | {'yes' if within else 'NO'} |")
                 print(lines[-1], flush=True)
+        unbudgeted = without_budget(args.commands, Path(tmp))
     summary = (f"\n{sum(GOAL[0] <= e <= GOAL[1] for e in errors)} of {len(errors)} phases within the goal; errors "
                f"from {100 * min(errors):+.1f}% to {100 * max(errors):+.1f}%.\n") if errors else "\n"
-    table = "\n".join(lines) + "\n" + summary
+    table = "\n".join(lines) + "\n" + summary + unbudgeted
     print(table)
     if args.markdown:
         with open(args.markdown, "w") as handle:
@@ -93,8 +119,29 @@ def main() -> None:
                          "phase less its start-up baseline line; measured: the process's peak resident set during the "
                          "phase less the resident set "
                          "before the run built its model. Goal: within 15% and never more than 5% under. The "
-                         "plan's `cpu_runtime` and `cpu_allocator` lines were read from the first ten rows' runs on "
-                         "this machine (two cores, Linux, glibc); the rows marked held out were not used.\n\n" + table)
+                         "plan's `cpu_runtime` line was read from the runs of the first ten configurations on "
+                         "this machine (two cores, Linux, glibc); the rows marked held out were not used.\n\n" + table
+                         + NOTES)
+
+
+#: what each term the plan gained came from (the measurements behind them are in the modules they name)
+NOTES = """
+Notes on the terms behind these errors:
+
+- `onednn_copies`: a CPU convolution through oneDNN copies its input and weights into a blocked layout, or its
+  output out of one, in memory no tensor holds (forward max(input + weights, output), backward gradient + input +
+  weights; `fewshot_cli/onednn_copies.py`). Without it embed-classify with ResNet-50 was 5% under.
+- The optimizer's state is live through every training step after the first (planned when a run has more than one
+  step); with it and the copies, a real ResNet-12 step's peak is the traced one to within 0.3%, and the gap left is
+  a constant (`cpu_runtime`), so the former proportional `cpu_allocator` term is gone.
+- classify-food101 with `--dev-samples` has fewer training images than a batch: every batch is the split, and the
+  plan traces that batch (it traced the full one: +25%); its evaluation also holds the last training batch.
+- An image cache holds only the images read by then; embed-classify's scoring loads scikit-learn's metrics
+  (~100 MiB resident), now loaded before the start-up baseline is read; detect-train's loaded episode and its
+  previous query batch are lines of their own.
+- classify-food101's test phase is the closest to the line (about -4%): after training its process holds a few MiB
+  more than params, gradients, optimizer state and the runtime term account for, not yet explained.
+"""
 
 
 if __name__ == "__main__":

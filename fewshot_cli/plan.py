@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 from collections.abc import Callable
 from contextlib import ExitStack, nullcontext
 from typing import Any
@@ -15,6 +16,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
 
 from fewshot_cli.errors import BadInput
+from fewshot_cli.onednn_copies import ConvCopies
 from fewshot_cli.runner import faults
 from fewshot_cli.runner.config import Resolved
 from fewshot_cli.runner.device import device_memory_bytes
@@ -32,18 +34,23 @@ CUDA_CONTEXT = 771 * MiB
 CUDA_WORKSPACES = 118 * MiB
 #: the caching allocator's rounding and split blocks: peak reserved over peak allocated, less one
 CUDA_ALLOCATOR = 0.161
-#: the CPU's terms, read from the short runs of benchmarks/plan_accuracy.py (results/plan_accuracy.md) on Linux,
+#: the CPU's term, read from the short runs of benchmarks/plan_accuracy.py (results/plan_accuracy.md) on Linux,
 #: glibc, under a budget, so with freed tensors returned to the system (`runner.memory.return_freed_memory`): what
 #: a run's first steps add to the process besides tensors (oneDNN/MKL kernels and thread pools; with training,
-#: autograd's engine and its threads), the gap at the smallest configurations
-CPU_RUNTIME = {"training": 26 * MiB, "inference": 13 * MiB}
-#: page rounding of every tensor's own mapping and oneDNN's scratchpads, which grow with the step (the gap at the
-#: largest configuration, mahalanobis-train with ResNet-12 at 84 px)
-CPU_ALLOCATOR = 0.05
+#: autograd's engine and its threads), the gap left at the first ten configurations once oneDNN's convolution
+#: copies and the optimizer state of later steps are planned; that gap does not grow with the configuration
+#: (ResNet-12 at 84 px: a real step's peak is the traced one plus the copies to within 0.3%)
+CPU_RUNTIME = {"training": int(29.5 * MiB), "inference": 13 * MiB}
+#: what a CPU plan assumes of glibc, which holds only under a budget (`runner.memory.return_freed_memory`)
+FREED_NOTE = ("assumes freed tensors go back to the system, as under --memory-budget; without a budget glibc keeps "
+              "them and the run holds more (results/plan_accuracy.md)")
 MPS_OVERHEAD = 1.15  # the MPS allocator's heaps round up; measured overhead factor
 #: plan lines a command declares for memory the host holds whatever the device (batches its loader's workers
 #: prefetch, caches of decoded frames): on CUDA or MPS they are the machine's memory, not the device's
-HOST_LINES = ("loader_prefetch", "prefetched_episodes", "frame_cache", "episode_uint8", "image_cache")
+HOST_LINES = ("loader_prefetch", "prefetched_episodes", "frame_cache", "episode_uint8", "image_cache",
+              "kept_train_batch")
+#: traced lines of the CPU's own libraries: oneDNN's copies around a convolution (CUDA's are in its workspaces)
+CPU_LINES = ("onednn_copies",)
 #: per device type, plan lines that a run's own measure of its phases does not see: the CUDA context lies outside
 #: the caching allocator, host lines outside any device's allocator, and the CPU's start-up resident set is there
 #: before the run builds its model (the check subtracts it)
@@ -126,20 +133,32 @@ def trace(command: Command, config: Any, seed: int = 0, fake: bool = True,
             task.model.train(train)
             if observe is not None:
                 observe(phase, "start")
-            with tracker, (nullcontext() if train else torch.inference_mode()):
+            copies = ConvCopies(tracker)
+            with tracker, copies, (nullcontext() if train else torch.inference_mode()):
                 step()
             if observe is not None:
                 observe(phase, "end")
-            snapshot = tracker.get_tracker_snapshot("peak")
-            components: dict[str, int] = {}
-            for per_device in snapshot.values():
-                for kind, size in per_device.items():
-                    name = _KINDS.get(str(kind).split(".")[-1])
-                    if name and size:
-                        components[name] = components.get(name, 0) + int(size)
+            components = _by_kind(tracker.get_tracker_snapshot("peak"))
+            if copies.peak > sum(components.values()):  # a convolution's copies rise above the tensors' peak
+                components["onednn_copies"] = copies.peak - sum(components.values())
+            if train and task.total_steps() > 1:  # the traced step is the first; from the second on, the
+                # optimizer's state is live throughout the step
+                state = _by_kind(tracker.get_tracker_snapshot("current")).get("optimizer_state", 0)
+                components["optimizer_state"] = max(components.get("optimizer_state", 0), state)
             components.update(extra.get(phase, {}))
             phases[phase] = components
     return phases
+
+
+def _by_kind(snapshot: dict[Any, dict[Any, int]]) -> dict[str, int]:
+    """A MemTracker snapshot's bytes per plan line, summed over devices."""
+    components: dict[str, int] = {}
+    for per_device in snapshot.values():
+        for kind, size in per_device.items():
+            name = _KINDS.get(str(kind).split(".")[-1])
+            if name and size:
+                components[name] = components.get(name, 0) + int(size)
+    return components
 
 
 def target(preset: str, device_name: str) -> tuple[torch.device, int | None]:
@@ -169,8 +188,7 @@ def device_terms(device: torch.device, components: dict[str, int], baseline: int
                 "cuda_allocator": int((traced + CUDA_WORKSPACES) * CUDA_ALLOCATOR)}
     if device.type == "mps":
         return {"mps_allocator": int(traced * (MPS_OVERHEAD - 1))}
-    terms = {"cpu_runtime": CPU_RUNTIME["training" if training else "inference"],
-             "cpu_allocator": int(traced * CPU_ALLOCATOR)}
+    terms = {"cpu_runtime": CPU_RUNTIME["training" if training else "inference"]}
     return {**terms, "startup_baseline": baseline} if baseline else terms
 
 
@@ -181,11 +199,11 @@ TERM_NOTES = {
     "cuda_allocator": f"caching allocator's rounding and split blocks: {CUDA_ALLOCATOR:.1%} of traced and workspaces, "
                       "reserved over allocated measured, results/gpu_check.md",
     "mps_allocator": f"MPS heaps' rounding: {MPS_OVERHEAD - 1:.0%}, not yet measured",
+    "onednn_copies": "oneDNN's layout copies around a convolution, from its shapes: measured, "
+                     "fewshot_cli/onednn_copies.py",
     "startup_baseline": "this process's resident set before any model: interpreter, torch, libraries",
     "cpu_runtime": "kernels, thread pools and autograd's engine a run's first steps load: measured, "
                    "results/plan_accuracy.md",
-    "cpu_allocator": f"page rounding and oneDNN scratchpads: {CPU_ALLOCATOR:.0%} of the traced bytes, measured, "
-                     "results/plan_accuracy.md",
 }
 
 
@@ -198,10 +216,13 @@ def startup_baseline(device: torch.device) -> int:
 def plan_run(command: Command, resolved: Resolved, device: torch.device, budget: int | None) -> dict[str, Any]:
     """The contract's plan report: per phase its components and peak, the budget, and whether it fits."""
     budget = budget or device_memory_bytes(device)
+    for name in getattr(command.task, "plan_libraries", ()):  # loaded lazily by a phase: the baseline counts them
+        importlib.import_module(name)
     baseline = startup_baseline(device)  # before tracing, which loads more of torch
     phases = {}
     traced = trace(command, resolved.config)
     for phase, components in traced.items():
+        components = {k: v for k, v in components.items() if device.type == "cpu" or k not in CPU_LINES}
         components = {**components, **device_terms(device, components, baseline, "train" in traced)}
         phases[phase] = {"peak_bytes": sum(components.values()), "components": components}
     peak = max((p["peak_bytes"] for p in phases.values()), default=0)
@@ -279,6 +300,8 @@ def render(report: dict[str, Any]) -> str:
             note = f"  ({TERM_NOTES[name]})" if name in TERM_NOTES else ""
             lines.append(f"    {name:<22}{size / MiB:>14,.1f} MiB{note}")
         lines.append(f"    {'peak':<22}{entry['peak_bytes'] / MiB:>14,.1f} MiB")
+    if str(report["device"]).startswith("cpu"):
+        lines.append(f"  {FREED_NOTE}")
     usable, peak = report["usable_bytes"], report["peak_bytes"]
     verdict = "fits" if report["fits"] else "does NOT fit"
     lines.append(f"  budget {report['budget_bytes'] / MiB:,.0f} MiB (usable {usable / MiB:,.0f} MiB): {verdict}, "

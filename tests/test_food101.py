@@ -215,3 +215,15 @@ def test_cli_run_on_the_food101_tree_writes_top1_top5_and_the_best_model(tmp_pat
     run_dir = tmp_path / "runs" / "tiny"
     assert (run_dir / "model.pt").is_file()
     assert [e["step"] for e in events(run_dir, "eval")] == [3, 6]  # an epoch is 18 // 6 steps
+
+
+def test_the_plan_traces_the_batch_a_split_smaller_than_a_batch_makes():
+    from fewshot_cli.commands.food101 import COMMAND
+    from fewshot_cli.plan import trace
+
+    def planned(batch_size):  # 6 classes x 2 dev samples: every training batch holds the 12 images there are
+        return trace(COMMAND, Food101Config(image_size=32, batch_size=batch_size, dev_samples=2, synthetic_classes=6,
+                                            model="mobilenet_v3_large", workers=0))
+
+    assert planned(48) == planned(12) != planned(6)
+    assert planned(48)["test"]["kept_train_batch"] == 12 * 3 * 32 * 32 * 4  # the batch kept for a retry

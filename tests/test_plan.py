@@ -71,3 +71,48 @@ def test_preset_auto_records_what_the_planner_chose(tmp_path: Path) -> None:
     knobs = json.loads((tmp_path / "a" / "config.json").read_text())["knobs"]
     assert knobs["image_size"]["source"] == "cli"  # SMALL sets it: the planner leaves it alone
     assert knobs["n_query"]["source"] == "cli"
+
+
+def test_the_image_cache_line_holds_what_the_run_has_read_by_then_up_to_its_bound() -> None:
+    from fewshot_cli.data.loader import episode_reads, loader_bytes
+
+    cfg = _config(episodes=4, val_every=2, val_episodes=1, test_episodes=3).config
+    per_episode = cfg.n_way * (cfg.k_shot + cfg.n_query)
+    # 4 training episodes and 1 validation (after step 2; none after the last step), then 3 test episodes
+    assert episode_reads(cfg) == {"train": 5 * per_episode, "test": 8 * per_episode}
+    image = 3 * 32 * 32 * 4
+    assert loader_bytes(256, 10**6, image, 0, 0, reads=100)["image_cache"] == 100 * image
+    assert loader_bytes(256, 50, image, 0, 0, reads=100)["image_cache"] == 50 * image  # no more than the data
+    assert loader_bytes(1, 10**6, image, 0, 0, reads=10**5)["image_cache"] == 1024**2  # nor than its bound
+    short, longer = (plan_run(COMMAND, _config(episodes=n, val_every=0, test_episodes=1), CPU, None)
+                     for n in (2, 4))
+    assert short["phases"]["train"]["components"]["image_cache"] == 2 * per_episode * image
+    assert longer["phases"]["train"]["components"]["image_cache"] == 4 * per_episode * image
+
+
+def test_a_cpu_plan_says_what_it_assumes_of_the_allocator() -> None:
+    from fewshot_cli.plan import render
+
+    assert "without a budget glibc keeps them" in render(plan_run(COMMAND, _config(), CPU, None))
+    assert "glibc" not in render(plan_run(COMMAND, _config(), torch.device("cuda"), 15 * 1024**3))
+
+
+def test_a_commands_lazily_loaded_libraries_are_in_the_start_up_baseline() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from fewshot_cli.commands.embed import COMMAND; from fewshot_cli.plan import plan_run;"
+            "from fewshot_cli.runner.config import resolve;"
+            "assert 'sklearn.metrics' not in sys.modules;"
+            "plan_run(COMMAND, resolve(COMMAND.config, COMMAND.presets, 'cpu', {}), torch.device('cpu'), None);"
+            "print('sklearn.metrics' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.stdout.strip() == "True", done.stderr[-2000:]
+
+
+def test_training_is_planned_with_the_optimizer_state_every_step_after_the_first_holds() -> None:
+    phases = trace(COMMAND, _config().config)
+    # Adam's two moments per parameter (and its step counts) exist from the first step's update on, through every
+    # later step
+    state = phases["train"]["optimizer_state"]
+    assert state == phases["test"]["optimizer_state"] and 0 <= state - 2 * phases["train"]["parameters"] < 4096

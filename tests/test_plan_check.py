@@ -34,6 +34,7 @@ def test_every_phase_of_a_run_logs_its_plan_check(runs: Path) -> None:
         assert check["predicted_mb"] == round(planned.get(check["phase"], planned["test"]), 1)
         expected = (check["predicted_mb"] - check["measured_mb"]) / check["measured_mb"]
         assert abs(check["error"] - expected) < 1e-3
+        assert check["freed_returned"] is False  # no budget: glibc keeps freed tensors, which the plan assumes not
     # the train check comes after training, before the test's
     order = [e["phase"] for e in events(runs / "a") if e["event"] == "plan_check"]
     assert order.index("train") < order.index("test")
@@ -93,6 +94,7 @@ def test_preset_auto_under_a_cpu_budget_keeps_the_whole_process_under_it(tmp_pat
     knobs = json.loads((tmp_path / "auto" / "config.json").read_text())["knobs"]
     assert knobs["n_query"]["source"] == "planner"
     assert 0.5 * budget < peak < budget, (peak / 1024**3, knobs["n_query"], knobs["image_size"])
+    assert all(c["freed_returned"] for c in events(tmp_path / "auto", "plan_check"))
 
 
 def test_gpu_check_without_a_gpu_says_so_and_exits_0(tmp_path: Path) -> None:

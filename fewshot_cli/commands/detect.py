@@ -22,7 +22,7 @@ from fewshot_cli.commands.detect_config import COMMAND as COMMAND
 from fewshot_cli.commands.detect_config import PRESETS as PRESETS
 from fewshot_cli.commands.detect_config import DetectConfig
 from fewshot_cli.data.coco import DetectionItem, coco_splits, synthetic_splits
-from fewshot_cli.data.loader import Feed, ItemReader, Loaders, cache_share, loader_bytes
+from fewshot_cli.data.loader import Feed, ItemReader, Loaders, cache_share, episode_reads, loader_bytes
 from fewshot_cli.episodes import Episode, EpisodeSampler
 from fewshot_cli.errors import BadInput
 from fewshot_cli.models.detection import (
@@ -269,7 +269,8 @@ class DetectTask(Task):
 
     def plan_extra_bytes(self) -> dict[str, dict[str, int]]:
         """The dense proposal grid (made before tracing starts), its per-image pooled descriptors and, at test,
-        the NMS inputs (boxes x classes) that the fixed-shape stand-in does not reach."""
+        the NMS inputs (boxes x classes) that the fixed-shape stand-in does not reach; the loaded episode and the
+        loader's host memory."""
         cfg = self.cfg
         n_scales = len(_parse_scales(cfg.proposal_scales))
         per_side = math.ceil(cfg.image_size / cfg.proposal_step)
@@ -285,12 +286,21 @@ class DetectTask(Task):
         support = supports * (3 * cfg.image_size**2 + cfg.embedding_dim * (cfg.image_size // stride) ** 2) * FLOAT
         image = 3 * cfg.image_size**2 * FLOAT
         items, episode = len(self.train_data) + len(self.test_data), cfg.n_way * (cfg.k_shot + cfg.n_query) * image
-        # host memory: the image cache and prefetched episodes; training validates with a loader of its own
-        train = loader_bytes(cfg.image_cache_mb, items, image, cfg.workers, episode, 2 if cfg.val_every else 1)
-        test = loader_bytes(cfg.image_cache_mb, items, image, cfg.workers, episode)
-        return {"train": {"proposal_grid": grid, "proposal_ranking": ranking, "support_pass": support, **train},
+        # the episode the loader delivered stays whole while its step or evaluation runs (the stand-ins trace
+        # their own query copy of it); evaluation also keeps the previous episode's query batch until the next
+        # detection returns. A training step's support pass ends before its query pass and below its peak
+        # (measured: the support stack is freed once the micro-steps are built); evaluation keeps it
+        loaded = {"loaded_episode": episode}
+        queries = min(cfg.eval_batch_size or images, images) * image if cfg.test_episodes > 1 else 0
+        # host memory: the image cache (what the run has read by then) and prefetched episodes; training
+        # validates with a loader of its own
+        reads = episode_reads(cfg)
+        train = loader_bytes(cfg.image_cache_mb, items, image, cfg.workers, episode, 2 if cfg.val_every else 1,
+                             reads["train"])
+        test = loader_bytes(cfg.image_cache_mb, items, image, cfg.workers, episode, reads=reads["test"])
+        return {"train": {"proposal_grid": grid, "proposal_ranking": ranking, **loaded, **train},
                 "test": {"proposal_grid": grid, "proposal_ranking": ranking, "nms_inputs": nms,
-                         "support_pass": support, **test}}
+                         "support_pass": support, **loaded, "previous_queries": queries, **test}}
 
     # ------------------------------------------------------------------ episodes
 

@@ -322,7 +322,8 @@ class Food101Task(Task):
         return {**metrics, "best_top1": self.best_top1}
 
     def plan_phases(self) -> dict[str, Callable[[], Any]]:
-        """Train and test on a batch of zeros of the run's shape, so the planner traces no image decoding."""
+        """Train and test on a batch of zeros of the run's shape, so the planner traces no image decoding. A split
+        smaller than a batch (a --dev-samples run) makes every batch that split: the plan traces what is loaded."""
         def batch(n: int) -> tuple[torch.Tensor, torch.Tensor]:
             size = self.cfg.image_size
             return torch.zeros(n, 3, size, size), torch.zeros(n, dtype=torch.long)
@@ -331,14 +332,16 @@ class Food101Task(Task):
             self.model.eval()
             try:
                 with torch.inference_mode():
-                    return self._score(*batch(self.cfg.eval_batch_size))
+                    return self._score(*batch(min(self.cfg.eval_batch_size, len(self.test_indices))))
             finally:
                 self.model.train()
-        return {"train": lambda: self._optimise(1, *batch(self.cfg.batch_size)), "test": test}
+        return {"train": lambda: self._optimise(1, *batch(self.batch_images)), "test": test}
 
     def plan_extra_bytes(self) -> dict[str, dict[str, int]]:
-        """Batches the loader's workers hold ready in host memory (the same pool as the GPU's on Apple silicon)."""
+        """Batches the loader's workers hold ready in host memory (the same pool as the GPU's on Apple silicon), and
+        in evaluation the last training batch, kept for an OOM retry of its step (`_batch`)."""
         size = self.cfg.image_size
-        batch_bytes = self.effective_batch * 3 * size * size * 4
+        batch_bytes = self.batch_images * 3 * size * size * 4
         prefetch = self.cfg.workers * PREFETCH_FACTOR * batch_bytes
-        return {"train": {"loader_prefetch": prefetch}, "test": {"loader_prefetch": prefetch}} if prefetch else {}
+        loader = {"loader_prefetch": prefetch} if prefetch else {}
+        return {"train": loader, "test": {**loader, "kept_train_batch": batch_bytes}}

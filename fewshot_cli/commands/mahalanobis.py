@@ -19,7 +19,15 @@ from fewshot_cli.commands.mahalanobis_config import PRESETS as PRESETS
 from fewshot_cli.commands.mahalanobis_config import MahalanobisConfig
 from fewshot_cli.data.folders import ImageFolderSplits
 from fewshot_cli.data.images import IMAGENET_MEAN, IMAGENET_STD
-from fewshot_cli.data.loader import Feed, ItemReader, Loaders, cache_share, loader_bytes, stack_images
+from fewshot_cli.data.loader import (
+    Feed,
+    ItemReader,
+    Loaders,
+    cache_share,
+    episode_reads,
+    loader_bytes,
+    stack_images,
+)
 from fewshot_cli.data.synthetic import SyntheticImages
 from fewshot_cli.episodes import Episode, EpisodeSampler, steps_hash
 from fewshot_cli.errors import BadInput
@@ -259,6 +267,9 @@ class MahalanobisTask(Task):
         items = sum(len(v) for sampler in self.samplers.values() for v in sampler.items.values())
         image = 3 * cfg.image_size**2 * 4
         episode = cfg.n_way * (cfg.k_shot + cfg.n_query) * image
-        train = loader_bytes(cfg.image_cache_mb, items, image, cfg.workers, episode, 2 if cfg.val_every else 1)
-        test = loader_bytes(cfg.image_cache_mb, items, image, cfg.workers, cfg.batch_size * image)
+        reads = episode_reads(cfg)
+        train = loader_bytes(cfg.image_cache_mb, items, image, cfg.workers, episode, 2 if cfg.val_every else 1,
+                             reads["train"])
+        test = loader_bytes(cfg.image_cache_mb, items, image, cfg.workers, cfg.batch_size * image,
+                            reads=reads["test"])
         return {"train": train, "test": {"evaluation_features": images * self.model.embedding_dim * 4, **test}}

@@ -86,15 +86,26 @@ def cache_share(cache_mb: int, workers: int) -> int:
 
 
 def loader_bytes(cache_mb: int, items: int, item_bytes: int, workers: int, batch_bytes: int,
-                 loaders: int = 1) -> dict[str, int]:
+                 loaders: int = 1, reads: int | None = None) -> dict[str, int]:
     """Host memory `loaders` loaders alive at once hold that tracing a step does not see: the image cache at its
-    bound (or the whole data, if smaller) and the batches their workers hold ready. With no workers every loader
-    reads through the one cache of the main process."""
+    bound (or the whole data, or the `reads` images the run reads by then, if smaller: a cache holds only what was
+    read) and the batches their workers hold ready. With no workers every loader reads through the one cache of
+    the main process."""
     copies = loaders if workers else 1
-    out = {"image_cache": copies * min(cache_mb * MiB, items * item_bytes)}
+    held = min(items, reads) if reads is not None else items
+    out = {"image_cache": copies * min(cache_mb * MiB, held * item_bytes)}
     if workers:
         out["loader_prefetch"] = loaders * workers * PREFETCH_FACTOR * batch_bytes
     return out
+
+
+def episode_reads(cfg: Any) -> dict[str, int]:
+    """Images an episodic run reads (repeats included) by the end of its training (validation too) and by the end
+    of its test: the most its image cache can hold then."""
+    per_episode = cfg.n_way * (cfg.k_shot + cfg.n_query)
+    vals = (cfg.steps() - 1) // cfg.val_every if cfg.val_every else 0
+    train = (cfg.episodes + vals * cfg.val_episodes) * per_episode
+    return {"train": train, "test": train + cfg.test_episodes * per_episode}
 
 
 def stack_images(samples: list[tuple[torch.Tensor, int]]) -> torch.Tensor:

@@ -109,12 +109,19 @@ def return_freed_memory(device: torch.device) -> None:
     if device.type != "cpu" or not sys.platform.startswith("linux"):
         return
     try:
-        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
+        _RETURNED.append(bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 128 * 1024)))
     except (OSError, AttributeError):  # not glibc
         pass
 
 
+def freed_memory_returned() -> bool:
+    """Whether this process gives freed CPU tensors back to the system (`return_freed_memory` took effect), as a
+    CPU plan assumes; without it a run's resident set exceeds the plan (results/plan_accuracy.md)."""
+    return any(_RETURNED)
+
+
 _M_MMAP_THRESHOLD = -3
+_RETURNED: list[bool] = []  # mallopt's answers in this process (1: done)
 
 
 def is_oom(error: BaseException) -> bool:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from fewshot_cli.runner.memory import MiB, probe, return_freed_memory
+from fewshot_cli.runner.memory import MiB, freed_memory_returned, probe, return_freed_memory
 
 #: the log events a phase's memory comes from; any other event with `mem` (e.g. extraction progress) belongs to the
 #: evaluation it happens in
@@ -63,6 +63,8 @@ class PlanCheck:
             peak["device_used_mb"] = (total - free) / MiB
         fields = {"phase": phase, "predicted_mb": round(predicted, 1), **{k: round(v, 1) for k, v in peak.items()}}
         error = (fields["predicted_mb"] - fields["measured_mb"]) / fields["measured_mb"]
+        if self.device.type == "cpu":  # the plan assumes freed tensors go back to the system (under a budget)
+            fields["freed_returned"] = freed_memory_returned()
         return {**fields, "error": round(error, 4)}
 
 
