@@ -215,14 +215,14 @@ def check_amp(out: Path, md: list[str]) -> bool:
 def check_overhead(out: Path, md: list[str]) -> bool:
     from fewshot_cli.commands.mahalanobis import COMMAND
     from fewshot_cli.runner.config import resolve
-    from fewshot_cli.runner.loop import RunOptions, run
+    from fewshot_cli.runner.launch import LaunchOptions, launch
     from fewshot_cli.runner.task import RunContext, step_seed
 
     episodes, device = 40, torch.device("cuda")
+    knobs = {"episodes": episodes, "val_every": 0, "test_episodes": 1, "checkpoint_every": 10**6}
 
     def config():
-        return resolve(COMMAND.config, COMMAND.presets, "t4", {"episodes": episodes, "val_every": 0,
-                                                               "test_episodes": 1, "checkpoint_every": 10**6})
+        return resolve(COMMAND.config, COMMAND.presets, "t4", knobs)
 
     def bare() -> float:
         torch.manual_seed(0)
@@ -237,7 +237,7 @@ def check_overhead(out: Path, md: list[str]) -> bool:
         return (time.perf_counter() - started) / (episodes - 1)
 
     def runner(name: str) -> float:
-        run(COMMAND, config(), RunOptions(device=device, out=out, name=name, quiet=True))
+        launch(COMMAND, knobs, LaunchOptions(device="cuda", preset="t4", out=out, name=name, quiet=True))
         steps = events(out / name, "step")
         return (steps[-1]["elapsed_s"] - steps[0]["elapsed_s"]) / (len(steps) - 1)
 
