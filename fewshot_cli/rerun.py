@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fewshot_cli.errors import BadInput
-from fewshot_cli.runner.config import Resolved, from_record, option_name, result_neutral, validate
+from fewshot_cli.runner.config import TRAINING_KNOBS, Resolved, from_record, option_name, result_neutral, validate
 
 if TYPE_CHECKING:
     from fewshot_cli.runner.command import Command
@@ -48,7 +48,7 @@ def resumed(command: Command, run_dir: Path, knobs: dict[str, Any], options: Lau
     if not config_path.is_file():
         raise BadInput(f"{where}: no config.json there; it is not a run directory.")
     record = read_record(config_path, where, command)
-    resolved = from_record(command.config, record["knobs"], where)
+    resolved = from_record(command.config, _knobs(command, record), where)
     resolved.preset = record.get("preset", "")
     # only what the line types is compared: a value the preset or the planner chose was not typed the first time
     neutral = result_neutral(command.config)  # evaluation batches and the like: another value, the same result
@@ -92,7 +92,7 @@ def from_config(command: Command, path: Path, knobs: dict[str, Any], options: La
     if not config_path.is_file():
         raise BadInput(f"{where}: no such file; give a run directory or its config.json.")
     record = read_record(config_path, where, command)
-    recorded = from_record(command.config, record["knobs"], where)
+    recorded = from_record(command.config, _knobs(command, record), where)
     if options.preset is not None and options.preset != record.get("preset"):
         # a preset sets every knob the config already fixes: the knob to change is the one to give
         raise BadInput(f"{where}: that run used --preset {record.get('preset')} and --config takes all its knobs; "
@@ -107,6 +107,14 @@ def from_config(command: Command, path: Path, knobs: dict[str, Any], options: La
     if options.memory_budget is None and record.get("memory_budget_bytes"):
         changes["memory_budget"] = str(record["memory_budget_bytes"])
     return new_knobs, dataclasses.replace(options, **changes), copied
+
+
+def _knobs(command: Command, record: dict[str, Any]) -> dict[str, Any]:
+    """The recorded knobs; for an evaluation-only command, without the training knobs its runs recorded before it
+    stopped offering them (they did nothing for it)."""
+    if not command.evaluation_only:
+        return record["knobs"]
+    return {name: entry for name, entry in record["knobs"].items() if name not in TRAINING_KNOBS}
 
 
 def _must_match(where: str, name: str, recorded: Any, given: Any) -> None:
