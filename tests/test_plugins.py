@@ -127,6 +127,24 @@ def test_pyproject_registers_the_built_in_commands_as_the_fallback_lists_them() 
     assert list(load_commands()) == [e.name for e in BUILT_IN]
 
 
+def test_installing_fewshot_registers_the_built_in_commands_from_pyproject(tmp_path: Path) -> None:
+    """The metadata `pip install -e .` writes (setuptools' own hook, here without pip) is what the commands are
+    found through; BUILT_IN is not used then."""
+    src = tmp_path / "src"
+    shutil.copytree(ROOT / "fewshot_cli", src / "fewshot_cli", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    hook = f"from setuptools import build_meta; build_meta.prepare_metadata_for_build_editable({str(tmp_path)!r})"
+    built = subprocess.run([sys.executable, "-c", hook], cwd=src, capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr
+    listing = ("from fewshot_cli.commands import registered; "
+               "print([(e.name, e.dist and e.dist.metadata['Name']) for e in registered()])")
+    found = subprocess.run([sys.executable, "-c", listing], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, **_env(tmp_path)})
+    assert found.returncode == 0, found.stderr
+    assert found.stdout.strip() == repr([(e.name, "fewshot") for e in BUILT_IN])
+
+
 def _installed(tmp_path: Path, name: str, lines: list[str]) -> list:
     """The entry points of a package's metadata, bound to it as importlib.metadata finds them."""
     dist = PathDistribution(_dist_info(tmp_path, name, "[fewshot.commands]\n" + "\n".join(lines) + "\n"))
