@@ -1,4 +1,4 @@
-"""The thin Typer app: parses options, resolves the config, hands over to the runner and a command's Task."""
+"""The thin Typer app: parses options into knob values and `LaunchOptions`, hands them to `runner.launch`."""
 
 from __future__ import annotations
 
