@@ -216,14 +216,14 @@ def check_overhead(out: Path, md: list[str]) -> bool:
     from fewshot_cli.commands.mahalanobis import COMMAND
     from fewshot_cli.models.pretrained import settle
     from fewshot_cli.runner.config import resolve
-    from fewshot_cli.runner.loop import RunOptions, run
+    from fewshot_cli.runner.launch import LaunchOptions, launch
     from fewshot_cli.runner.task import RunContext, step_seed
 
     episodes, device = 40, torch.device("cuda")
+    knobs = {"episodes": episodes, "val_every": 0, "test_episodes": 1, "checkpoint_every": 10**6}
 
     def config():  # the built-in data: the preset's pretrained weights settle to none, as on the command line
-        resolved = resolve(COMMAND.config, COMMAND.presets, "t4", {"episodes": episodes, "val_every": 0,
-                                                                   "test_episodes": 1, "checkpoint_every": 10**6})
+        resolved = resolve(COMMAND.config, COMMAND.presets, "t4", knobs)
         settle(resolved, None)
         return resolved
 
@@ -240,7 +240,7 @@ def check_overhead(out: Path, md: list[str]) -> bool:
         return (time.perf_counter() - started) / (episodes - 1)
 
     def runner(name: str) -> float:
-        run(COMMAND, config(), RunOptions(device=device, out=out, name=name, quiet=True))
+        launch(COMMAND, knobs, LaunchOptions(device="cuda", preset="t4", out=out, name=name, quiet=True))
         steps = events(out / name, "step")
         return (steps[-1]["elapsed_s"] - steps[0]["elapsed_s"]) / (len(steps) - 1)
 

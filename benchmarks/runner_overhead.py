@@ -15,14 +15,17 @@ import torch
 
 from fewshot_cli.commands.mahalanobis import COMMAND
 from fewshot_cli.runner.config import resolve
+from fewshot_cli.runner.launch import LaunchOptions, launch
 from fewshot_cli.runner.log import read_log
-from fewshot_cli.runner.loop import RunOptions, run
 from fewshot_cli.runner.task import RunContext, step_seed
 
 
+def knobs(episodes: int) -> dict:
+    return {"episodes": episodes, "val_every": 0, "test_episodes": 1, "checkpoint_every": 10**6}
+
+
 def config(episodes: int):
-    return resolve(COMMAND.config, COMMAND.presets, "cpu",
-                   {"episodes": episodes, "val_every": 0, "test_episodes": 1, "checkpoint_every": 10**6})
+    return resolve(COMMAND.config, COMMAND.presets, "cpu", knobs(episodes))
 
 
 def bare(episodes: int) -> float:
@@ -37,8 +40,8 @@ def bare(episodes: int) -> float:
 
 
 def runner(episodes: int, out: Path, name: str) -> float:
-    """Seconds per step through the runner: from `run_start` to the last `step` event."""
-    run(COMMAND, config(episodes), RunOptions(device=torch.device("cpu"), out=out, name=name, quiet=True))
+    """Seconds per step through the runner, started as `fewshot` starts it: from `run_start` to the last `step`."""
+    launch(COMMAND, knobs(episodes), LaunchOptions(device="cpu", preset="cpu", out=out, name=name, quiet=True))
     events = read_log(out / name / "log.jsonl")
     start = next(e["elapsed_s"] for e in events if e["event"] == "run_start")
     last = [e["elapsed_s"] for e in events if e["event"] == "step"][-1]

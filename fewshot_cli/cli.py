@@ -1,4 +1,4 @@
-"""The thin Typer app: parses options, resolves the config, hands over to the runner and a command's Task."""
+"""The thin Typer app: parses options into knob values and `LaunchOptions`, hands them to `runner.launch`."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import dataclasses
 import enum
 import inspect
 import json
+import sys
 import typing
 from pathlib import Path
 from typing import Any
@@ -13,19 +14,22 @@ from typing import Any
 import typer
 
 import fewshot_cli
-from fewshot_cli.commands import load_commands
-from fewshot_cli.errors import BadInput, RunFailed
+from fewshot_cli.commands import CommandNotLoaded, load_commands
+from fewshot_cli.errors import BadInput, Interrupted
 from fewshot_cli.help import knob_help, knob_panel, machine_preset, option_panel, panel_rank
-from fewshot_cli.models import pretrained
 from fewshot_cli.runner.command import Command
-from fewshot_cli.runner.config import PRESET_CHOICES, Resolved, config_fields, option_name, resolve
+from fewshot_cli.runner.config import config_fields, option_name, preset_choices
+from fewshot_cli.runner.launch import LaunchOptions, launch, plan_report, plan_text
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Few-shot learning experiments that do not run out of memory.")
 plan_app = typer.Typer(no_args_is_help=True, help="Predict each phase's peak memory of a run, without running it.")
 app.add_typer(plan_app, name="plan")
 
-COMMANDS = load_commands()
+try:  # a command that fails to load stops every use of `fewshot` (main() says which): never a silent skip
+    COMMANDS, _NOT_LOADED = load_commands(), None
+except CommandNotLoaded as err:
+    COMMANDS, _NOT_LOADED = {}, err
 
 
 def _version(value: bool) -> None:
@@ -40,9 +44,10 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     """Few-shot learning experiments that do not run out of memory."""
 
 
-# Options every experiment command shares: (name, annotation, default, flags, help)
+# Options every experiment command shares: (name, annotation, default, flags, help); all but --json and --debug are
+# fields of `LaunchOptions`
 SHARED = [
-    ("preset", str | None, None, ("--preset",), f"one of {', '.join(PRESET_CHOICES)} (default: the device's own)"),
+    ("preset", str | None, None, ("--preset",), "one of {choices} (default: the device's own)"),
     ("device", str, "auto", ("--device",), "auto, cpu, cuda, cuda:N or mps"),
     ("data", Path | None, None, ("--data",), "a dataset on disk (default: built-in synthetic data)"),
     ("seed", int, 0, ("--seed",), "every random choice derives from it"),
@@ -86,11 +91,13 @@ def _choices(name: str, values: tuple[str, ...]) -> type[enum.Enum]:
     return enum.Enum(name, {v: v for v in values}, type=str)
 
 
-def _shared_parameters(names: set[str] | None = None) -> list[inspect.Parameter]:
+def _shared_parameters(command: Command, names: set[str] | None = None) -> list[inspect.Parameter]:
     params = []
+    choices = ", ".join(preset_choices(command.presets))
     for name, kind, default, flags, help_text in SHARED:
         if names is None or name in names:
-            option = typer.Option(default, *flags, help=help_text, rich_help_panel=option_panel(name))
+            option = typer.Option(default, *flags, help=help_text.format(choices=choices),
+                                  rich_help_panel=option_panel(name))
             params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind))
     return params
 
@@ -100,11 +107,13 @@ def _make(command: Command, handler, shared: set[str] | None = None):
 
     def entry(ctx: typer.Context, **kwargs: Any) -> None:
         knobs = {name: _plain(kwargs.pop(name)) for name in knob_names}
+        json_out, debug = kwargs.pop("json_out", False), kwargs.pop("debug", False)
         # which shared options were typed, as opposed to defaulted: --resume and --config compare those
-        kwargs["given"] = {n for n in kwargs if getattr(ctx.get_parameter_source(n), "name", "") == "COMMANDLINE"}
-        _guarded(kwargs.get("debug", False), lambda: handler(command, knobs, kwargs))
+        given = {n for n in kwargs if getattr(ctx.get_parameter_source(n), "name", "") == "COMMANDLINE"}
+        options = LaunchOptions(**kwargs, given=frozenset(given))
+        _guarded(debug, lambda: handler(command, knobs, options, json_out))
 
-    params = _shared_parameters(shared) + _knob_parameters(command)
+    params = _shared_parameters(command, shared) + _knob_parameters(command)
     params.sort(key=lambda p: panel_rank(p.default.rich_help_panel))  # stable: each panel keeps its order
     context = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
     entry.__signature__ = inspect.Signature([context] + params)
@@ -117,109 +126,27 @@ def _plain(value: Any) -> Any:
 
 
 def _guarded(debug: bool, action) -> None:
-    """Map the expected errors to their exit codes and one line on stderr; --debug shows the traceback."""
-    from fewshot_cli.runner.loop import Interrupted
-
+    """One line on stderr and the error class's `exit_code` (fewshot_cli.errors; anything unexpected: 1);
+    --debug shows the traceback instead (an interrupted run's line is its message, not a failure)."""
     try:
         action()
-    except BadInput as err:
-        if debug:
+    except typer.Exit:
+        raise
+    except Exception as err:  # noqa: BLE001 - an unexpected error is still one line without --debug
+        if debug and not isinstance(err, Interrupted):
             raise
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from None
-    except Interrupted:
-        typer.echo("interrupted: checkpoint written; continue with --resume RUN_DIR", err=True)
-        raise typer.Exit(130) from None
-    except (RunFailed, Exception) as err:  # noqa: BLE001 - an unexpected error is still one line without --debug
-        if debug or isinstance(err, typer.Exit):
-            raise
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(1) from None
+        typer.echo(f"{getattr(err, 'label', 'error')}: {err}", err=True)
+        raise typer.Exit(getattr(err, "exit_code", 1)) from None
 
 
-def resolve_run(command: Command, knobs: dict[str, Any], options: dict[str, Any]):
-    """Device, preset and config of a new run, all checked before anything is written."""
-    from fewshot_cli.runner.device import device_preset, parse_size, resolve_device
-
-    if command.prepare is not None:
-        command.prepare(knobs)
-    device = resolve_device(options["device"])
-    preset = options.get("preset") or device_preset(device)
-    if preset not in PRESET_CHOICES:
-        raise BadInput(f"Unknown preset {preset!r}; choose one of {', '.join(PRESET_CHOICES)}.")
-    budget = parse_size(options["memory_budget"]) if options.get("memory_budget") else None
-    data = options.get("data")
-    if data is not None and not Path(data).exists():
-        raise BadInput(f"--data {data} does not exist.")
-    base_preset = device_preset(device) if preset == "auto" else preset
-    resolved = resolve(command.config, command.presets, base_preset, knobs)
-    resolved.preset = preset
-    pretrained.settle(resolved, data)
-    return device, resolved, budget
-
-
-def _run_command(command: Command, knobs: dict[str, Any], options: dict[str, Any]) -> None:
-    from fewshot_cli.runner import distributed
-
-    group = distributed.from_env()  # under torchrun: every rank runs this, rank 0 alone writes and prints
-    try:
-        metrics = _run_prepared(command, knobs, options, group)
-    finally:
-        distributed.shutdown(group)
-    if group is not None and not group.is_main:
+def _run_command(command: Command, knobs: dict[str, Any], options: LaunchOptions, json_out: bool) -> None:
+    metrics = launch(command, knobs, options)
+    if metrics is None:  # a torchrun rank other than 0: rank 0 reports
         return
-    if options["json_out"]:
+    if json_out:
         typer.echo(json.dumps(metrics, sort_keys=True))
     else:
         typer.echo("  ".join(f"{k}={_fmt(v)}" for k, v in sorted(metrics.items())))
-
-
-def _run_prepared(command: Command, knobs: dict[str, Any], options: dict[str, Any], group) -> dict[str, float]:
-    from fewshot_cli import plan, rerun
-    from fewshot_cli.runner import tensorboard
-    from fewshot_cli.runner.device import cap_memory, resolve_device
-    from fewshot_cli.runner.distributed import agreed
-    from fewshot_cli.runner.loop import RunOptions, run
-
-    extra: dict[str, Any] = {}
-
-    def prepare() -> tuple[Resolved, RunOptions]:
-        if group is not None and not command.data_parallel:
-            raise BadInput(f"{command.name} runs in one process: start it with `fewshot {command.name}`, not "
-                           f"under torchrun with {group.world_size} processes.")
-        if options.get("resume") is not None:
-            run_dir = Path(options["resume"])
-            resolved, record, device_name = rerun.resumed(command, run_dir, knobs, options)
-            device = resolve_device(device_name)
-            opts = RunOptions(device=device, seed=record["seed"], resume=run_dir, quiet=options["quiet"],
-                              data=Path(record["data"]) if record.get("data") else None,
-                              budget_bytes=record.get("memory_budget_bytes"))
-        else:
-            new_knobs, new, copied = knobs, options, set()
-            if options.get("config") is not None:
-                new_knobs, new, copied = rerun.from_config(command, Path(options["config"]), knobs, options)
-                extra["from_config"] = str(new["from_config"])
-            device, resolved, budget = resolve_run(command, new_knobs, new)
-            resolved.sources.update(dict.fromkeys(copied, "config"))  # fixed: the planner leaves them alone
-            if group is not None:
-                device = group.place(device)
-            extra["plan"] = (plan.fit_to_budget(command, resolved, device, budget, new)
-                             or plan.checked_record(command, resolved, device, budget))
-            opts = RunOptions(device=device, seed=new["seed"], out=Path(new["out"]), name=new["name"],
-                              data=Path(new["data"]) if new.get("data") else None, budget_bytes=budget,
-                              quiet=new["quiet"])
-        if group is not None:
-            opts.device, opts.distributed = group.place(opts.device), group
-            extra["world_size"] = group.world_size
-        if options.get("tensorboard") is not None:
-            tensorboard.require()
-            opts.tensorboard = Path(options["tensorboard"])
-        return resolved, opts
-
-    resolved, opts = agreed(group, prepare)
-    if opts.budget_bytes:
-        cap_memory(opts.device, opts.budget_bytes)
-    return run(command, resolved, opts, extra_config=extra)
 
 
 def _fmt(value: Any) -> str:
@@ -229,39 +156,9 @@ def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-def _device_preset_name(device) -> str:
-    from fewshot_cli.runner.device import device_preset
-
-    return device_preset(device) if device.type != "cuda" or _has_cuda() else "t4"
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def _plan_command(command: Command, knobs: dict[str, Any], options: dict[str, Any]) -> None:
-    from fewshot_cli import plan
-    from fewshot_cli.runner.device import parse_size
-    from fewshot_cli.runner.plancheck import earlier_checks, render_earlier
-
-    # a plan needs no device: `--preset t4` on a laptop plans for a T4
-    preset = options.get("preset") or "auto"
-    device, nominal = plan.target(preset, options["device"])
-    budget = parse_size(options["memory_budget"]) if options.get("memory_budget") else nominal
-    base = preset if preset in command.presets else _device_preset_name(device)
-    resolved = resolve(command.config, command.presets, base, knobs)
-    resolved.preset = preset
-    pretrained.settle(resolved, options.get("data"))
-    if preset == "auto":
-        plan.fit_to_budget(command, resolved, device, budget, {"force": True})
-    report = plan.plan_run(command, resolved, device, budget)
-    report["earlier_runs"] = earlier_checks(Path(options["out"]), command.name, resolved.record(), device)
-    if options["json_out"]:
-        typer.echo(json.dumps(report, sort_keys=True))
-    else:
-        typer.echo(plan.render(report) + render_earlier(report["earlier_runs"]))
+def _plan_command(command: Command, knobs: dict[str, Any], options: LaunchOptions, json_out: bool) -> None:
+    report = plan_report(command, knobs, options)
+    typer.echo(json.dumps(report, sort_keys=True) if json_out else plan_text(report))
 
 
 for _command in COMMANDS.values():
@@ -384,11 +281,10 @@ def demo_command(
             if (root / name).exists():
                 raise BadInput(f"{root / name} already exists; remove it or pass another --out.")
             typer.echo(f"== {command.name}", err=True)
-            options = {"device": "cpu", "preset": "cpu", "seed": 0, "out": root, "name": name, "resume": None,
-                       "memory_budget": None, "quiet": True, "json_out": False, "data": None, "force": False}
+            options = LaunchOptions(device="cpu", preset="cpu", out=root, name=name, quiet=True)
             knobs = {f.name: None for f in config_fields(command.config)} | dict(command.demo)
             start = time.perf_counter()
-            _run_command(command, knobs, options)
+            _run_command(command, knobs, options, json_out=False)
             runs.append(root / name)
             wall[root / name] = time.perf_counter() - start
         metrics = {c.name: (c.primary_metric, c.secondary_metric) for c in COMMANDS.values()}
@@ -400,6 +296,9 @@ def demo_command(
 
 
 def main() -> None:
+    if _NOT_LOADED is not None:
+        typer.echo(f"error: {_NOT_LOADED}", err=True)
+        sys.exit(_NOT_LOADED.exit_code)
     app(prog_name="fewshot")
 
 

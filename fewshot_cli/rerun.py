@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fewshot_cli.errors import BadInput
-from fewshot_cli.runner.config import Resolved, from_record, option_name, result_neutral, validate
+from fewshot_cli.runner.config import TRAINING_KNOBS, Resolved, from_record, option_name, result_neutral, validate
 
 if TYPE_CHECKING:
-    from fewshot_cli.runner.task import Command
+    from fewshot_cli.runner.command import Command
+    from fewshot_cli.runner.launch import LaunchOptions
 
 
 def read_record(config_path: Path, where: str, command: Command) -> dict[str, Any]:
@@ -35,18 +37,18 @@ def read_record(config_path: Path, where: str, command: Command) -> dict[str, An
     return record
 
 
-def resumed(command: Command, run_dir: Path, knobs: dict[str, Any], options: dict[str, Any]
+def resumed(command: Command, run_dir: Path, knobs: dict[str, Any], options: LaunchOptions
             ) -> tuple[Resolved, dict[str, Any], str]:
     """The recorded config of the run in `run_dir`, once every option the command line gives again is found to
-    match it; and the device to continue on. `options["given"]` names the shared options typed on the line."""
+    match it; and the device to continue on. `options.given` names the shared options typed on the line."""
     where = f"--resume {run_dir}"
-    if options.get("config") is not None:
+    if options.config is not None:
         raise BadInput("--config starts a new run and --resume continues one; give one of them.")
     config_path = run_dir / "config.json"
     if not config_path.is_file():
         raise BadInput(f"{where}: no config.json there; it is not a run directory.")
     record = read_record(config_path, where, command)
-    resolved = from_record(command.config, record["knobs"], where)
+    resolved = from_record(command.config, _knobs(command, record), where)
     resolved.preset = record.get("preset", "")
     # only what the line types is compared: a value the preset or the planner chose was not typed the first time
     neutral = result_neutral(command.config)  # evaluation batches and the like: another value, the same result
@@ -61,52 +63,58 @@ def resumed(command: Command, run_dir: Path, knobs: dict[str, Any], options: dic
     _check_shared(where, run_dir, record, options)
     if command.prepare is not None:
         command.prepare({name: getattr(resolved.config, name) for name in knobs})
-    return resolved, record, _device(record, options["device"])
+    return resolved, record, _device(record, options.device)
 
 
-def _check_shared(where: str, run_dir: Path, record: dict[str, Any], options: dict[str, Any]) -> None:
+def _check_shared(where: str, run_dir: Path, record: dict[str, Any], options: LaunchOptions) -> None:
     """Shared options typed again must match the record (`--quiet`, `--json`, `--debug`, `--force`: never compared)."""
-    given = options.get("given", set())
-    if "seed" in given:
-        _must_match(where, "seed", record.get("seed", 0), options["seed"])
-    if options.get("preset") is not None:
-        _must_match(where, "preset", record.get("preset"), options["preset"])
-    if options.get("data") is not None:
-        _check_data(where, record.get("data"), Path(options["data"]))
-    if options.get("memory_budget") is not None:
-        _check_budget(where, record.get("memory_budget_bytes"), options["memory_budget"])
-    if "out" in given or options.get("name") is not None:
-        _check_place(where, run_dir, Path(options["out"]), options.get("name"))
+    if "seed" in options.given:
+        _must_match(where, "seed", record.get("seed", 0), options.seed)
+    if options.preset is not None:
+        _must_match(where, "preset", record.get("preset"), options.preset)
+    if options.data is not None:
+        _check_data(where, record.get("data"), Path(options.data))
+    if options.memory_budget is not None:
+        _check_budget(where, record.get("memory_budget_bytes"), options.memory_budget)
+    if "out" in options.given or options.name is not None:
+        _check_place(where, run_dir, Path(options.out), options.name)
 
 
-def from_config(command: Command, path: Path, knobs: dict[str, Any], options: dict[str, Any]
-                ) -> tuple[dict[str, Any], dict[str, Any], set[str]]:
+def from_config(command: Command, path: Path, knobs: dict[str, Any], options: LaunchOptions
+                ) -> tuple[dict[str, Any], LaunchOptions, set[str]]:
     """Knobs and options of a new run that repeats the run recorded at `path` (a run directory or its config.json):
-    its knobs, seed, preset, data and memory budget, unless the command line gives them. Also returns the names of
-    the knobs copied from the record."""
+    its knobs, seed, preset, data and memory budget, unless the command line gives them. The options' `config` is
+    then the config.json read. Also returns the names of the knobs copied from the record."""
     where = f"--config {path}"
-    if options.get("resume") is not None:
+    if options.resume is not None:
         raise BadInput("--config starts a new run and --resume continues one; give one of them.")
     config_path = path / "config.json" if path.is_dir() else path
     if not config_path.is_file():
         raise BadInput(f"{where}: no such file; give a run directory or its config.json.")
     record = read_record(config_path, where, command)
-    recorded = from_record(command.config, record["knobs"], where)
-    if options.get("preset") is not None and options["preset"] != record.get("preset"):
+    recorded = from_record(command.config, _knobs(command, record), where)
+    if options.preset is not None and options.preset != record.get("preset"):
         # a preset sets every knob the config already fixes: the knob to change is the one to give
         raise BadInput(f"{where}: that run used --preset {record.get('preset')} and --config takes all its knobs; "
-                       f"drop --preset {options['preset']} and give the knobs to change instead.")
+                       f"drop --preset {options.preset} and give the knobs to change instead.")
     copied = {name for name, value in knobs.items() if value is None}
     new_knobs = {name: getattr(recorded.config, name) if name in copied else value for name, value in knobs.items()}
-    given = options.get("given", set())
-    new_options = {**options, "preset": record.get("preset") or None, "from_config": config_path}
-    if "seed" not in given:
-        new_options["seed"] = record.get("seed", 0)
-    if options.get("data") is None and record.get("data"):
-        new_options["data"] = Path(record["data"])
-    if options.get("memory_budget") is None and record.get("memory_budget_bytes"):
-        new_options["memory_budget"] = str(record["memory_budget_bytes"])
-    return new_knobs, new_options, copied
+    changes: dict[str, Any] = {"preset": record.get("preset") or None, "config": config_path}
+    if "seed" not in options.given:
+        changes["seed"] = record.get("seed", 0)
+    if options.data is None and record.get("data"):
+        changes["data"] = Path(record["data"])
+    if options.memory_budget is None and record.get("memory_budget_bytes"):
+        changes["memory_budget"] = str(record["memory_budget_bytes"])
+    return new_knobs, dataclasses.replace(options, **changes), copied
+
+
+def _knobs(command: Command, record: dict[str, Any]) -> dict[str, Any]:
+    """The recorded knobs; for an evaluation-only command, without the training knobs its runs recorded before it
+    stopped offering them (they did nothing for it)."""
+    if not command.evaluation_only:
+        return record["knobs"]
+    return {name: entry for name, entry in record["knobs"].items() if name not in TRAINING_KNOBS}
 
 
 def _must_match(where: str, name: str, recorded: Any, given: Any) -> None:

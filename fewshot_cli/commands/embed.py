@@ -26,9 +26,10 @@ from fewshot_cli.models.frozen_heads import FrozenHead, build_frozen_head, l2_no
 from fewshot_cli.reports.embedding import MAX_POINTS
 from fewshot_cli.reports.open_set import OpenSetScores, unknown_auroc
 from fewshot_cli.runner.backoff import evaluation_part
+from fewshot_cli.runner.evaluation import EvaluationTask
 from fewshot_cli.runner.memory import probe
 from fewshot_cli.runner.metrics import RunningMean
-from fewshot_cli.runner.task import RunContext, Task
+from fewshot_cli.runner.task import RunContext
 
 QUERY_CHUNK = 1024  # queries scored at once: bounds memory whatever the number of queries
 
@@ -91,8 +92,9 @@ def _fmt(x: float) -> str:
     return "" if np.isnan(x) else f"{x:.6f}"
 
 
-class EmbedTask(Task):
-    """Extract (streamed, cached) -> prototypes -> cosine with an Unknown threshold; no training steps."""
+class EmbedTask(EvaluationTask):
+    """Extract (streamed, cached) -> prototypes -> cosine with an Unknown threshold; the embedding store, not a
+    checkpoint, is what `--resume` continues from."""
 
     def __init__(self, cfg: EmbedConfig, ctx: RunContext) -> None:
         super().__init__(cfg, ctx)
@@ -111,18 +113,6 @@ class EmbedTask(Task):
     #: libraries scoring imports lazily (AUROC, the frozen heads): scikit-learn's metrics and scipy add ~100 MiB
     #: to the resident set (measured here), so the planner loads them before reading its start-up baseline
     plan_libraries = ("sklearn.metrics", "sklearn.linear_model", "sklearn.neighbors")
-
-    def total_steps(self) -> int:
-        return 0
-
-    def train_step(self, step: int) -> dict[str, float]:
-        raise RuntimeError("embed-classify is training-free; it has no training steps")
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}  # the embedding store is the resumable state, not a checkpoint
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
 
     def plan_phases(self) -> dict[str, Callable[[], Any]]:
         side = self.model.preprocess(Image.new("RGB", (self.cfg.image_size,) * 2)).shape[-1]

@@ -9,11 +9,11 @@ from fewshot_cli.models.names import EMBEDDER_BACKBONES as BACKBONES
 from fewshot_cli.models.names import EMBEDDING_PLOTS, FROZEN_HEADS
 from fewshot_cli.models.pretrained import PRETRAINED, STRICT_HELP, WEIGHTS_HELP
 from fewshot_cli.runner.command import Command
-from fewshot_cli.runner.config import BaseConfig, knob
+from fewshot_cli.runner.config import EvaluationConfig, knob
 
 
 @dataclass
-class EmbedConfig(BaseConfig):
+class EmbedConfig(EvaluationConfig):
     backbone: str = knob("small", "frozen feature extractor (small: built-in, no weights)", choices=BACKBONES)
     weights: str | None = knob(None, "resnet50: " + WEIGHTS_HELP)
     weights_strict: bool = knob(True, STRICT_HELP)
@@ -49,4 +49,4 @@ COMMAND = Command(
     help="Training-free few-shot classification from frozen embeddings (cosine to prototypes, Unknown threshold).",
     config=EmbedConfig, presets=PRESETS, primary_metric="accuracy",
     secondary_metric="unknown_rate", task_path="fewshot_cli.commands.embed:EmbedTask",
-    plan_knobs=("batch_size",), data_parallel=False)
+    plan_knobs=("batch_size",), data_parallel=False, evaluation_only=True)

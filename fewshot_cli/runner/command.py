@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from fewshot_cli.runner.config import TRAINING_KNOBS
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,16 @@ class Command:
     prepare: Callable[[dict[str, Any]], None] | None = None
     #: runs data-parallel under torchrun (its task builds each step's gradient with `Task.accumulate`)
     data_parallel: bool = True
+    #: no training: its task is a `runner.evaluation.EvaluationTask`, evaluated once, in one process; its config
+    #: extends `EvaluationConfig`, so it offers no validation, step or checkpoint knobs
+    evaluation_only: bool = False
+
+    def __post_init__(self) -> None:
+        if self.evaluation_only:
+            training = sorted(TRAINING_KNOBS & {f.name for f in dataclasses.fields(self.config)})
+            if training:
+                raise ValueError(f"{self.name} is evaluation-only, yet its config has training knobs "
+                                 f"({', '.join(training)}): extend EvaluationConfig, not BaseConfig")
 
     @property
     def task(self) -> type:

@@ -39,14 +39,30 @@ def cuda_preset(memory_bytes: int) -> str:
     return "t4" if gib < 30 else "a100" if gib < 70 else "h100"
 
 
+def _workers() -> Any:
+    return knob(0, "data-loading worker processes", minimum=0)
+
+
 @dataclass
 class BaseConfig:
-    """Knobs the runner itself reads; every command's config extends it."""
+    """Knobs the runner itself reads for a training command; every training command's config extends it."""
 
     val_every: int = knob(0, "training steps between validations (0: none)", minimum=0)
     val_episodes: int = knob(10, "episodes (or batches) per validation", minimum=1)
     checkpoint_every: int = knob(50, "steps between checkpoints", minimum=1)
-    workers: int = knob(0, "data-loading worker processes", minimum=0)
+    workers: int = _workers()
+
+
+@dataclass
+class EvaluationConfig:
+    """Knobs the runner reads for an evaluation-only command: no steps, so no validation or checkpoint knobs.
+    (Not a base of BaseConfig, so a training config keeps its fields' order in --help and the log.)"""
+
+    workers: int = _workers()
+
+
+#: the knobs only a training run reads; an evaluation-only command's config must not have them
+TRAINING_KNOBS = frozenset(f.name for f in dataclasses.fields(BaseConfig)) - {"workers"}
 
 
 @dataclass
@@ -116,14 +132,20 @@ class Resolved:
         return out
 
 
+def preset_choices(presets: dict[str, dict[str, Any]]) -> tuple[str, ...]:
+    """The `--preset` values a command accepts: every device preset and `auto`, then the command's own names."""
+    return (*PRESET_CHOICES, *sorted(set(presets) - set(PRESET_CHOICES)))
+
+
 def resolve(cls: type, presets: dict[str, dict[str, Any]], preset: str, cli_values: dict[str, Any]) -> Resolved:
-    """Dataclass defaults, then the preset's values, then what the command line gave."""
-    if preset not in presets:
-        raise BadInput(f"Unknown preset {preset!r}; choose one of {', '.join(PRESET_CHOICES)}.")
+    """Dataclass defaults, then the preset's values, then what the command line gave. A device preset the command
+    does not define sets nothing (its knobs keep their defaults); a name that is neither is bad input."""
+    if preset not in presets and preset not in PRESETS:
+        raise BadInput(f"Unknown preset {preset!r}; choose one of {', '.join(preset_choices(presets))}.")
     names = {f.name for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
-    for name, value in presets[preset].items():
+    for name, value in presets.get(preset, {}).items():
         if name not in names:
             raise ValueError(f"preset {preset} sets unknown knob {name}")
         values[name], sources[name] = value, "preset"

@@ -17,11 +17,12 @@ import torch
 import torchvision
 
 import fewshot_cli
-from fewshot_cli.errors import BadInput, CannotWrite, RunFailed
+from fewshot_cli.errors import BadInput, CannotWrite, Interrupted, RunFailed
 from fewshot_cli.runner import faults, plancheck, rundir
 from fewshot_cli.runner.checkpoint import load_checkpoint, save_checkpoint, save_json
 from fewshot_cli.runner.config import Resolved
 from fewshot_cli.runner.distributed import Distributed, StepFailedElsewhere, agreed
+from fewshot_cli.runner.evaluation import EvaluationTask
 from fewshot_cli.runner.input_wait import InputWait
 from fewshot_cli.runner.leaks import LeakDetector
 from fewshot_cli.runner.log import RunLog, read_log
@@ -30,12 +31,6 @@ from fewshot_cli.runner.plancheck import CheckedLog, for_run
 from fewshot_cli.runner.progress import Progress
 from fewshot_cli.runner.task import Command, RunContext, Task, step_seed
 from fewshot_cli.runner.tensorboard import TensorBoardLog
-
-
-class Interrupted(Exception):
-    """SIGINT or SIGTERM arrived; the checkpoint and `run_end` were written. Exit 130."""
-
-    exit_code = 130
 
 
 @dataclass
@@ -182,7 +177,10 @@ def run(command: Command, resolved: Resolved, opts: RunOptions, extra_config: di
             rundir.release(run_dir)
         raise BadInput(str(err)) from None
     try:
-        metrics = _loop(task, command, log, opts, checkpoint_path, start_step)
+        if command.evaluation_only:
+            metrics = _evaluate_once(task, log, opts)
+        else:
+            metrics = _loop(task, command, log, opts, checkpoint_path, start_step)
         save_json(run_dir / "metrics.json", metrics)
     except Interrupted:
         _end(log, status="interrupted")
@@ -272,13 +270,21 @@ def _loop(task: Task, command: Command, log: RunLog | _NoLog, opts: RunOptions, 
     return task.finish(metrics)
 
 
+def _evaluate_once(task: EvaluationTask, log: RunLog, opts: RunOptions) -> dict[str, float]:
+    """An evaluation-only run: no steps, no checkpoint; the test evaluation once, then the task's own files."""
+    probe(opts.device)  # resets the CUDA peak so the evaluation's peak is its own
+    metrics = _evaluate(task, "test", 0)
+    log.write("eval", phase="test", step=0, **metrics, mem=probe(opts.device))
+    return task.finish(metrics)
+
+
 def _checkpoint(task: Task, step: int, path: Path, knobs: dict[str, int], log: RunLog | _NoLog) -> None:
     save_checkpoint(path, {"step": step, "task": task.state_dict(), "knobs": dict(knobs),
                            "accumulation": task.accumulation})
     log.write("checkpoint", step=step, path=str(path))
 
 
-def _evaluate(task: Task, phase: str, step: int) -> dict[str, float]:
+def _evaluate(task: Task | EvaluationTask, phase: str, step: int) -> dict[str, float]:
     task.model.eval()
     try:
         with torch.inference_mode():

@@ -1,0 +1,201 @@
+"""The one way a run starts: a command, its knob values and the shared options in, the final metrics out.
+
+The CLI, `fewshot demo` and the benchmarks call `launch`; `fewshot plan` calls `plan_report`. Here live the rules
+that turn options into a run: a new run's device, preset and budget, `--config`, `--resume` (and the device it
+continues on), torchrun placement, fitting the plan to the budget, and the CUDA memory cap. Importing this module
+imports no torch: `--help` stays fast."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fewshot_cli.errors import BadInput
+from fewshot_cli.models import pretrained
+from fewshot_cli.runner.command import Command
+from fewshot_cli.runner.config import Resolved, preset_choices, resolve
+
+if TYPE_CHECKING:
+    import torch
+
+    from fewshot_cli.runner.distributed import Distributed
+    from fewshot_cli.runner.loop import RunOptions
+
+
+@dataclass(frozen=True)
+class LaunchOptions:
+    """The options every experiment command shares, one field per option (the CLI's `--json` and `--debug` are
+    how it reports, not part of the run, so they are not here)."""
+
+    #: a device preset, `auto`, or one of the command's own presets; None: the device's own
+    preset: str | None = None
+    #: auto, cpu, cuda, cuda:N or mps
+    device: str = "auto"
+    #: a dataset on disk; None: the built-in synthetic data
+    data: Path | None = None
+    seed: int = 0
+    #: where run directories go
+    out: Path = Path("runs")
+    #: the run directory's name; None: COMMAND-UTCSTAMP
+    name: str | None = None
+    #: continue the run in this directory from its checkpoint
+    resume: Path | None = None
+    #: start a new run with the knobs of this run directory (or its config.json)
+    config: Path | None = None
+    #: e.g. 15GiB: refuse a plan over it, cap CUDA
+    memory_budget: str | None = None
+    #: run even when the plan exceeds the budget
+    force: bool = False
+    #: no progress bar
+    quiet: bool = False
+    #: write live TensorBoard curves to TENSORBOARD/RUN_NAME
+    tensorboard: Path | None = None
+    #: the options typed on the command line, as opposed to defaulted: `--resume` and `--config` compare those
+    given: frozenset[str] = frozenset()
+
+
+def launch(command: Command, knobs: dict[str, Any], options: LaunchOptions) -> dict[str, float] | None:
+    """Run `command` to its end with these knob values (None: not given) and options; its final metrics, or None
+    on a torchrun rank other than 0 (rank 0 alone writes the run directory and reports)."""
+    from fewshot_cli.runner import distributed
+
+    group = distributed.from_env()  # under torchrun every rank runs this
+    try:
+        metrics = _run(command, knobs, options, group)
+    finally:
+        distributed.shutdown(group)
+    return metrics if group is None or group.is_main else None
+
+
+def _run(command: Command, knobs: dict[str, Any], options: LaunchOptions, group: Distributed | None
+         ) -> dict[str, float]:
+    from fewshot_cli.runner.device import cap_memory
+    from fewshot_cli.runner.distributed import agreed
+    from fewshot_cli.runner.loop import run
+
+    extra: dict[str, Any] = {}  # what config.json records of the launch beside the knobs
+    resolved, opts = agreed(group, lambda: _prepare(command, knobs, options, group, extra))
+    if opts.budget_bytes:
+        cap_memory(opts.device, opts.budget_bytes)
+    return run(command, resolved, opts, extra_config=extra)
+
+
+def _prepare(command: Command, knobs: dict[str, Any], options: LaunchOptions, group: Distributed | None,
+             extra: dict[str, Any]) -> tuple[Resolved, RunOptions]:
+    """Everything checked before anything is written: every rank does it, and bad input on one is bad input on all."""
+    from fewshot_cli.runner import tensorboard
+
+    if group is not None and (command.evaluation_only or not command.data_parallel):
+        raise BadInput(f"{command.name} runs in one process: start it with `fewshot {command.name}`, not "
+                       f"under torchrun with {group.world_size} processes.")
+    if options.resume is not None:
+        resolved, opts = _resumed(command, knobs, options)
+    else:
+        resolved, opts = _new(command, knobs, options, group, extra)
+    if group is not None:
+        opts.device, opts.distributed = group.place(opts.device), group
+        extra["world_size"] = group.world_size
+    if options.tensorboard is not None:
+        tensorboard.require()
+        opts.tensorboard = Path(options.tensorboard)
+    return resolved, opts
+
+
+def _resumed(command: Command, knobs: dict[str, Any], options: LaunchOptions) -> tuple[Resolved, RunOptions]:
+    """The recorded run, on its own device type unless `--device` names another."""
+    from fewshot_cli import rerun
+    from fewshot_cli.runner.device import resolve_device
+    from fewshot_cli.runner.loop import RunOptions
+
+    run_dir = Path(options.resume)
+    resolved, record, device_name = rerun.resumed(command, run_dir, knobs, options)
+    return resolved, RunOptions(device=resolve_device(device_name), seed=record["seed"], resume=run_dir,
+                                quiet=options.quiet, data=Path(record["data"]) if record.get("data") else None,
+                                budget_bytes=record.get("memory_budget_bytes"))
+
+
+def _new(command: Command, knobs: dict[str, Any], options: LaunchOptions, group: Distributed | None,
+         extra: dict[str, Any]) -> tuple[Resolved, RunOptions]:
+    """A new run (from `--config`'s record where given), its plan fitted to the budget or checked."""
+    from fewshot_cli import plan, rerun
+    from fewshot_cli.runner.loop import RunOptions
+
+    copied: set[str] = set()
+    if options.config is not None:
+        knobs, options, copied = rerun.from_config(command, Path(options.config), knobs, options)
+        extra["from_config"] = str(options.config)
+    device, resolved, budget = resolve_new(command, knobs, options)
+    resolved.sources.update(dict.fromkeys(copied, "config"))  # fixed: the planner leaves them alone
+    if group is not None:
+        device = group.place(device)
+    extra["plan"] = (plan.fit_to_budget(command, resolved, device, budget, {"force": options.force})
+                     or plan.checked_record(command, resolved, device, budget))
+    return resolved, RunOptions(device=device, seed=options.seed, out=Path(options.out), name=options.name,
+                                data=Path(options.data) if options.data else None, budget_bytes=budget,
+                                quiet=options.quiet)
+
+
+def resolve_new(command: Command, knobs: dict[str, Any], options: LaunchOptions
+                ) -> tuple[torch.device, Resolved, int | None]:
+    """Device, preset and config of a new run, all checked before anything is written."""
+    from fewshot_cli.runner.device import device_preset, parse_size, resolve_device
+
+    if command.prepare is not None:
+        command.prepare(knobs)
+    device = resolve_device(options.device)
+    preset = options.preset or device_preset(device)
+    if preset not in preset_choices(command.presets):
+        raise BadInput(f"Unknown preset {preset!r}; choose one of {', '.join(preset_choices(command.presets))}.")
+    budget = parse_size(options.memory_budget) if options.memory_budget else None
+    if options.data is not None and not Path(options.data).exists():
+        raise BadInput(f"--data {options.data} does not exist.")
+    base_preset = device_preset(device) if preset == "auto" else preset
+    resolved = resolve(command.config, command.presets, base_preset, knobs)
+    resolved.preset = preset
+    _settle_weights(resolved, options.data)
+    return device, resolved, budget
+
+
+def _settle_weights(resolved: Resolved, data: Path | None) -> None:
+    """A preset's DEFAULT weights become none where they cannot apply; a command without `--weights` has none."""
+    if hasattr(resolved.config, "weights"):
+        pretrained.settle(resolved, data)
+
+
+def plan_report(command: Command, knobs: dict[str, Any], options: LaunchOptions) -> dict[str, Any]:
+    """`fewshot plan`: each phase's predicted peak for these knobs and options, and the earlier runs' checks. A plan
+    needs no device: `--preset t4` on a laptop plans for a T4."""
+    from fewshot_cli import plan
+    from fewshot_cli.runner.device import parse_size
+    from fewshot_cli.runner.plancheck import earlier_checks
+
+    preset = options.preset or "auto"
+    device, nominal = plan.target(preset, options.device)
+    budget = parse_size(options.memory_budget) if options.memory_budget else nominal
+    base = preset if preset in command.presets else _device_preset_name(device)
+    resolved = resolve(command.config, command.presets, base, knobs)
+    resolved.preset = preset
+    _settle_weights(resolved, options.data)
+    if preset == "auto":
+        plan.fit_to_budget(command, resolved, device, budget, {"force": True})
+    report = plan.plan_run(command, resolved, device, budget)
+    report["earlier_runs"] = earlier_checks(Path(options.out), command.name, resolved.record(), device)
+    return report
+
+
+def plan_text(report: dict[str, Any]) -> str:
+    """A plan report as `fewshot plan` prints it."""
+    from fewshot_cli import plan
+    from fewshot_cli.runner.plancheck import render_earlier
+
+    return plan.render(report) + render_earlier(report["earlier_runs"])
+
+
+def _device_preset_name(device: torch.device) -> str:
+    """The preset of the device a plan is for (a CUDA device not on this machine: t4's)."""
+    import torch
+
+    from fewshot_cli.runner.device import device_preset
+
+    return device_preset(device) if device.type != "cuda" or torch.cuda.is_available() else "t4"
