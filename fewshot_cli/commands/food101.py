@@ -310,14 +310,9 @@ class Food101Task(Task):
             size = self.cfg.image_size
             return torch.zeros(n, 3, size, size), torch.zeros(n, dtype=torch.long)
 
-        def test() -> tuple[int, int, int]:
-            self.model.eval()
-            try:
-                with torch.inference_mode():
-                    return self._score(*batch(self.cfg.eval_batch_size))
-            finally:
-                self.model.train()
-        return {"train": lambda: self._optimise(1, *batch(self.cfg.batch_size)), "test": test}
+        # the planner puts the model in eval mode under inference_mode for the test, as the runner does
+        return {"train": lambda: self._optimise(1, *batch(self.cfg.batch_size)),
+                "test": lambda: self._score(*batch(self.cfg.eval_batch_size))}
 
     def plan_extra_bytes(self) -> dict[str, dict[str, int]]:
         """Batches the loader's workers hold ready in host memory (the same pool as the GPU's on Apple silicon)."""
