@@ -10,7 +10,14 @@ import numpy as np
 
 from fewshot_cli.errors import BadInput
 
-SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
+#: the splits of an episodic dataset, in the order that numbers them
+SPLITS = ("train", "val", "test")
+
+
+def split_id(split: str, splits: Sequence[str] = SPLITS) -> int:
+    """The number a random stream's seed gives `split`: its place in the dataset's own splits, 9 for any other.
+    A dataset with other splits passes its own (Food-101: train 0, test 1), so its streams stay what they were."""
+    return splits.index(split) if split in splits else 9
 
 
 @dataclass(frozen=True)
@@ -50,7 +57,7 @@ def _flatten(groups: tuple[tuple[int, ...], ...]) -> tuple[list[int], list[int]]
 
 def episode_rng(seed: int, split: str, index: int) -> np.random.Generator:
     """The random stream of one episode, scoped to it alone."""
-    return np.random.default_rng([seed, SPLIT_IDS.get(split, 9), index])
+    return np.random.default_rng([seed, split_id(split), index])
 
 
 class EpisodeSampler:

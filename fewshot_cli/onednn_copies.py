@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+
+from fewshot_cli.torch_private import TorchDispatchMode, tree_leaves
 
 aten = torch.ops.aten
 #: the convolutions as a dispatch mode sees them: `convolution` under autograd, `convN` under inference mode

@@ -12,8 +12,6 @@ from unittest.mock import patch
 import psutil
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
-from torch.distributed._tools.mem_tracker import MemTracker
 
 from fewshot_cli.errors import BadInput
 from fewshot_cli.onednn_copies import ConvCopies
@@ -21,6 +19,7 @@ from fewshot_cli.runner import faults
 from fewshot_cli.runner.config import Resolved
 from fewshot_cli.runner.device import device_memory_bytes
 from fewshot_cli.runner.task import Command, RunContext
+from fewshot_cli.torch_private import FakeTensor, FakeTensorMode, MemTracker
 
 MiB = 1024**2
 MARGIN = 0.10  # the planner keeps 10% of the budget free

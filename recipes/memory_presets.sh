@@ -48,6 +48,6 @@ TABLE="table $RUNS/* --metric peak_rss_mb --metric episodes_per_s --group-by ima
 fewshot $TABLE --format csv --out results/$NAME.csv
 fewshot memreport $RUNS/image32 --plot results/$NAME-image32.png > /dev/null
 # several runs on one plot: fewshot memreport plots one run, so call the same library function on all three
-python -c "import sys; from pathlib import Path; from fewshot_cli.results import plot_memory_runs; \
+python -c "import sys; from pathlib import Path; from fewshot_cli.reports.plots import plot_memory_runs; \
 plot_memory_runs([Path(p) for p in sys.argv[2:]], Path(sys.argv[1]))" results/$NAME.png $RUNS/*
 echo "wrote results/$NAME.md, results/$NAME.csv, results/$NAME.png, results/$NAME-image32.png"

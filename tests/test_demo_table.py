@@ -8,7 +8,7 @@ from pathlib import Path
 from test_results import fake_run
 
 from fewshot_cli.commands import load_commands
-from fewshot_cli.results import demo_table
+from fewshot_cli.reports.tables import demo_table
 
 METRICS = {c.name: (c.primary_metric, c.secondary_metric) for c in load_commands().values()}
 

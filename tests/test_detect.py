@@ -23,7 +23,7 @@ from fewshot_cli.errors import BadInput
 from fewshot_cli.models import detection
 from fewshot_cli.models.detection import (
     FewShotDetector,
-    build_backbone,
+    build_feature_backbone,
     dense_proposals,
     load_backbone_weights,
     validate_box_array,
@@ -118,7 +118,7 @@ def test_box_deltas_round_trip() -> None:
 
 @pytest.mark.parametrize("n_way", [1, 2, 5, 9])
 def test_objectness_input_has_the_embedding_size_for_every_n_way(n_way: int) -> None:
-    backbone, stride = build_backbone("small", 16)
+    backbone, stride = build_feature_backbone("small", 16)
     model = FewShotDetector(backbone, stride, 16, 32, 8)
     seen = []
     model.objectness[0].register_forward_hook(lambda module, args, out: seen.append(args[0].shape))
@@ -129,7 +129,7 @@ def test_objectness_input_has_the_embedding_size_for_every_n_way(n_way: int) -> 
 
 
 def test_support_encoder_is_frozen() -> None:
-    backbone, stride = build_backbone("small", 8)
+    backbone, stride = build_feature_backbone("small", 8)
     model = FewShotDetector(backbone, stride, 8, 16, 4)
     prototypes, pooled = model.prototypes(torch.rand(3, 3, 32, 32), torch.tensor([[4.0, 4.0, 20.0, 20.0]] * 3),
                                           torch.tensor([0, 1, 1]), 2)
@@ -238,7 +238,7 @@ def test_dropped_coco_boxes_are_counted_in_the_log(tmp_path: Path) -> None:
 
 
 def _load(name: str, path: Path) -> torch.nn.Module:
-    backbone, _ = build_backbone(name, 8)
+    backbone, _ = build_feature_backbone(name, 8)
     load_backbone_weights(backbone, str(path), name, lambda event, **fields: None)
     return backbone
 
@@ -253,7 +253,7 @@ def test_weights_that_do_not_match_the_backbone_are_bad_input(tmp_path: Path) ->
 
 
 def test_matching_weights_load_strictly(tmp_path: Path) -> None:
-    source, _ = build_backbone("small", 8)
+    source, _ = build_feature_backbone("small", 8)
     path = tmp_path / "w.pt"
     torch.save(source.state_dict(), path)
     loaded = _load("small", path)

@@ -14,7 +14,9 @@ import pytest
 from conftest import fewshot
 
 from fewshot_cli.errors import BadInput
-from fewshot_cli.results import build_table, memreport, plot_memory, plot_table, render_table, summary_table
+from fewshot_cli.reports.memory import memreport
+from fewshot_cli.reports.plots import plot_memory, plot_table
+from fewshot_cli.reports.tables import build_table, render_table, summary_table
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

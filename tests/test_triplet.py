@@ -22,7 +22,7 @@ from fewshot_cli.commands.triplet import (
 )
 from fewshot_cli.data.clips import DiskClipSource, FrameCache, sample_triplets
 from fewshot_cli.errors import BadInput
-from fewshot_cli.models.detection import FewShotDetector, build_backbone
+from fewshot_cli.models.detection import FewShotDetector, build_feature_backbone
 from fewshot_cli.models.localiser import Localiser
 from fewshot_cli.runner.task import RunContext
 
@@ -227,7 +227,7 @@ def test_init_loads_the_backbone_of_a_stage_one_checkpoint(tmp_path) -> None:
 
 
 def test_init_loads_the_backbone_of_a_detect_train_checkpoint(tmp_path) -> None:
-    backbone, stride = build_backbone("small", 16)
+    backbone, stride = build_feature_backbone("small", 16)
     detector = FewShotDetector(backbone, stride, 16, 32, 8)
     torch.save({"task": {"model": detector.state_dict()}}, tmp_path / "checkpoint.pt")
     model = Localiser("small", 16)

@@ -390,7 +390,7 @@ def test_any_automodel_image_encoder_loads_from_a_directory(tmp_path) -> None:
 def test_resnet50_default_serves_the_detector_trunk_and_the_embedder(tmp_path, monkeypatch) -> None:
     from PIL import Image
 
-    from fewshot_cli.models.detection import build_backbone as detection_backbone
+    from fewshot_cli.models.detection import build_feature_backbone as detection_backbone
     from fewshot_cli.models.detection import load_backbone_weights
     from fewshot_cli.models.embedders import build_embedder
 

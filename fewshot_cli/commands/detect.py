@@ -28,12 +28,13 @@ from fewshot_cli.errors import BadInput
 from fewshot_cli.models.detection import (
     BoxCounts,
     FewShotDetector,
-    build_backbone,
+    build_feature_backbone,
     dense_proposals,
     load_backbone_weights,
 )
 from fewshot_cli.models.weights import param_groups
 from fewshot_cli.runner.backoff import evaluation_part
+from fewshot_cli.runner.schedule import warmup_cosine
 from fewshot_cli.runner.task import BackoffKnob, RunContext, Task
 
 FLOAT = 4  # bytes per float32
@@ -78,14 +79,16 @@ class DetectTask(Task):
         }
         self.proposals = dense_proposals(cfg.image_size, cfg.proposal_step,
                                          tuple(s * cfg.image_size for s in scales)).to(ctx.device)
-        backbone, stride = build_backbone(cfg.backbone, cfg.embedding_dim)
+        backbone, stride = build_feature_backbone(cfg.backbone, cfg.embedding_dim)
         weights = load_backbone_weights(backbone, cfg.weights, cfg.backbone, ctx.emit, cfg.weights_strict)
         self.loaded_weights = (weights.record,) if weights is not None else ()
         self.model = FewShotDetector(backbone, stride, cfg.embedding_dim, cfg.head_hidden,
                                      cfg.objectness_hidden).to(ctx.device)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, backbone, cfg.lr, cfg.lr_backbone,
                                                         cfg.freeze_backbone), weight_decay=1e-4)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _WarmupCosine(cfg.steps()))
+        # warm-up over the first 5% of the steps, then down to 5% of the rate
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(
+            cfg.steps(), warmup=max(1, cfg.steps() // 20), floor=0.05))
         self.dropped_seen = BoxCounts()
         self.test_files: tuple[dict[str, Any], list[dict[str, Any]]] | None = None
         share = cache_share(cfg.image_cache_mb, cfg.workers)
@@ -378,19 +381,6 @@ def _count_dropped(data: Any, batch: tuple[torch.Tensor, list[DetectionItem]]) -
 def _by_item(episode: Episode, batch: tuple[torch.Tensor, list[DetectionItem]]) -> Read:
     images, samples = batch
     return {item: (images[p], samples[p]) for p, item in enumerate(_episode_items(episode))}
-
-
-class _WarmupCosine:
-    """Linear warm-up over the first 5% of steps, then cosine decay to 5% of the rate."""
-
-    def __init__(self, total: int) -> None:
-        self.total, self.warmup = max(total, 1), max(1, total // 20)
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup:
-            return (step + 1) / self.warmup
-        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def _parse_scales(text: str) -> tuple[float, ...]:

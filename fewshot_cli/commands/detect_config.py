@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fewshot_cli.help import MEMORY
+from fewshot_cli.models.names import DETECTION_BACKBONES
 from fewshot_cli.models.pretrained import FREEZE_HELP, LR_BACKBONE_HELP, PRETRAINED, STRICT_HELP, WEIGHTS_HELP
 from fewshot_cli.runner.command import Command
 from fewshot_cli.runner.config import EpisodicConfig, knob
@@ -14,7 +15,7 @@ from fewshot_cli.runner.config import EpisodicConfig, knob
 @dataclass
 class DetectConfig(EpisodicConfig):
     image_size: int = knob(256, "input image side in pixels (images are resized to a square)", minimum=32)
-    backbone: str = knob("resnet50", "feature extractor", choices=("small", "resnet50"))
+    backbone: str = knob("resnet50", "feature extractor", choices=DETECTION_BACKBONES)
     weights: str | None = knob(None, WEIGHTS_HELP)
     weights_strict: bool = knob(True, STRICT_HELP)
     freeze_backbone: bool = knob(False, FREEZE_HELP)

@@ -24,8 +24,10 @@ from fewshot_cli.errors import BadInput, RunFailed
 from fewshot_cli.models.embedders import build_embedder
 from fewshot_cli.models.frozen_heads import FrozenHead, build_frozen_head, l2_normalise, prototypes
 from fewshot_cli.reports.embedding import MAX_POINTS
+from fewshot_cli.reports.files import write_csv
 from fewshot_cli.reports.open_set import OpenSetScores, unknown_auroc
 from fewshot_cli.runner.backoff import evaluation_part
+from fewshot_cli.runner.checkpoint import atomic_write_bytes
 from fewshot_cli.runner.evaluation import EvaluationTask
 from fewshot_cli.runner.memory import probe
 from fewshot_cli.runner.metrics import RunningMean
@@ -268,6 +270,23 @@ class EmbedTask(EvaluationTask):
                                  self.cfg.embedding_plot, self.ctx.seed,
                                  f"embed-classify test queries, {self.cfg.backbone} backbone")
 
+    def _per_category_rows(self) -> list[list[Any]]:
+        """Per category its queries by predicted class, labelled and correct ones and its accuracy; a TOTAL row."""
+        columns = [*self.classes, UNKNOWN]
+        total: Counter = Counter()
+        rows = []
+        sum_correct = sum_labelled = 0
+        for category in sorted(self.table):
+            counts = self.table[category]
+            correct, labelled = self.per_category[category]
+            total.update(counts)
+            sum_correct, sum_labelled = sum_correct + correct, sum_labelled + labelled
+            rows.append([category, sum(counts.values()), *(counts[c] for c in columns), labelled, correct,
+                         f"{correct / labelled:.6f}" if labelled else ""])
+        rows.append(["TOTAL", sum(total.values()), *(total[c] for c in columns), sum_labelled, sum_correct,
+                     f"{sum_correct / sum_labelled:.6f}" if sum_labelled else ""])
+        return rows
+
     def finish(self, metrics: dict[str, float]) -> dict[str, float]:
         run_dir = self.ctx.run_dir
         if run_dir is None:
@@ -275,25 +294,9 @@ class EmbedTask(EvaluationTask):
         run_dir = Path(run_dir)
         if self.predictions_part is not None and self.predictions_part.exists():
             os.replace(self.predictions_part, run_dir / "predictions.csv")
-        columns = [*self.classes, UNKNOWN]
-        total: Counter = Counter()
-        tmp = run_dir / "per_category.csv.part"
-        with tmp.open("w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle, lineterminator="\n")
-            writer.writerow(["category", "queries", *columns, "labelled", "correct", "accuracy"])
-            sum_correct = sum_labelled = 0
-            for category in sorted(self.table):
-                counts = self.table[category]
-                correct, labelled = self.per_category[category]
-                total.update(counts)
-                sum_correct, sum_labelled = sum_correct + correct, sum_labelled + labelled
-                writer.writerow([category, sum(counts.values()), *(counts[c] for c in columns), labelled, correct,
-                                 f"{correct / labelled:.6f}" if labelled else ""])
-            writer.writerow(["TOTAL", sum(total.values()), *(total[c] for c in columns), sum_labelled,
-                             sum_correct, f"{sum_correct / sum_labelled:.6f}" if sum_labelled else ""])
-        os.replace(tmp, run_dir / "per_category.csv")
-        tmp = run_dir / "unreadable.txt.part"
-        tmp.write_text("".join(f"{path}\t{error}\n" for path, error in sorted(self.unreadable)), encoding="utf-8")
-        os.replace(tmp, run_dir / "unreadable.txt")
+        write_csv(run_dir / "per_category.csv", ["category", "queries", *self.classes, UNKNOWN, "labelled", "correct",
+                                                  "accuracy"], self._per_category_rows())
+        text = "".join(f"{path}\t{error}\n" for path, error in sorted(self.unreadable))
+        atomic_write_bytes(run_dir / "unreadable.txt", lambda handle: handle.write(text.encode("utf-8")))
         self._write_reports(run_dir)
         return metrics

@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from fewshot_cli.models.names import EMBEDDER_BACKBONES as BACKBONES
-from fewshot_cli.models.names import EMBEDDING_PLOTS, FROZEN_HEADS
+from fewshot_cli.models.names import EMBEDDER_BACKBONES, EMBEDDING_PLOTS, FROZEN_HEADS
 from fewshot_cli.models.pretrained import PRETRAINED, STRICT_HELP, WEIGHTS_HELP
 from fewshot_cli.runner.command import Command
 from fewshot_cli.runner.config import EvaluationConfig, knob
@@ -14,7 +13,7 @@ from fewshot_cli.runner.config import EvaluationConfig, knob
 
 @dataclass
 class EmbedConfig(EvaluationConfig):
-    backbone: str = knob("small", "frozen feature extractor (small: built-in, no weights)", choices=BACKBONES)
+    backbone: str = knob("small", "frozen feature extractor (small: built-in, no weights)", choices=EMBEDDER_BACKBONES)
     weights: str | None = knob(None, "resnet50: " + WEIGHTS_HELP)
     weights_strict: bool = knob(True, STRICT_HELP)
     model: str | None = knob(None, "clip / dinov2 / hf: a Hugging Face model id (through the HF cache) or a local "

@@ -34,6 +34,9 @@ from fewshot_cli.data.food101 import (
 from fewshot_cli.errors import BadInput
 from fewshot_cli.models.classifiers import build_classifier, head_first_groups
 from fewshot_cli.runner.backoff import evaluation_part
+from fewshot_cli.runner.checkpoint import atomic_write_bytes
+from fewshot_cli.runner.memory import empty_cache
+from fewshot_cli.runner.schedule import warmup_cosine
 from fewshot_cli.runner.task import BackoffKnob, RunContext, Task
 
 #: torch refuses to start MPS above this ratio on unified memory (MPSAllocator.mm), and its default low ratio
@@ -69,25 +72,6 @@ def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
     if device.type == "mps":
         return torch.float16
     return torch.bfloat16
-
-
-def empty_cache(device: torch.device) -> None:
-    """Hand cached blocks back to the driver (the seed's MPS fix)."""
-    if device.type == "mps":
-        torch.mps.empty_cache()
-    elif device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def warmup_cosine(total: int) -> Callable[[int], float]:
-    """The learning-rate factor after `done` steps: linear warm-up over 5% of the run, then cosine to zero."""
-    warmup = max(1, round(0.05 * total))
-
-    def factor(done: int) -> float:
-        if done < warmup:
-            return (done + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (done - warmup) / max(1, total - warmup))))
-    return factor
 
 
 class Food101Task(Task):
@@ -128,7 +112,8 @@ class Food101Task(Task):
             self.model.to(memory_format=torch.channels_last)
         self.optimizer = torch.optim.AdamW(head_first_groups(self.model, cfg.lr, cfg.lr_backbone),
                                            weight_decay=cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(self.total_steps()))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(
+            self.total_steps(), warmup=max(1, round(0.05 * self.total_steps()))))
         self.amp_dtype = autocast_dtype(self.device, cfg.amp)
         # fp16 gradients underflow without loss scaling; bf16 and fp32 need none
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
@@ -279,18 +264,16 @@ class Food101Task(Task):
         `model.safetensors` (the same tensors, the rest as metadata), which loads without unpickling anything."""
         if self.ctx.run_dir is None:
             return
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         path = Path(self.ctx.run_dir) / "model.pt"
-        partial = path.with_suffix(".pt.partial")
         state = {k: v.detach().cpu().contiguous() for k, v in self.model.net.state_dict().items()}
         about = {"model_name": self.cfg.model, "classes": self.classes, "image_size": self.cfg.image_size,
                  "step": step, **metrics}
-        torch.save({"model": state, **about}, partial)
-        os.replace(partial, path)  # a reader never sees half a file
-        partial = path.with_suffix(".safetensors.partial")
-        save_file(state, str(partial), metadata={k: json.dumps(v) for k, v in about.items()})
-        os.replace(partial, path.with_suffix(".safetensors"))
+        # a reader never sees half a file
+        atomic_write_bytes(path, lambda handle: torch.save({"model": state, **about}, handle))
+        data = save(state, metadata={k: json.dumps(v) for k, v in about.items()})
+        atomic_write_bytes(path.with_suffix(".safetensors"), lambda handle: handle.write(data))
 
     def set_knob(self, name: str, value: int, accumulation: int) -> None:
         super().set_knob(name, value, accumulation)
@@ -328,14 +311,9 @@ class Food101Task(Task):
             size = self.cfg.image_size
             return torch.zeros(n, 3, size, size), torch.zeros(n, dtype=torch.long)
 
-        def test() -> tuple[int, int, int]:
-            self.model.eval()
-            try:
-                with torch.inference_mode():
-                    return self._score(*batch(min(self.cfg.eval_batch_size, len(self.test_indices))))
-            finally:
-                self.model.train()
-        return {"train": lambda: self._optimise(1, *batch(self.batch_images)), "test": test}
+        # the planner puts the model in eval mode under inference_mode for the test, as the runner does
+        return {"train": lambda: self._optimise(1, *batch(self.batch_images)),
+                "test": lambda: self._score(*batch(min(self.cfg.eval_batch_size, len(self.test_indices))))}
 
     def plan_extra_bytes(self) -> dict[str, dict[str, int]]:
         """Batches the loader's workers hold ready in host memory (the same pool as the GPU's on Apple silicon), and

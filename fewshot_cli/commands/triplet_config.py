@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from fewshot_cli.models.names import LOCALISER_BACKBONES as BACKBONES
+from fewshot_cli.models.names import DETECTION_BACKBONES
 from fewshot_cli.models.pretrained import FREEZE_HELP, LR_BACKBONE_HELP, PRETRAINED, STRICT_HELP, WEIGHTS_HELP
 from fewshot_cli.runner.command import Command
 from fewshot_cli.runner.config import EpisodicConfig, knob
@@ -18,7 +18,7 @@ class TripletConfig(EpisodicConfig):
     n_query: int = knob(8, "query clips per class", minimum=1)
     image_size: int = knob(128, "frame and support image side in pixels", minimum=16)
     clip_frames: int = knob(8, "frames per built-in synthetic clip", minimum=1)
-    backbone: str = knob("small", "feature extractor", choices=BACKBONES)
+    backbone: str = knob("small", "feature extractor", choices=DETECTION_BACKBONES)
     embedding_dim: int = knob(64, "backbone width and embedding size (match a --init checkpoint's)", minimum=8)
     weights: str | None = knob(None, WEIGHTS_HELP)
     weights_strict: bool = knob(True, STRICT_HELP)

@@ -17,10 +17,9 @@ from torchvision.transforms import v2
 
 from fewshot_cli.data.images import IMAGE_SUFFIXES, READ_ERRORS, read_rgb, resize
 from fewshot_cli.data.synthetic import SyntheticClips
-from fewshot_cli.episodes import SPLIT_IDS, Episode
+from fewshot_cli.episodes import SPLITS, Episode, split_id
 from fewshot_cli.errors import BadInput
 
-SPLITS = ("train", "val", "test")
 BOX_FILE = "boxes.csv"
 BOX_HEADER = ["frame", "x0", "y0", "x1", "y1"]
 # built-in data: 24 classes, disjoint across splits, ~40 clips each
@@ -369,7 +368,7 @@ def load_episode(source: ClipSource, episode: Episode, seed: int, split: str, k_
 
 def _load_episode(source: ClipSource, episode: Episode, seed: int, split: str, k_shot: int, num_aug: int,
                   triplet_count: int) -> EpisodeBatch:
-    rng = np.random.default_rng([seed, SPLIT_IDS.get(split, 9), episode.index, 7])
+    rng = np.random.default_rng([seed, split_id(split), episode.index, 7])
     augment = augmentation(source.image_size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(rng.integers(2**62)))

@@ -13,6 +13,7 @@ from PIL import Image
 from fewshot_cli.data.images import IMAGE_SUFFIXES
 from fewshot_cli.data.synthetic import SyntheticImages
 from fewshot_cli.errors import BadInput
+from fewshot_cli.runner.checkpoint import atomic_write_bytes
 
 SUPPORT_DIR, QUERY_DIR = "2.support-set", "6.preprocessed"
 UNKNOWN = "Unknown"
@@ -139,6 +140,5 @@ def _save(images: SyntheticImages, cls: int, shot: int, folder: Path) -> None:
         return
     folder.mkdir(parents=True, exist_ok=True)
     pixels = np.rint(images.image(item) * 255).astype(np.uint8)
-    tmp = path.with_suffix(".tmp")
-    Image.fromarray(pixels, "RGB").save(tmp, format="PNG")
-    tmp.replace(path)
+    # built from the seed again at will: renamed into place whole, but not flushed to the disk one by one
+    atomic_write_bytes(path, lambda handle: Image.fromarray(pixels, "RGB").save(handle, format="PNG"), durable=False)

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from fewshot_cli.data.images import IMAGE_SUFFIXES, READ_ERRORS, read_image
+from fewshot_cli.episodes import SPLITS
 from fewshot_cli.errors import BadInput
 
 
@@ -23,7 +24,7 @@ class ImageFolderSplits:
         self.labels: list[int] = []
         self.class_names: list[str] = []
         self._by_split: dict[str, dict[int, list[int]]] = {}
-        for split in ("train", "val", "test"):
+        for split in SPLITS:
             split_dir = self.root / split
             if not split_dir.is_dir():
                 continue

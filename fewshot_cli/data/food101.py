@@ -16,12 +16,13 @@ from torchvision.transforms import v2
 
 from fewshot_cli.data.images import IMAGENET_MEAN, IMAGENET_STD
 from fewshot_cli.data.synthetic import SyntheticImages
+from fewshot_cli.episodes import split_id
 from fewshot_cli.errors import BadInput
 
 # short schedules learn faster from milder crops than ImageNet's (0.08, 1.0)
 CROP_SCALE = (0.25, 1.0)
+#: its splits, in the order that numbers them in a random stream's seed (`episodes.split_id`)
 SPLITS = ("train", "test")
-SPLIT_IDS = {"train": 0, "test": 1}
 #: built-in data: images per class in each split, the 3:1 ratio of Food-101's 750 / 250
 SYNTHETIC_PER_CLASS = {"train": 48, "test": 16}
 
@@ -140,7 +141,7 @@ def synthetic_split(n_classes: int, image_size: int, seed: int, split: str) -> F
 
 def stratified_subset(labels: Sequence[int], per_class: int, seed: int, split: str) -> list[int]:
     """`per_class` indices of each class (all of a smaller class), chosen from (seed, split) alone, sorted."""
-    rng = np.random.default_rng([seed, SPLIT_IDS.get(split, 9), 101])
+    rng = np.random.default_rng([seed, split_id(split, SPLITS), 101])
     by_class: dict[int, list[int]] = {}
     for index, label in enumerate(labels):
         by_class.setdefault(label, []).append(index)

@@ -11,6 +11,7 @@ from torch import nn
 from fewshot_cli.errors import BadInput
 from fewshot_cli.models.names import CLASSIFIERS
 from fewshot_cli.models.weights import Pretrained, load_pretrained
+from fewshot_cli.torch_private import BatchNorm
 
 #: each network's head module (trained when the backbone is frozen) and, inside it, the layer sized to the classes
 HEADS = {
@@ -64,7 +65,7 @@ def build_classifier(name: str, num_classes: int, weights: str | None = None, fr
         # mobilenet_v3's BatchNorm momentum 0.01 suits long ImageNet schedules; from scratch in a short run its
         # running statistics lag the weights and evaluation collapses to one class, so use PyTorch's 0.1
         for module in net.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            if isinstance(module, BatchNorm):
                 module.momentum = 0.1
     return Classifier(net, name, frozen=freeze_backbone), loaded
 

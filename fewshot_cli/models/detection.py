@@ -153,8 +153,8 @@ def load_backbone_weights(backbone: nn.Module, spec: str | None, name: str, emit
     return weights
 
 
-def build_backbone(name: str, channels: int) -> tuple[nn.Module, int]:
-    """The feature extractor and its stride."""
+def build_feature_backbone(name: str, channels: int) -> tuple[nn.Module, int]:
+    """A feature-map extractor with `channels` outputs (one of `names.DETECTION_BACKBONES`) and its stride."""
     if name == "resnet50":
         return ResNet50Features(channels), 16
     if name == "small":

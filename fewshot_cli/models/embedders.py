@@ -17,7 +17,7 @@ from torchvision.models import resnet50
 from fewshot_cli.data.images import IMAGENET_MEAN, IMAGENET_STD
 from fewshot_cli.errors import BadInput
 from fewshot_cli.models.hub import HF_BACKBONES, hf_model
-from fewshot_cli.models.names import EMBEDDER_BACKBONES as BACKBONES
+from fewshot_cli.models.names import EMBEDDER_BACKBONES
 from fewshot_cli.models.weights import load_pretrained
 
 SMALL_SEED = 20240601  # fixed, not --seed: the small backbone is one network, so its cache key stays stable
@@ -154,7 +154,7 @@ def build_embedder(backbone: str, weights: str | None = None, model: str | None 
         return ResNet50(weights, emit, strict)
     if backbone in HF_BACKBONES:
         return HFEmbedder(backbone, model, emit)
-    raise BadInput(f"--backbone must be one of {', '.join(BACKBONES)}, not {backbone!r}.")
+    raise BadInput(f"--backbone must be one of {', '.join(EMBEDDER_BACKBONES)}, not {backbone!r}.")
 
 
 def directory_digest(path: Path) -> str:

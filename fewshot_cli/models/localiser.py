@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import sigmoid_focal_loss
 
-from fewshot_cli.models.detection import build_backbone
+from fewshot_cli.models.detection import build_feature_backbone
 
 # the detector's backbones, so that a `detect-train` checkpoint can start stage 2 (`--init`)
 
@@ -26,7 +26,7 @@ class Localiser(nn.Module):
     def __init__(self, backbone: str = "small", embedding_dim: int = 64) -> None:
         super().__init__()
         # the backbone's width is the embedding size, as in `detect-train`, so its checkpoints fit
-        self.backbone, self.stride = build_backbone(backbone, embedding_dim)
+        self.backbone, self.stride = build_feature_backbone(backbone, embedding_dim)
         # dilated context: an object's neighbourhood tells it from the distractor beside it
         self.context = nn.Sequential(_conv(embedding_dim, 64, dilation=2), _conv(64, 64, dilation=4))
         # one projection for support embeddings and query maps: the triplet loss shapes the space matched in

@@ -9,8 +9,8 @@ COVARIANCES = ("auto", "dense", "lowrank")
 ESTIMATORS = ("ledoit-wolf", "oas", "simple-cnaps")
 #: `models.adaptation`: the set-to-set transformer's attention metrics
 VARIANTS = ("cosine", "euclidean")
-#: `models.localiser`: the video localiser's backbones
-LOCALISER_BACKBONES = ("small", "resnet50")
+#: `models.detection.build_feature_backbone`: the detector's and the video localiser's feature extractors
+DETECTION_BACKBONES = ("small", "resnet50")
 #: `models.embedders`: frozen embedding backbones
 EMBEDDER_BACKBONES = ("small", "resnet50", "clip", "dinov2", "hf")
 #: `models.frozen_heads`: classifiers over frozen embeddings

@@ -1,4 +1,4 @@
-"""Atomic CSV tables and matplotlib figures in a run directory."""
+"""Atomic CSV tables and matplotlib figures: a run's own files and the report commands' plots."""
 
 from __future__ import annotations
 
@@ -30,13 +30,15 @@ def figure(width: float = 6.0, height: float = 4.5) -> tuple[Any, Any]:
     return plt.subplots(figsize=(width, height))
 
 
-def save_figure(fig: Any, path: Path) -> None:
+def save_figure(fig: Any, path: Path, dpi: int = 110) -> None:
+    """Lay the figure out, write it as a PNG (its folder made if need be) and close it."""
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     # no creation date in the file, so a figure drawn twice from the same run is the same bytes
-    atomic_write_bytes(Path(path), lambda handle: fig.savefig(handle, format="png", dpi=110,
-                                                              metadata={"Software": None}))
+    atomic_write_bytes(path, lambda handle: fig.savefig(handle, format="png", dpi=dpi, metadata={"Software": None}))
     plt.close(fig)
 
 

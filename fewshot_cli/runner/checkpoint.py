@@ -31,9 +31,9 @@ class _Recording:
         self.handle.flush()
 
 
-def atomic_write_bytes(path: Path, write) -> None:
-    """Write to a hidden temporary file, fsync, rename over `path`. Any operating-system error is a CannotWrite
-    naming `path`, and the temporary file is removed."""
+def atomic_write_bytes(path: Path, write, durable: bool = True) -> None:
+    """Write to a hidden temporary file, fsync (unless not `durable`: a file rebuilt from the seed at will), rename
+    over `path`. Any operating-system error is a CannotWrite naming `path`, and the temporary file is removed."""
     tmp = path.with_name(f".{path.name}.tmp")
     recording = None
     try:
@@ -41,7 +41,8 @@ def atomic_write_bytes(path: Path, write) -> None:
             recording = _Recording(handle)
             write(recording)
             handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                os.fsync(handle.fileno())
         os.replace(tmp, path)
     except Exception as err:
         failed = recording.error if recording is not None and recording.error is not None else err

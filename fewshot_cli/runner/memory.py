@@ -138,6 +138,7 @@ def release(device: torch.device) -> None:
 
 
 def empty_cache(device: torch.device) -> None:
+    """Hand the caching allocator's free blocks back to the driver (CUDA, MPS); nothing on the CPU."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
     elif device.type == "mps":
