@@ -118,29 +118,25 @@ class DetectTask(Task):
         OOM back-off lowers it); data-parallel, each rank takes its share of the episodes."""
         episodes = self._train_episodes(step)
         weight = 1.0 / len(episodes)
-
-        def micro_steps(j: int) -> list[tuple[torch.Tensor, torch.Tensor, Batch, float]]:
-            episode = episodes[j]
-            read = _by_item(episode, self.feed.get((step, j)))
-            support = self._support(read, episode)
-            prototypes, pooled = self.model.prototypes(support.images, torch.stack(support.boxes),
-                                                       torch.cat(support.labels), self.cfg.n_way)
-            chunks = self._query_chunks(episode)
-            n_queries = sum(map(len, chunks))
-            return [(prototypes, pooled, self._queries(read, self.train_data, chunk, episode.classes),
-                     len(chunk) / n_queries) for chunk in chunks if chunk]
-
-        def compute(_: int, part: tuple[torch.Tensor, torch.Tensor, Batch, float]
-                    ) -> tuple[torch.Tensor, dict[str, float]]:
-            prototypes, pooled, queries, share = part
-            total, terms = self._loss(prototypes, pooled, queries)
-            # the losses are means over the step's episodes, the counts totals
-            return total * (share * weight), {
-                name: float(value) * (1.0 if name in COUNTS else share * weight) for name, value in terms.items()}
-
         self.optimizer.zero_grad(set_to_none=True)
-        sums = self.accumulate(step, len(episodes), micro_steps, compute)
+        with self.accumulate(step, parts=len(episodes)) as grads:
+            for j in grads.parts():
+                episode = episodes[j]
+                read = _by_item(episode, self.feed.get((step, j)))
+                support = self._support(read, episode)
+                prototypes, pooled = self.model.prototypes(support.images, torch.stack(support.boxes),
+                                                           torch.cat(support.labels), self.cfg.n_way)
+                chunks = [chunk for chunk in self._query_chunks(episode) if chunk]
+                n_queries = sum(map(len, chunks))
+                for chunk in grads.micro_steps(chunks):
+                    queries = self._queries(read, self.train_data, chunk, episode.classes)
+                    total, terms = self._loss(prototypes, pooled, queries)
+                    share = len(chunk) / n_queries * weight
+                    # the losses are means over the step's episodes, the counts totals
+                    grads.backward(total * share, **{name: value * (1.0 if name in COUNTS else share)
+                                                     for name, value in terms.items()})
         self._optimizer_step()
+        sums = grads.sums
         sums["boxes_dropped"] = self.all_sum({"n": self._report_dropped("data", step)})["n"]
         sums["lr"] = self.scheduler.get_last_lr()[0]
         sums["data_wait_s"] = self.loaders["train"].take_wait()
