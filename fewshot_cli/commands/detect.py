@@ -59,6 +59,7 @@ class DetectTask(Task):
 
     def __init__(self, cfg: DetectConfig, ctx: RunContext) -> None:
         super().__init__(cfg, ctx)
+        cfg.check_ranks(ctx.distributed)
         scales = _parse_scales(cfg.proposal_scales)
         if ctx.data is None:
             self.train_data, self.test_data, self.base, self.novel = synthetic_splits(cfg.image_size, ctx.seed)
@@ -234,7 +235,8 @@ class DetectTask(Task):
     # ------------------------------------------------------------------ memory planning
 
     def plan_phases(self) -> dict[str, Callable[[], Any]]:
-        """Fixed-shape stand-ins for one training episode and one test chunk (fake tensors cannot hold data)."""
+        """Fixed-shape stand-ins for one training episode and one test chunk: the real step picks each support
+        image's box by its values (`_support`), which fake tensors do not hold, so it cannot be traced."""
         return {"train": self._plan_train, "test": self._plan_test}
 
     def _plan_batch(self, n_images: int, with_boxes: bool) -> Batch:
@@ -247,7 +249,7 @@ class DetectTask(Task):
 
     def _plan_prototypes(self) -> tuple[torch.Tensor, torch.Tensor]:
         # unit vectors stand in for the support pass: it runs under no_grad, so its activations are freed before
-        # the query pass, and MemTracker cannot follow a module called twice in one phase
+        # the query pass (`plan_extra_bytes` counts them as `support_pass`)
         n_way, dim = self.cfg.n_way, self.cfg.embedding_dim
         return (torch.nn.functional.normalize(torch.randn(n_way, dim, device=self.ctx.device), dim=1),
                 torch.nn.functional.normalize(torch.randn(n_way, dim, device=self.ctx.device), dim=1))
@@ -276,7 +278,7 @@ class DetectTask(Task):
         top_k = min(cfg.proposals_top_k, n_proposals)
         nms = top_k * cfg.n_way * (4 + 1 + 1) * FLOAT  # one image at a time: boxes, scores, class ids
         # the support pass the stand-in replaces by unit vectors: its images and feature maps, freed after it
-        stride = 16 if cfg.backbone == "resnet50" else 4
+        stride = self.model.stride
         supports = cfg.n_way * cfg.k_shot
         support = supports * (3 * cfg.image_size**2 + cfg.embedding_dim * (cfg.image_size // stride) ** 2) * FLOAT
         image = 3 * cfg.image_size**2 * FLOAT

@@ -81,6 +81,7 @@ class MahalanobisTask(Task):
 
     def __init__(self, cfg: MahalanobisConfig, ctx: RunContext) -> None:
         super().__init__(cfg, ctx)
+        cfg.check_ranks(ctx.distributed)
         if cfg.flatten and cfg.backbone not in ("resnet18", "resnet34", "resnet50"):
             raise BadInput("--flatten applies to the torchvision ResNets (resnet18, resnet34, resnet50) only.")
         if ctx.data is None:

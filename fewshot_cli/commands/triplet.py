@@ -180,6 +180,7 @@ class TripletTask(Task):
 
     def __init__(self, cfg: TripletConfig, ctx: RunContext) -> None:
         super().__init__(cfg, ctx)
+        cfg.check_ranks(ctx.distributed)
         parts = cfg.workers + 1 if cfg.workers else 1
         self.cache = FrameCache(cfg.frame_cache_size // parts, cfg.frame_cache_mb * MiB // parts)
         self.source = make_source(ctx.data, cfg.image_size, self.cache, cfg.clip_frames, ctx.seed)
