@@ -108,7 +108,9 @@ class MahalanobisTask(Task):
         reader = ItemReader(self.data, cache_bytes=cache_share(cfg.image_cache_mb, cfg.workers))
         self.loaders = Loaders(reader, stack_images, cfg.workers, ctx.device)
         self.feed = Feed(self.loaders, self._schedule)
-        self._planning = False  # tracing under fake tensors reads in this process, without the loader
+        # tracing under fake tensors reads in this process, without the loader: its worker processes cannot carry
+        # fake tensors, and its image cache would keep the traced images that plan_extra_bytes counts already
+        self._planning = False
 
     def total_steps(self) -> int:
         return self.cfg.steps()

@@ -212,7 +212,7 @@ class TripletTask(Task):
         self._batches: Any = None
         self._order: list[int] = []
         self._position = 0
-        self._planning = False
+        self._planning = False  # the planner's trace loads its episode in this process (see plan_phases)
 
     def _check_supports(self) -> None:
         for split in ("train", "val", "test"):
