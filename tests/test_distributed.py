@@ -210,7 +210,7 @@ def test_bad_input_stops_every_rank_with_exit_2_before_training(tmp_path: Path, 
 
 @pytest.mark.parametrize("parts", [3, 1])
 def test_accumulate_under_distributed_data_parallel_gives_one_process_gradients(tmp_path: Path, parts: int) -> None:
-    """Two real processes with gloo: `Task.accumulate` splits a step's parts across them; DistributedDataParallel
+    """Two real processes with gloo: a loop over `Task.accumulate` splits a step's parts across them; DDP
     sums the gradients, BatchNorm running statistics are merged, and both equal one process's (exactly with one
     part; with three, rank 0 adds two parts first)."""
     torch.multiprocessing.spawn(_accumulate, args=(str(tmp_path), parts, 2), nprocs=2, join=True)
@@ -257,11 +257,12 @@ def _accumulate(rank: int, folder: str, parts: int, world_size: int) -> dict:
         task.wrap_data_parallel()
         data = torch.randn(parts, 2, 5, 3, generator=torch.Generator().manual_seed(1))  # 2 micro-steps per part
 
-        def compute(j: int, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-            loss = task.model["net"](x).pow(2).mean() / (2 * parts)
-            return loss, {"loss": float(loss.detach()), "rows": len(x)}
-
-        figures = task.accumulate(1, parts, lambda j: list(data[j]), compute)
+        with task.accumulate(1, parts) as grads:
+            for j in grads.parts():
+                for x in grads.micro_steps(list(data[j])):
+                    loss = task.model["net"](x).pow(2).mean() / (2 * parts)
+                    grads.backward(loss, loss=float(loss.detach()), rows=len(x))
+        figures = grads.sums
         result = {"figures": figures, "unused_grad": task.model["unused"].weight.grad,
                   "grads": {k: p.grad for k, p in task.model.named_parameters() if p.grad is not None},
                   "buffers": {k: b.clone() for k, b in task.model.named_buffers()}}

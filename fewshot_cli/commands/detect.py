@@ -60,6 +60,7 @@ class DetectTask(Task):
 
     def __init__(self, cfg: DetectConfig, ctx: RunContext) -> None:
         super().__init__(cfg, ctx)
+        cfg.check_ranks(ctx.distributed)
         scales = _parse_scales(cfg.proposal_scales)
         if ctx.data is None:
             self.train_data, self.test_data, self.base, self.novel = synthetic_splits(cfg.image_size, ctx.seed)
@@ -121,29 +122,25 @@ class DetectTask(Task):
         OOM back-off lowers it); data-parallel, each rank takes its share of the episodes."""
         episodes = self._train_episodes(step)
         weight = 1.0 / len(episodes)
-
-        def micro_steps(j: int) -> list[tuple[torch.Tensor, torch.Tensor, Batch, float]]:
-            episode = episodes[j]
-            read = _by_item(episode, self.feed.get((step, j)))
-            support = self._support(read, episode)
-            prototypes, pooled = self.model.prototypes(support.images, torch.stack(support.boxes),
-                                                       torch.cat(support.labels), self.cfg.n_way)
-            chunks = self._query_chunks(episode)
-            n_queries = sum(map(len, chunks))
-            return [(prototypes, pooled, self._queries(read, self.train_data, chunk, episode.classes),
-                     len(chunk) / n_queries) for chunk in chunks if chunk]
-
-        def compute(_: int, part: tuple[torch.Tensor, torch.Tensor, Batch, float]
-                    ) -> tuple[torch.Tensor, dict[str, float]]:
-            prototypes, pooled, queries, share = part
-            total, terms = self._loss(prototypes, pooled, queries)
-            # the losses are means over the step's episodes, the counts totals
-            return total * (share * weight), {
-                name: float(value) * (1.0 if name in COUNTS else share * weight) for name, value in terms.items()}
-
         self.optimizer.zero_grad(set_to_none=True)
-        sums = self.accumulate(step, len(episodes), micro_steps, compute)
+        with self.accumulate(step, parts=len(episodes)) as grads:
+            for j in grads.parts():
+                episode = episodes[j]
+                read = _by_item(episode, self.feed.get((step, j)))
+                support = self._support(read, episode)
+                prototypes, pooled = self.model.prototypes(support.images, torch.stack(support.boxes),
+                                                           torch.cat(support.labels), self.cfg.n_way)
+                chunks = [chunk for chunk in self._query_chunks(episode) if chunk]
+                n_queries = sum(map(len, chunks))
+                for chunk in grads.micro_steps(chunks):
+                    queries = self._queries(read, self.train_data, chunk, episode.classes)
+                    total, terms = self._loss(prototypes, pooled, queries)
+                    share = len(chunk) / n_queries * weight
+                    # the losses are means over the step's episodes, the counts totals
+                    grads.backward(total * share, **{name: value * (1.0 if name in COUNTS else share)
+                                                     for name, value in terms.items()})
         self._optimizer_step()
+        sums = grads.sums
         sums["boxes_dropped"] = self.all_sum({"n": self._report_dropped("data", step)})["n"]
         sums["lr"] = self.scheduler.get_last_lr()[0]
         sums["data_wait_s"] = self.loaders["train"].take_wait()
@@ -241,7 +238,8 @@ class DetectTask(Task):
     # ------------------------------------------------------------------ memory planning
 
     def plan_phases(self) -> dict[str, Callable[[], Any]]:
-        """Fixed-shape stand-ins for one training episode and one test chunk (fake tensors cannot hold data)."""
+        """Fixed-shape stand-ins for one training episode and one test chunk: the real step picks each support
+        image's box by its values (`_support`), which fake tensors do not hold, so it cannot be traced."""
         return {"train": self._plan_train, "test": self._plan_test}
 
     def _plan_batch(self, n_images: int, with_boxes: bool) -> Batch:
@@ -254,7 +252,7 @@ class DetectTask(Task):
 
     def _plan_prototypes(self) -> tuple[torch.Tensor, torch.Tensor]:
         # unit vectors stand in for the support pass: it runs under no_grad, so its activations are freed before
-        # the query pass, and MemTracker cannot follow a module called twice in one phase
+        # the query pass (`plan_extra_bytes` counts them as `support_pass`)
         n_way, dim = self.cfg.n_way, self.cfg.embedding_dim
         return (torch.nn.functional.normalize(torch.randn(n_way, dim, device=self.ctx.device), dim=1),
                 torch.nn.functional.normalize(torch.randn(n_way, dim, device=self.ctx.device), dim=1))
@@ -284,7 +282,7 @@ class DetectTask(Task):
         top_k = min(cfg.proposals_top_k, n_proposals)
         nms = top_k * cfg.n_way * (4 + 1 + 1) * FLOAT  # one image at a time: boxes, scores, class ids
         # the support pass the stand-in replaces by unit vectors: its images and feature maps, freed after it
-        stride = 16 if cfg.backbone == "resnet50" else 4
+        stride = self.model.stride
         supports = cfg.n_way * cfg.k_shot
         support = supports * (3 * cfg.image_size**2 + cfg.embedding_dim * (cfg.image_size // stride) ** 2) * FLOAT
         image = 3 * cfg.image_size**2 * FLOAT

@@ -187,26 +187,23 @@ class Food101Task(Task):
         """One optimiser step on a batch, as micro-batches of cfg.batch_size when back-off has shrunk it.
         Data-parallel, `images` are this rank's share of the batch (one part of the step per rank)."""
         group = self.ctx.distributed
-
-        def micro_steps(_: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-            return list(zip(images.split(self.cfg.batch_size), labels.split(self.cfg.batch_size), strict=True))
-
-        def compute(_: int, part: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-            x, y = self._to_device(part[0]), part[1].to(self.device, non_blocking=True)
-            with self._autocast():
-                logits = self.model(x)
-                loss = F.cross_entropy(logits, y)
-            # weighted so the accumulated gradient is the whole batch's mean
-            share = len(y) / self.batch_images
-            return self.scaler.scale(loss * share), {"loss": float(loss.detach().float() * share),
-                                                     "correct": int((logits.detach().argmax(1) == y).sum())}
-
         self.optimizer.zero_grad(set_to_none=True)
-        sums = self.accumulate(step, group.world_size if group is not None else 1, micro_steps, compute)
+        with self.accumulate(step, parts=group.world_size if group is not None else 1) as grads:
+            for _ in grads.parts():  # this rank's share of the batch, the part it loaded
+                micro_batches = list(zip(images.split(self.cfg.batch_size), labels.split(self.cfg.batch_size),
+                                         strict=True))
+                for x, y in grads.micro_steps(micro_batches):
+                    x, y = self._to_device(x), y.to(self.device, non_blocking=True)
+                    with self._autocast():
+                        logits = self.model(x)
+                        loss = F.cross_entropy(logits, y)
+                    share = len(y) / self.batch_images  # so the accumulated gradient is the whole batch's mean
+                    grads.backward(self.scaler.scale(loss * share), loss=float(loss.detach().float() * share),
+                                   correct=int((logits.detach().argmax(1) == y).sum()))
         self.scaler.step(self.optimizer)  # DistributedDataParallel summed the gradients: every rank steps alike
         self.scaler.update()
         self.scheduler.step()
-        return sums
+        return grads.sums
 
     def train_step(self, step: int) -> dict[str, float]:
         images, labels = self._batch(step)

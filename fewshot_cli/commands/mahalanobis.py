@@ -89,6 +89,7 @@ class MahalanobisTask(Task):
 
     def __init__(self, cfg: MahalanobisConfig, ctx: RunContext) -> None:
         super().__init__(cfg, ctx)
+        cfg.check_ranks(ctx.distributed)
         if cfg.flatten and cfg.backbone not in ("resnet18", "resnet34", "resnet50"):
             raise BadInput("--flatten applies to the torchvision ResNets (resnet18, resnet34, resnet50) only.")
         if ctx.data is None:
@@ -115,7 +116,9 @@ class MahalanobisTask(Task):
         reader = ItemReader(self.data, cache_bytes=cache_share(cfg.image_cache_mb, cfg.workers))
         self.loaders = Loaders(reader, stack_images, cfg.workers, ctx.device)
         self.feed = Feed(self.loaders, self._schedule)
-        self._planning = False  # tracing under fake tensors reads in this process, without the loader
+        # tracing under fake tensors reads in this process, without the loader: its worker processes cannot carry
+        # fake tensors, and its image cache would keep the traced images that plan_extra_bytes counts already
+        self._planning = False
 
     def total_steps(self) -> int:
         return self.cfg.steps()
@@ -148,31 +151,25 @@ class MahalanobisTask(Task):
         """The step's episodes (one by default); each one's queries in `accumulation` micro-steps after an OOM
         back-off; data-parallel, each rank takes its share of the episodes."""
         episodes = self._train_episodes(step)
-        weight = 1.0 / len(episodes)
-
-        def micro_steps(j: int) -> list[tuple[Episode, list[int]]]:
-            n_query = len(episodes[j].query_items()[0])
-            chunks = np.array_split(np.arange(n_query), min(self.accumulation, n_query))
-            return [(episodes[j], c.tolist()) for c in chunks]
-
-        def compute(j: int, part: tuple[Episode, list[int]]) -> tuple[torch.Tensor, dict[str, float]]:
-            episode, chunk = part
-            (support_items, support_labels), (query_items, query_labels) = (episode.support_items(),
-                                                                            episode.query_items())
-            images = self._episode_images(step, j, episode)
-            n_support = len(support_items)
-            support = self.model.embed(images[:n_support])
-            query = self.model.embed(images[n_support + chunk[0]:n_support + chunk[-1] + 1])
-            q_labels = torch.tensor([query_labels[i] for i in chunk], device=self.ctx.device)
-            logits = self.model.logits(support, torch.tensor(support_labels, device=self.ctx.device), query,
-                                       self.cfg.n_way)
-            loss = F.cross_entropy(logits, q_labels) * len(chunk) / len(query_items) * weight
-            return loss, {"loss": float(loss.detach()), "correct": int((logits.argmax(1) == q_labels).sum()),
-                          "queries": len(chunk)}
-
+        weight, device, n_way = 1.0 / len(episodes), self.ctx.device, self.cfg.n_way
         self.optimizer.zero_grad(set_to_none=True)
-        sums = self.accumulate(step, len(episodes), micro_steps, compute)
+        with self.accumulate(step, parts=len(episodes)) as grads:
+            for j in grads.parts():
+                (support_items, support_labels), (query_items, query_labels) = (episodes[j].support_items(),
+                                                                                episodes[j].query_items())
+                images = self._episode_images(step, j, episodes[j])  # support, then queries
+                n_support, n_query = len(support_items), len(query_items)
+                chunks = [c.tolist() for c in np.array_split(np.arange(n_query), min(self.accumulation, n_query))]
+                for chunk in grads.micro_steps(chunks):
+                    support = self.model.embed(images[:n_support])
+                    query = self.model.embed(images[n_support + chunk[0]:n_support + chunk[-1] + 1])
+                    labels = torch.tensor([query_labels[i] for i in chunk], device=device)
+                    logits = self.model.logits(support, torch.tensor(support_labels, device=device), query, n_way)
+                    loss = F.cross_entropy(logits, labels) * len(chunk) / n_query * weight
+                    grads.backward(loss, loss=float(loss.detach()), correct=int((logits.argmax(1) == labels).sum()),
+                                   queries=len(chunk))
         self.optimizer.step()
+        sums = grads.sums
         return {"loss": sums["loss"], "accuracy": sums["correct"] / sums["queries"],
                 "episode_hash": steps_hash(episodes), "data_wait_s": self.loaders.take_wait()}
 

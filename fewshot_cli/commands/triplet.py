@@ -180,6 +180,7 @@ class TripletTask(Task):
 
     def __init__(self, cfg: TripletConfig, ctx: RunContext) -> None:
         super().__init__(cfg, ctx)
+        cfg.check_ranks(ctx.distributed)
         parts = cfg.workers + 1 if cfg.workers else 1
         self.cache = FrameCache(cfg.frame_cache_size // parts, cfg.frame_cache_mb * MiB // parts)
         self.source = make_source(ctx.data, cfg.image_size, self.cache, cfg.clip_frames, ctx.seed)
@@ -211,7 +212,7 @@ class TripletTask(Task):
         self._batches: Any = None
         self._order: list[int] = []
         self._position = 0
-        self._planning = False
+        self._planning = False  # the planner's trace loads its episode in this process (see plan_phases)
 
     def _check_supports(self) -> None:
         for split in ("train", "val", "test"):
@@ -259,52 +260,52 @@ class TripletTask(Task):
         """The step's episodes (one by default); after an OOM back-off, each in `accumulation` micro-steps of
         contiguous runs of clips and triplets (slices, so shapes never depend on the data); data-parallel, each
         rank takes its share of the episodes."""
-        device, ratio = self.ctx.device, self.cfg.triplet_ratio
-        indices = self._step_indices(step)
-        weight = 1.0 / len(indices)
+        ratio, indices = self.cfg.triplet_ratio, self._step_indices(step)
         cache: dict[str, float] = {}
-
-        def micro_steps(j: int) -> list[tuple[EpisodeBatch, Any, torch.Tensor, np.ndarray, np.ndarray]]:
-            batch = self._train_batch(step, indices[j])
-            cache.update(batch.cache)
-            starts = np.concatenate([[0], np.cumsum(batch.clip_frames)])
-            support = to_input(batch.support, device)
-            chunks = zip(np.array_split(np.arange(len(batch.clip_frames)), self.accumulation),
-                         np.array_split(np.arange(len(batch.triplets)), self.accumulation), strict=True)
-            return [(batch, starts, support, clips, triplets) for clips, triplets in chunks
-                    if len(clips) or (len(triplets) and ratio > 0)]
-
-        def compute(_: int, part: tuple[EpisodeBatch, Any, torch.Tensor, np.ndarray, np.ndarray]
-                    ) -> tuple[torch.Tensor, dict[str, float]]:
-            batch, starts, support, clips, triplets = part
-            n_clips, n_triplets = len(batch.clip_frames), len(batch.triplets)
-            loss = torch.zeros((), device=device)
-            figures = {"loc": 0.0, "triplet": 0.0}
-            prototypes = self.model.prototypes(support)  # again per micro-step: each backward frees its graph
-            if len(clips):
-                first, last = int(starts[clips[0]]), int(starts[clips[-1] + 1])
-                logits, boxes = self.model(to_input(batch.frames[first:last], device),
-                                           prototypes[batch.frame_label[first:last].to(device)])
-                loc = localisation_loss(logits, boxes, batch.boxes[first:last].to(device), self.model.stride)
-                loss = loss + (1 - ratio) * loc * len(clips) / n_clips * weight
-                figures["loc"] = loc.item() * len(clips) / n_clips * weight
-            if len(triplets) and ratio > 0:
-                images = batch.triplets[int(triplets[0]): int(triplets[-1]) + 1]
-                embeddings = self.model.embed(to_input(images.flatten(0, 1), device)).view(len(triplets), 3, -1)
-                trip = self.triplet_loss(embeddings[:, 0], embeddings[:, 1], embeddings[:, 2])
-                loss = loss + ratio * trip * len(triplets) / n_triplets * weight
-                figures["triplet"] = trip.item() * len(triplets) / n_triplets * weight
-            return loss, figures
-
         self.optimizer.zero_grad(set_to_none=True)
-        sums = self.accumulate(step, len(indices), micro_steps, compute)
+        with self.accumulate(step, parts=len(indices)) as grads:
+            for j in grads.parts():
+                batch = self._train_batch(step, indices[j])
+                cache.update(batch.cache)
+                support = to_input(batch.support, self.ctx.device)
+                chunks = zip(np.array_split(np.arange(len(batch.clip_frames)), self.accumulation),
+                             np.array_split(np.arange(len(batch.triplets)), self.accumulation), strict=True)
+                chunks = [(c, t) for c, t in chunks if len(c) or (len(t) and ratio > 0)]
+                for clips, triplets in grads.micro_steps(chunks):
+                    loss, figures = self._loss(batch, support, clips, triplets, 1.0 / len(indices))
+                    grads.backward(loss, **figures)
         self.optimizer.step()
         self.scheduler.step()
-        loc_total, triplet_total = sums["loc"], sums["triplet"]
+        loc_total, triplet_total = grads.sums["loc"], grads.sums["triplet"]
         figures = {"loss": (1 - ratio) * loc_total + ratio * triplet_total, "loc_loss": loc_total,
                    "triplet_loss": triplet_total, "lr": self.scheduler.get_last_lr()[0]}
         figures.update(cache)  # this rank's frame cache
         return figures
+
+    def _loss(self, batch: EpisodeBatch, support: torch.Tensor, clips: np.ndarray, triplets: np.ndarray,
+              weight: float) -> tuple[torch.Tensor, dict[str, float]]:
+        """A micro-step's loss, (1 - r) x localisation on the clips `clips` + r x triplet on the triplets
+        `triplets`, each weighted by its share of the episode and the episode by `weight`; and those two terms."""
+        device, ratio = self.ctx.device, self.cfg.triplet_ratio
+        starts = np.concatenate([[0], np.cumsum(batch.clip_frames)])
+        n_clips, n_triplets = len(batch.clip_frames), len(batch.triplets)
+        loss = torch.zeros((), device=device)
+        figures = {"loc": 0.0, "triplet": 0.0}
+        prototypes = self.model.prototypes(support)  # again per micro-step: each backward frees its graph
+        if len(clips):
+            first, last = int(starts[clips[0]]), int(starts[clips[-1] + 1])
+            logits, boxes = self.model(to_input(batch.frames[first:last], device),
+                                       prototypes[batch.frame_label[first:last].to(device)])
+            loc = localisation_loss(logits, boxes, batch.boxes[first:last].to(device), self.model.stride)
+            loss = loss + (1 - ratio) * loc * len(clips) / n_clips * weight
+            figures["loc"] = loc.item() * len(clips) / n_clips * weight
+        if len(triplets) and ratio > 0:
+            images = batch.triplets[int(triplets[0]): int(triplets[-1]) + 1]
+            embeddings = self.model.embed(to_input(images.flatten(0, 1), device)).view(len(triplets), 3, -1)
+            trip = self.triplet_loss(embeddings[:, 0], embeddings[:, 1], embeddings[:, 2])
+            loss = loss + ratio * trip * len(triplets) / n_triplets * weight
+            figures["triplet"] = trip.item() * len(triplets) / n_triplets * weight
+        return loss, figures
 
     def evaluate(self, phase: str, step: int) -> dict[str, float]:
         with self._threads():

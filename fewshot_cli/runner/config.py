@@ -77,6 +77,14 @@ class EpisodicConfig(BaseConfig):
     k_shot: int = knob(5, "support images per class", minimum=1)
     n_query: int = knob(15, "query images per class", minimum=1)
 
+    def check_ranks(self, group: Any) -> None:
+        """Under torchrun, every rank needs an episode of each full step: ranks share a step's episodes."""
+        per_step = self.episodes_per_step
+        if group is not None and per_step < group.world_size:
+            raise BadInput(f"--episodes-per-step {per_step} leaves some of the {group.world_size} processes without "
+                           f"an episode: ranks share each step's episodes, so use --episodes-per-step "
+                           f"{group.world_size} (or a multiple of it), or start fewer processes.")
+
     def steps(self) -> int:
         """Optimiser steps: the training episodes in groups of `episodes_per_step` (the last may be short)."""
         return -(-self.episodes // self.episodes_per_step)

@@ -91,11 +91,6 @@ class _StopFlag:
 
 
 def build_task(command: Command, resolved: Resolved, opts: RunOptions, emit: Callable[..., None]) -> Task:
-    group, per_step = opts.distributed, getattr(resolved.config, "episodes_per_step", None)
-    if group is not None and per_step is not None and per_step < group.world_size:
-        raise BadInput(f"--episodes-per-step {per_step} leaves some of the {group.world_size} processes without an "
-                       f"episode: ranks share each step's episodes, so use --episodes-per-step {group.world_size} "
-                       f"(or a multiple of it), or start fewer processes.")
     torch.manual_seed(opts.seed)
     ctx = RunContext(device=opts.device, seed=opts.seed, run_dir=None, data=opts.data, emit=emit,
                      distributed=opts.distributed)
