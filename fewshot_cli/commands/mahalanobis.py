@@ -18,6 +18,7 @@ from fewshot_cli.commands.mahalanobis_config import COMMAND as COMMAND
 from fewshot_cli.commands.mahalanobis_config import PRESETS as PRESETS
 from fewshot_cli.commands.mahalanobis_config import MahalanobisConfig
 from fewshot_cli.data.folders import ImageFolderSplits
+from fewshot_cli.data.gpu_decode import Decoder, gather
 from fewshot_cli.data.images import IMAGENET_MEAN, IMAGENET_STD
 from fewshot_cli.data.loader import Feed, ItemReader, Loaders, cache_share, loader_bytes, stack_images
 from fewshot_cli.data.synthetic import SyntheticImages
@@ -83,6 +84,9 @@ class MahalanobisTask(Task):
         super().__init__(cfg, ctx)
         if cfg.flatten and cfg.backbone not in ("resnet18", "resnet34", "resnet50"):
             raise BadInput("--flatten applies to the torchvision ResNets (resnet18, resnet34, resnet50) only.")
+        if cfg.decode_device == "cuda" and ctx.device.type != "cuda":
+            raise BadInput(f"--decode-device cuda decodes JPEGs on the run's CUDA device, and this run's device is "
+                           f"{ctx.device.type}: use --decode-device cpu.")
         if ctx.data is None:
             self.data = SyntheticImages(cfg.image_size, seed=ctx.seed)
             splits = ("train", "val", "test")
@@ -104,10 +108,18 @@ class MahalanobisTask(Task):
                                                        cfg.freeze_backbone))
         self.pairs: Counter = Counter()  # (true class, predicted) -> test queries
         self.test_features: tuple[np.ndarray, list[str]] | None = None
-        reader = ItemReader(self.data, cache_bytes=cache_share(cfg.image_cache_mb, cfg.workers))
-        self.loaders = Loaders(reader, stack_images, cfg.workers, ctx.device)
+        self.loaders = self._loaders(cfg, ctx.device)
         self.feed = Feed(self.loaders, self._schedule)
         self._planning = False  # tracing under fake tensors reads in this process, without the loader
+
+    def _loaders(self, cfg: MahalanobisConfig, device: torch.device) -> Loaders:
+        """The loaders of the data's images: decoded in the workers, or with --decode-device cuda and image files,
+        JPEGs read as bytes there and decoded on the GPU (the cache then holds their bytes)."""
+        cache_bytes = cache_share(cfg.image_cache_mb, cfg.workers)
+        if cfg.decode_device == "cuda" and isinstance(self.data, ImageFolderSplits):
+            return Loaders(ItemReader(self.data, "encoded", cache_bytes), gather, cfg.workers, device,
+                           finish=Decoder(cfg.image_size, device))
+        return Loaders(ItemReader(self.data, cache_bytes=cache_bytes), stack_images, cfg.workers, device)
 
     def total_steps(self) -> int:
         return self.cfg.steps()
