@@ -9,6 +9,7 @@ decodes an episode in milliseconds): the workers' `--image-cache-mb` cache holds
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,10 @@ class Encoded:
     images: torch.Tensor
     image_at: list[int]
 
+    def pin_memory(self) -> Encoded:
+        """The DataLoader's pinning thread calls this: the decoded images' copy to the GPU can then overlap."""
+        return dataclasses.replace(self, images=self.images.pin_memory())
+
 
 def gather(samples: list[tuple[torch.Tensor, int]]) -> Encoded:
     """(file, label) samples -> their files as one `Encoded` batch; labels come from the episode."""
@@ -84,7 +89,7 @@ class Decoder:
         out = torch.empty(len(batch.jpeg_at) + len(batch.image_at), 3, self.size, self.size, device=self.device)
         if batch.image_at:
             out[batch.image_at] = batch.images.to(self.device, non_blocking=True)
-        raws = list(torch.split(batch.jpeg_bytes, batch.jpeg_lengths))
+        raws = list(torch.split(batch.jpeg_bytes, batch.jpeg_lengths)) if batch.jpeg_lengths else []
         for start in range(0, len(raws), DECODE_GROUP):
             decoded = self._decode(raws[start:start + DECODE_GROUP])
             for i, image in zip(batch.jpeg_at[start:start + DECODE_GROUP], resized(decoded, self.size), strict=True):
