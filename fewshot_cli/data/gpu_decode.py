@@ -97,6 +97,11 @@ class Decoder:
         return out
 
     def _decode(self, raws: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.device.type == "cuda":
+            # nvjpeg's hardware decoder writes its outputs on a stream of its own, without waiting for the work
+            # queued on ours, into blocks the caching allocator may just have recycled from tensors that work
+            # still reads (pytorch/vision#9606): the previous step's kernels must be done before it runs
+            torch.cuda.current_stream(self.device).synchronize()
         try:
             return decode_jpeg(raws, mode=ImageReadMode.RGB, device=self.device)
         except RuntimeError:
