@@ -18,6 +18,7 @@ from fewshot_cli.commands.mahalanobis_config import COMMAND as COMMAND
 from fewshot_cli.commands.mahalanobis_config import PRESETS as PRESETS
 from fewshot_cli.commands.mahalanobis_config import MahalanobisConfig
 from fewshot_cli.data.folders import ImageFolderSplits
+from fewshot_cli.data.gpu_decode import Decoder, gather
 from fewshot_cli.data.images import IMAGENET_MEAN, IMAGENET_STD
 from fewshot_cli.data.loader import (
     Feed,
@@ -64,9 +65,17 @@ class FewShotTransformer(nn.Module):
         self.head = build_head(cfg.head, cfg.beta, cfg.covariance, on_fallback, cfg.covariance_estimator,
                                cfg.ridge)
         self.checkpoint_activations = cfg.checkpoint_activations
+        self.memory_format = torch.contiguous_format
+
+    def use_channels_last(self) -> None:
+        """The backbone's convolutions in NHWC, its weights and its inputs alike."""
+        self.memory_format = torch.channels_last
+        for param in self.backbone.parameters():  # not Module.to, which planning's fake tensors cannot swap
+            if param.ndim == 4:
+                param.data = param.data.contiguous(memory_format=torch.channels_last)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        images = (images - self.mean) / self.std
+        images = ((images - self.mean) / self.std).contiguous(memory_format=self.memory_format)
         if self.checkpoint_activations and self.training:
             features = checkpoint(self.backbone, images, use_reentrant=False)
         else:
@@ -92,6 +101,9 @@ class MahalanobisTask(Task):
         cfg.check_ranks(ctx.distributed)
         if cfg.flatten and cfg.backbone not in ("resnet18", "resnet34", "resnet50"):
             raise BadInput("--flatten applies to the torchvision ResNets (resnet18, resnet34, resnet50) only.")
+        if cfg.decode_device == "cuda" and ctx.device.type != "cuda":
+            raise BadInput(f"--decode-device cuda decodes JPEGs on the run's CUDA device, and this run's device is "
+                           f"{ctx.device.type}: use --decode-device cpu.")
         if ctx.data is None:
             self.data = SyntheticImages(cfg.image_size, seed=ctx.seed)
             splits = ("train", "val", "test")
@@ -109,16 +121,27 @@ class MahalanobisTask(Task):
                 self.model.mean.copy_(torch.tensor(weights.mean).view(1, 3, 1, 1))
                 self.model.std.copy_(torch.tensor(weights.std).view(1, 3, 1, 1))
         self.model.to(ctx.device)
+        if ctx.device.type == "cpu":
+            # oneDNN's NHWC convolutions: a training step of conv4 or resnet12 at 84 px about 1.5x faster here
+            self.model.use_channels_last()
         self.optimizer = torch.optim.Adam(param_groups(self.model, self.model.backbone, cfg.lr, cfg.lr_backbone,
                                                        cfg.freeze_backbone))
         self.pairs: Counter = Counter()  # (true class, predicted) -> test queries
         self.test_features: tuple[np.ndarray, list[str]] | None = None
-        reader = ItemReader(self.data, cache_bytes=cache_share(cfg.image_cache_mb, cfg.workers))
-        self.loaders = Loaders(reader, stack_images, cfg.workers, ctx.device)
+        self.loaders = self._loaders(cfg, ctx.device)
         self.feed = Feed(self.loaders, self._schedule)
         # tracing under fake tensors reads in this process, without the loader: its worker processes cannot carry
         # fake tensors, and its image cache would keep the traced images that plan_extra_bytes counts already
         self._planning = False
+
+    def _loaders(self, cfg: MahalanobisConfig, device: torch.device) -> Loaders:
+        """The loaders of the data's images: decoded in the workers, or with --decode-device cuda and image files,
+        JPEGs read as bytes there and decoded on the GPU (the cache then holds their bytes)."""
+        cache_bytes = cache_share(cfg.image_cache_mb, cfg.workers)
+        if cfg.decode_device == "cuda" and isinstance(self.data, ImageFolderSplits):
+            return Loaders(ItemReader(self.data, "encoded", cache_bytes), gather, cfg.workers, device,
+                           finish=Decoder(cfg.image_size, device))
+        return Loaders(ItemReader(self.data, cache_bytes=cache_bytes), stack_images, cfg.workers, device)
 
     def total_steps(self) -> int:
         return self.cfg.steps()

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from fewshot_cli.help import MEMORY
+from fewshot_cli.help import DATA, MEMORY
+from fewshot_cli.models import names
 from fewshot_cli.models.names import BACKBONES, COVARIANCES, EMBEDDING_PLOTS, ESTIMATORS, HEADS, VARIANTS
 from fewshot_cli.models.pretrained import FREEZE_HELP, LR_BACKBONE_HELP, PRETRAINED, STRICT_HELP, WEIGHTS_HELP
 from fewshot_cli.runner.command import Command
@@ -31,6 +32,9 @@ class MahalanobisConfig(EpisodicConfig):
     adapt: str = knob("prototypes", "set-to-set transformer over", choices=("none", "prototypes", "support"))
     variant: str = knob("cosine", "the transformer's attention metric", choices=VARIANTS)
     checkpoint_activations: bool = knob(False, "recompute backbone activations in backward to save memory")
+    decode_device: str = knob("cpu", "decode --data's JPEGs in the loader workers (cpu) or batched on the GPU with "
+                              "nvjpeg (cuda; its pixels differ slightly from libjpeg's)", choices=names.DECODE_DEVICES,
+                              panel=DATA)
     image_cache_mb: int = knob(256, "MiB of decoded, resized images kept for reuse (LRU; --workers split it)",
                                minimum=0, panel=MEMORY, result_neutral=True)
     batch_size: int = knob(128, "images per forward when computing evaluation features (halved on OOM)", minimum=1,
