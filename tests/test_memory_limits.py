@@ -19,13 +19,15 @@ MiB = 2**20
 #: configurations below make the phase's own knob most of that need, so the full knob fails and a halved one fits
 SHARE = 0.5
 
-# The child runs the CLI twice in one process (the second run skips the imports). The reference run measures what
+# The child runs the CLI twice in one process (the second run skips the imports and the planner's tracing of the
+# same configuration). The reference run measures what
 # the phase needs: the growth of the process's peak virtual size (VmPeak) from the phase's start (the first
 # training step, or the test evaluation) to its end. The second run, with the same configuration, sets RLIMIT_AS
 # when the same phase starts, SHARE of that need above its virtual size then, and lifts it when the phase ends.
 CHILD = """
 import json, os, resource, sys
 import fewshot_cli.cli as cli
+import fewshot_cli.plan as plan
 import fewshot_cli.runner.loop as loop
 
 PHASE, SHARE = os.environ["CAP_PHASE"], float(os.environ["CAP_SHARE"])
@@ -64,6 +66,14 @@ def capped_evaluate(task, phase, step):
         end(phase)
 
 loop._step_with_backoff, loop._evaluate = capped_step, capped_evaluate
+checked_record, plans = plan.checked_record, []
+
+def planned_once(*args, **kwargs):  # both runs plan the same configuration: the second takes the first's plan
+    if not plans:
+        plans.append(checked_record(*args, **kwargs))
+    return plans[0]
+
+plan.checked_record = planned_once
 
 def run(name):
     runs.append({})
