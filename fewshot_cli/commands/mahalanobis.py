@@ -191,15 +191,21 @@ class MahalanobisTask(Task):
         the (true, predicted) class counts of the queries, and with --plots the features, for `finish`."""
         items = sorted({i for e in episodes for i in (*e.support_items()[0], *e.query_items()[0])})
         row = {item: r for r, item in enumerate(items)}
-        chunks = [items[a:a + self.cfg.batch_size] for a in range(0, len(items), self.cfg.batch_size)]
-        batches = map(self._images, chunks) if self._planning else self.loaders.fixed(phase, chunks)
         parts: list[torch.Tensor] = []
-        for images in batches:  # the loader's batches, each embedded in slices of batch_size (halved on OOM)
-            done = 0
-            while done < len(images):
-                parts.append(evaluation_part(self, phase, step, "batch_size", lambda a=done, x=images: self.model.embed(
-                    x[a:a + self.cfg.batch_size])))
-                done += len(parts[-1])
+
+        def embed_the_rest() -> None:
+            rest = items[sum(len(p) for p in parts):]  # after a back-off, from the first image not yet embedded
+            chunks = [rest[a:a + self.cfg.batch_size] for a in range(0, len(rest), self.cfg.batch_size)]
+            batches = map(self._images, chunks) if self._planning else self.loaders.fixed(phase, chunks)
+            for images in batches:  # the loader's batches, each embedded in slices of batch_size (halved on OOM)
+                done = 0
+                while done < len(images):
+                    parts.append(evaluation_part(self, phase, step, "batch_size", lambda a=done, x=images:
+                                                 self.model.embed(x[a:a + self.cfg.batch_size])))
+                    done += len(parts[-1])
+
+        # a batch the loader cannot allocate backs off too: the rest is loaded again in smaller batches
+        evaluation_part(self, phase, step, "batch_size", embed_the_rest)
         features = torch.cat(parts)
         accuracy = RunningMean()
         for episode in episodes:
