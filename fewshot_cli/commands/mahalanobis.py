@@ -27,6 +27,7 @@ from fewshot_cli.models.adaptation import SetToSetAttention
 from fewshot_cli.models.backbones import build_backbone, feature_dim
 from fewshot_cli.models.heads import build_head, prototypes
 from fewshot_cli.models.weights import from_resnet, load_pretrained, param_groups
+from fewshot_cli.reports.files import load_libraries
 from fewshot_cli.runner.backoff import evaluation_part
 from fewshot_cli.runner.metrics import RunningMean
 from fewshot_cli.runner.task import BackoffKnob, RunContext, Task
@@ -83,6 +84,7 @@ class MahalanobisTask(Task):
         super().__init__(cfg, ctx)
         if cfg.flatten and cfg.backbone not in ("resnet18", "resnet34", "resnet50"):
             raise BadInput("--flatten applies to the torchvision ResNets (resnet18, resnet34, resnet50) only.")
+        load_libraries()  # for `finish`'s reports, while the address space is not yet filled by the run
         if ctx.data is None:
             self.data = SyntheticImages(cfg.image_size, seed=ctx.seed)
             splits = ("train", "val", "test")
