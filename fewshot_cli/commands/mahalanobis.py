@@ -36,6 +36,7 @@ from fewshot_cli.models.adaptation import SetToSetAttention
 from fewshot_cli.models.backbones import build_backbone, feature_dim
 from fewshot_cli.models.heads import build_head, prototypes
 from fewshot_cli.models.weights import from_resnet, load_pretrained, param_groups
+from fewshot_cli.reports.files import load_libraries
 from fewshot_cli.runner.backoff import evaluation_part
 from fewshot_cli.runner.metrics import RunningMean
 from fewshot_cli.runner.task import BackoffKnob, RunContext, Task
@@ -101,9 +102,12 @@ class MahalanobisTask(Task):
         cfg.check_ranks(ctx.distributed)
         if cfg.flatten and cfg.backbone not in ("resnet18", "resnet34", "resnet50"):
             raise BadInput("--flatten applies to the torchvision ResNets (resnet18, resnet34, resnet50) only.")
-        if cfg.decode_device == "cuda" and ctx.device.type != "cuda":
+        # the planner builds every task on the CPU, whatever the device it plans for, without a run directory, and
+        # never reads an episode: the check is for the run itself
+        if cfg.decode_device == "cuda" and ctx.device.type != "cuda" and ctx.run_dir is not None:
             raise BadInput(f"--decode-device cuda decodes JPEGs on the run's CUDA device, and this run's device is "
                            f"{ctx.device.type}: use --decode-device cpu.")
+        load_libraries()  # for `finish`'s reports, while the address space is not yet filled by the run
         if ctx.data is None:
             self.data = SyntheticImages(cfg.image_size, seed=ctx.seed)
             splits = ("train", "val", "test")
@@ -219,15 +223,21 @@ class MahalanobisTask(Task):
         the (true, predicted) class counts of the queries, and with --plots the features, for `finish`."""
         items = sorted({i for e in episodes for i in (*e.support_items()[0], *e.query_items()[0])})
         row = {item: r for r, item in enumerate(items)}
-        chunks = [items[a:a + self.cfg.batch_size] for a in range(0, len(items), self.cfg.batch_size)]
-        batches = map(self._images, chunks) if self._planning else self.loaders.fixed(phase, chunks)
         parts: list[torch.Tensor] = []
-        for images in batches:  # the loader's batches, each embedded in slices of batch_size (halved on OOM)
-            done = 0
-            while done < len(images):
-                parts.append(evaluation_part(self, phase, step, "batch_size", lambda a=done, x=images: self.model.embed(
-                    x[a:a + self.cfg.batch_size])))
-                done += len(parts[-1])
+
+        def embed_the_rest() -> None:
+            rest = items[sum(len(p) for p in parts):]  # after a back-off, from the first image not yet embedded
+            chunks = [rest[a:a + self.cfg.batch_size] for a in range(0, len(rest), self.cfg.batch_size)]
+            batches = map(self._images, chunks) if self._planning else self.loaders.fixed(phase, chunks)
+            for images in batches:  # the loader's batches, each embedded in slices of batch_size (halved on OOM)
+                done = 0
+                while done < len(images):
+                    parts.append(evaluation_part(self, phase, step, "batch_size", lambda a=done, x=images:
+                                                 self.model.embed(x[a:a + self.cfg.batch_size])))
+                    done += len(parts[-1])
+
+        # a batch the loader cannot allocate backs off too: the rest is loaded again in smaller batches
+        evaluation_part(self, phase, step, "batch_size", embed_the_rest)
         features = torch.cat(parts)
         accuracy = RunningMean()
         for episode in episodes:
