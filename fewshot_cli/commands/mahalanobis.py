@@ -102,11 +102,6 @@ class MahalanobisTask(Task):
         cfg.check_ranks(ctx.distributed)
         if cfg.flatten and cfg.backbone not in ("resnet18", "resnet34", "resnet50"):
             raise BadInput("--flatten applies to the torchvision ResNets (resnet18, resnet34, resnet50) only.")
-        # the planner builds every task on the CPU, whatever the device it plans for, without a run directory, and
-        # never reads an episode: the check is for the run itself
-        if cfg.decode_device == "cuda" and ctx.device.type != "cuda" and ctx.run_dir is not None:
-            raise BadInput(f"--decode-device cuda decodes JPEGs on the run's CUDA device, and this run's device is "
-                           f"{ctx.device.type}: use --decode-device cpu.")
         load_libraries()  # for `finish`'s reports, while the address space is not yet filled by the run
         if ctx.data is None:
             self.data = SyntheticImages(cfg.image_size, seed=ctx.seed)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from fewshot_cli.errors import BadInput
 from fewshot_cli.help import DATA, MEMORY
 from fewshot_cli.models import names
 from fewshot_cli.models.names import BACKBONES, COVARIANCES, EMBEDDING_PLOTS, ESTIMATORS, HEADS, VARIANTS
@@ -42,6 +43,11 @@ class MahalanobisConfig(EpisodicConfig):
     lr: float = knob(1e-3, "Adam learning rate", minimum=0.0)
     plots: bool = knob(False, "write embedding.png, the test images' features in 2-D")
     embedding_plot: str = knob("pca", "the 2-D projection of --plots", choices=EMBEDDING_PLOTS)
+
+    def check_device(self, device_type: str) -> None:
+        if self.decode_device == "cuda" and device_type != "cuda":
+            raise BadInput(f"--decode-device cuda decodes JPEGs on the run's CUDA device, and this run's device is "
+                           f"{device_type}: use --decode-device cpu.")
 
 
 _GPU = {"image_size": 84, "backbone": "resnet12", "n_query": 15, "test_episodes": 600, "weights": PRETRAINED}
