@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from fewshot_cli.runner.task import RunContext, Task
 
 # A mahalanobis-train run of a few seconds: tiny images, few episodes, a short test.
 SMALL = ["--preset", "cpu", "--image-size", "16", "--episodes", "6", "--n-query", "4", "--test-episodes", "10",
@@ -40,3 +43,37 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    """A CSV file's rows, each a dict by the header's names."""
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def embed_run(run_dir: Path, data: Path | None = None, **knobs) -> tuple:
+    """An embed-classify task on 16 px images of two categories, evaluated and finished in `run_dir`: (task,
+    metrics). `knobs` set the config's fields (the episode's shape, the batch)."""
+    from fewshot_cli.commands.embed import EmbedConfig, EmbedTask
+
+    cfg = EmbedConfig(image_size=16, categories=2, n_way=2)
+    for name, value in knobs.items():
+        setattr(cfg, name, value)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    task = EmbedTask(cfg, RunContext(device=torch.device("cpu"), seed=0, run_dir=run_dir, data=data))
+    with torch.inference_mode():
+        metrics = task.evaluate("test", 0)
+    return task, task.finish(metrics)
+
+
+class ToyTask(Task):
+    """A Task with no steps of its own, for tests that drive the runner's helpers on a model they set."""
+
+    def total_steps(self) -> int:
+        return 1
+
+    def train_step(self, step: int) -> dict[str, float]:
+        return {}
+
+    def evaluate(self, phase: str, step: int) -> dict[str, float]:
+        return {}

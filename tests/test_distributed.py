@@ -230,19 +230,10 @@ def test_accumulate_under_distributed_data_parallel_gives_one_process_gradients(
 
 def _accumulate(rank: int, folder: str, parts: int, world_size: int) -> dict:
     import torch.distributed as dist
+    from conftest import ToyTask
 
     from fewshot_cli.runner.distributed import Distributed
-    from fewshot_cli.runner.task import RunContext, Task
-
-    class Toy(Task):
-        def total_steps(self) -> int:
-            return 1
-
-        def train_step(self, step: int) -> dict[str, float]:
-            return {}
-
-        def evaluate(self, phase: str, step: int) -> dict[str, float]:
-            return {}
+    from fewshot_cli.runner.task import RunContext
 
     group = None
     if world_size > 1:
@@ -250,7 +241,7 @@ def _accumulate(rank: int, folder: str, parts: int, world_size: int) -> dict:
         group = Distributed(rank=rank, world_size=world_size, local_rank=rank)
     try:
         torch.manual_seed(0)
-        task = Toy(cfg=None, ctx=RunContext(device=torch.device("cpu"), seed=0, run_dir=None, distributed=group))
+        task = ToyTask(cfg=None, ctx=RunContext(device=torch.device("cpu"), seed=0, run_dir=None, distributed=group))
         task.model = torch.nn.ModuleDict({"net": torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4),
                                                                      torch.nn.Dropout(0.3), torch.nn.Linear(4, 1)),
                                           "unused": torch.nn.Linear(2, 2)})

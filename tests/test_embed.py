@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import embed_run, read_csv
 from PIL import Image
 
 from fewshot_cli.commands.embed import EmbedConfig, EmbedTask, leave_one_out_threshold
@@ -35,19 +35,7 @@ def _builtin(tmp_path: Path, **shape: int) -> Path:
 
 
 def _run(data: Path | None, run_dir: Path, **knobs) -> tuple[EmbedTask, dict[str, float]]:
-    cfg = EmbedConfig(image_size=16, batch_size=4, categories=2, n_way=2, k_shot=2, n_query=2)
-    for name, value in knobs.items():
-        setattr(cfg, name, value)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    task = EmbedTask(cfg, RunContext(device=CPU, seed=0, run_dir=run_dir, data=data))
-    with torch.inference_mode():
-        metrics = task.evaluate("test", 0)
-    return task, task.finish(metrics)
-
-
-def _csv(path: Path) -> list[dict[str, str]]:
-    with path.open(newline="") as handle:
-        return list(csv.DictReader(handle))
+    return embed_run(run_dir, data, **{"batch_size": 4, "k_shot": 2, "n_query": 2, **knobs})
 
 
 def test_class_folders_are_classes_and_queries_take_the_deepest_class_folder(tmp_path):
@@ -132,7 +120,7 @@ def test_corrupt_file_is_skipped_counted_and_listed(tmp_path):
         metrics = task.finish(task.evaluate("test", 0))
     assert metrics["unreadable_images"] == 1
     assert str(bad.resolve()) in (run_dir / "unreadable.txt").read_text()
-    assert all(row["path"] != "category-00/6.preprocessed/broken.png" for row in _csv(run_dir / "predictions.csv"))
+    assert all(row["path"] != "category-00/6.preprocessed/broken.png" for row in read_csv(run_dir / "predictions.csv"))
     assert any(event == "unreadable_image" for event, _ in events)
 
 
@@ -144,7 +132,7 @@ def test_threshold_above_every_cosine_makes_everything_unknown(tmp_path):
 def test_threshold_below_every_cosine_makes_nothing_unknown(tmp_path):
     task, metrics = _run(_builtin(tmp_path), tmp_path / "run", threshold="-1.01")
     assert metrics["unknown_rate"] == 0.0
-    assert all(row["predicted"] != UNKNOWN for row in _csv(tmp_path / "run/predictions.csv"))
+    assert all(row["predicted"] != UNKNOWN for row in read_csv(tmp_path / "run/predictions.csv"))
 
 
 def test_auto_threshold_falls_between_own_class_and_other_class_cosines():
@@ -267,8 +255,8 @@ def test_model_dir_of_the_wrong_model_type_is_bad_input(tmp_path):
 
 def test_per_category_table_totals_match_predictions(tmp_path):
     _run(_builtin(tmp_path), tmp_path / "run")
-    rows = _csv(tmp_path / "run/per_category.csv")
-    predictions = _csv(tmp_path / "run/predictions.csv")
+    rows = read_csv(tmp_path / "run/per_category.csv")
+    predictions = read_csv(tmp_path / "run/predictions.csv")
     total = rows[-1]
     assert total["category"] == "TOTAL" and int(total["queries"]) == len(predictions)
     assert int(total[UNKNOWN]) == sum(p["predicted"] == UNKNOWN for p in predictions)

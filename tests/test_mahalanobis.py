@@ -128,6 +128,24 @@ def test_one_shot_shrinkage_head_is_euclidean_up_to_a_positive_scale() -> None:
     assert ratio[0, 0] > 0
 
 
+@pytest.mark.parametrize("estimator", ["ledoit-wolf", "oas"])
+def test_one_shot_shrinkage_model_predicts_what_euclidean_predicts_with_the_same_weights(estimator) -> None:
+    torch.manual_seed(0)
+    euclidean = FewShotTransformer(MahalanobisConfig(head="euclidean", image_size=16), lambda **f: None).eval()
+    shrunk = FewShotTransformer(MahalanobisConfig(head="mahalanobis", covariance_estimator=estimator, image_size=16),
+                                lambda **f: None).eval()
+    shrunk.load_state_dict(euclidean.state_dict(), strict=False)  # all but the head's temperature
+    images = torch.rand(25, 3, 16, 16)
+    labels = torch.arange(5)
+    with torch.no_grad():
+        support, query = euclidean.embed(images[:5]), euclidean.embed(images[5:])
+        expected = euclidean.logits(support, labels, query, 5)
+        got = shrunk.logits(support, labels, query, 5)
+    assert torch.equal(got.argmax(1), expected.argmax(1))
+    ratio = got / expected
+    torch.testing.assert_close(ratio, ratio[0, 0].expand_as(ratio))
+
+
 def test_zero_support_scatter_keeps_gradients_finite() -> None:
     support, labels, query = _episode(5, 1, 16)
     support.requires_grad_(True)

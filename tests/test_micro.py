@@ -4,29 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import ToyTask
 
-from fewshot_cli.runner.task import RunContext, Task, step_seed
-
-
-class Toy(Task):
-    def total_steps(self) -> int:
-        return 1
-
-    def train_step(self, step: int) -> dict[str, float]:
-        return {}
-
-    def evaluate(self, phase: str, step: int) -> dict[str, float]:
-        return {}
+from fewshot_cli.runner.task import RunContext, step_seed
 
 
-def _toy() -> Toy:
+def _toy() -> ToyTask:
     torch.manual_seed(0)
-    task = Toy(cfg=None, ctx=RunContext(device=torch.device("cpu"), seed=3, run_dir=None))
+    task = ToyTask(cfg=None, ctx=RunContext(device=torch.device("cpu"), seed=3, run_dir=None))
     task.model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Dropout(0.5))
     return task
 
 
-def _part_mean(task: Toy, j: int) -> torch.Tensor:
+def _part_mean(task: ToyTask, j: int) -> torch.Tensor:
     """BatchNorm's running mean after part j alone (its two halves), seeded as the step seeds it, from the step's
     statistics."""
     before = task.model[1].running_mean.clone()

@@ -2,40 +2,27 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from conftest import SMALL, fewshot
+from conftest import SMALL, embed_run, fewshot, read_csv
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
 
-from fewshot_cli.commands.embed import EmbedConfig, EmbedTask
+from fewshot_cli.commands.embed import EmbedTask
 from fewshot_cli.data.embed_layout import UNKNOWN, scan
 from fewshot_cli.data.embedding_store import EmbeddingStore, FileKey
 from fewshot_cli.models.frozen_heads import l2_normalise
 from fewshot_cli.reports.confusion import write_confusion
 from fewshot_cli.reports.open_set import unknown_auroc
-from fewshot_cli.runner.task import RunContext
 
 
 def _embed(run_dir: Path, **knobs) -> tuple[EmbedTask, dict[str, float]]:
-    cfg = EmbedConfig(image_size=16, batch_size=16, categories=2, n_way=2, k_shot=3, n_query=4, **knobs)
-    run_dir.mkdir(parents=True)
-    task = EmbedTask(cfg, RunContext(device=torch.device("cpu"), seed=0, run_dir=run_dir))
-    with torch.inference_mode():
-        metrics = task.evaluate("test", 0)
-    return task, task.finish(metrics)
-
-
-def _csv(path: Path) -> list[dict[str, str]]:
-    with path.open(newline="") as handle:
-        return list(csv.DictReader(handle))
+    return embed_run(run_dir, batch_size=16, k_shot=3, n_query=4, **knobs)
 
 
 def _vectors(task: EmbedTask, run_dir: Path, refs) -> np.ndarray:
@@ -62,7 +49,7 @@ def prototype_run(tmp_path_factory):
 
 def test_unknown_auroc_of_a_run_ranks_its_known_queries_against_its_unknown_ones(prototype_run):
     run_dir, _, metrics = prototype_run
-    rows = [r for r in _csv(run_dir / "predictions.csv") if r["true_class"]]
+    rows = [r for r in read_csv(run_dir / "predictions.csv") if r["true_class"]]
     known = np.array([r["true_class"] != UNKNOWN for r in rows])
     assert known.any() and not known.all()
     expected = unknown_auroc(np.array([float(r["score"]) for r in rows]), known)
@@ -71,7 +58,7 @@ def test_unknown_auroc_of_a_run_ranks_its_known_queries_against_its_unknown_ones
 
 def test_the_sweep_at_the_chosen_threshold_is_the_runs_accuracy_and_unknown_rate(prototype_run):
     run_dir, _, metrics = prototype_run
-    rows = _csv(run_dir / "threshold_sweep.csv")
+    rows = read_csv(run_dir / "threshold_sweep.csv")
     chosen = [r for r in rows if r["chosen"] == "1"]
     assert len(chosen) == 1
     assert float(chosen[0]["threshold"]) == pytest.approx(metrics["threshold"], abs=1e-6)
@@ -94,7 +81,7 @@ def test_a_head_predicts_as_scikit_learn_does_on_the_same_embeddings(tmp_path, h
     else:
         model = KNeighborsClassifier(n_neighbors=3, metric="cosine", algorithm="brute").fit(support, labels)
     probabilities = model.predict_proba(l2_normalise(_vectors(task, tmp_path / "run", queries)))
-    rows = _csv(tmp_path / "run" / "predictions.csv")
+    rows = read_csv(tmp_path / "run" / "predictions.csv")
     assert [r["path"] for r in rows] == [q.name for q in queries]
     assert [r["nearest"] for r in rows] == [classes[i] for i in probabilities.argmax(axis=1)]
     top2 = np.sort(probabilities, axis=1)[:, -2:]
@@ -107,11 +94,11 @@ def test_a_head_predicts_as_scikit_learn_does_on_the_same_embeddings(tmp_path, h
 
 def test_confusion_and_per_class_of_a_hand_made_case(tmp_path):
     write_confusion(tmp_path, Counter({("a", "a"): 3, ("a", "b"): 1, ("b", "b"): 2, ("c", "a"): 1}), ["a", "b", "c"])
-    assert _csv(tmp_path / "confusion.csv") == [
+    assert read_csv(tmp_path / "confusion.csv") == [
         {"true \\ predicted": "a", "a": "3", "b": "1", "c": "0"},
         {"true \\ predicted": "b", "a": "0", "b": "2", "c": "0"},
         {"true \\ predicted": "c", "a": "1", "b": "0", "c": "0"}]
-    per_class = {r["class"]: r for r in _csv(tmp_path / "per_class.csv")}
+    per_class = {r["class"]: r for r in read_csv(tmp_path / "per_class.csv")}
     assert float(per_class["a"]["precision"]) == pytest.approx(3 / 4)
     assert float(per_class["a"]["recall"]) == pytest.approx(3 / 4)
     assert float(per_class["b"]["precision"]) == pytest.approx(2 / 3)
@@ -122,8 +109,8 @@ def test_confusion_and_per_class_of_a_hand_made_case(tmp_path):
 
 def test_embed_classify_confusion_counts_its_labelled_predictions(prototype_run):
     run_dir, _, _ = prototype_run
-    pairs = Counter((r["true_class"], r["predicted"]) for r in _csv(run_dir / "predictions.csv") if r["true_class"])
-    matrix = _csv(run_dir / "confusion.csv")
+    pairs = Counter((r["true_class"], r["predicted"]) for r in read_csv(run_dir / "predictions.csv") if r["true_class"])
+    matrix = read_csv(run_dir / "confusion.csv")
     assert {(row["true \\ predicted"], p): int(n) for row in matrix for p, n in row.items()
             if p != "true \\ predicted" and int(n)} == dict(pairs)
     assert matrix[-1]["true \\ predicted"] == UNKNOWN
@@ -146,7 +133,7 @@ def test_mahalanobis_confusion_holds_every_test_query_and_its_accuracy(tmp_path)
     done = fewshot("mahalanobis-train", *SMALL, "--out", tmp_path, "--name", "r", "--plots", "--json")
     assert done.returncode == 0, done.stderr
     metrics = json.loads(done.stdout.strip().splitlines()[-1])
-    rows = _csv(tmp_path / "r" / "confusion.csv")
+    rows = read_csv(tmp_path / "r" / "confusion.csv")
     counts = np.array([[int(v) for k, v in row.items() if k != "true \\ predicted"] for row in rows])
     assert counts.sum() == 10 * 5 * 4  # test episodes x n_way x n_query
     # every episode has as many queries, so the mean episode accuracy is the share on the diagonal
@@ -159,7 +146,7 @@ def test_classify_food101_confusion_has_the_runs_top1_on_its_diagonal(tmp_path):
                    "--dev-samples", "9", "--batch-size", "12", "--out", tmp_path, "--name", "r", "--quiet", "--json")
     assert done.returncode == 0, done.stderr
     metrics = json.loads(done.stdout.strip().splitlines()[-1])
-    rows = _csv(tmp_path / "r" / "confusion.csv")
+    rows = read_csv(tmp_path / "r" / "confusion.csv")
     counts = np.array([[int(v) for k, v in row.items() if k != "true \\ predicted"] for row in rows])
     assert counts.shape == (4, 4) and counts.sum() == 4 * 3
     assert np.trace(counts) / counts.sum() == pytest.approx(metrics["top1"])

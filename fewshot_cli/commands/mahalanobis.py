@@ -18,6 +18,7 @@ from fewshot_cli.commands.mahalanobis_config import COMMAND as COMMAND
 from fewshot_cli.commands.mahalanobis_config import PRESETS as PRESETS
 from fewshot_cli.commands.mahalanobis_config import MahalanobisConfig
 from fewshot_cli.data.folders import ImageFolderSplits
+from fewshot_cli.data.gpu_decode import Decoder, gather
 from fewshot_cli.data.images import IMAGENET_MEAN, IMAGENET_STD
 from fewshot_cli.data.loader import (
     Feed,
@@ -35,6 +36,7 @@ from fewshot_cli.models.adaptation import SetToSetAttention
 from fewshot_cli.models.backbones import build_backbone, feature_dim
 from fewshot_cli.models.heads import build_head, prototypes
 from fewshot_cli.models.weights import from_resnet, load_pretrained, param_groups
+from fewshot_cli.reports.files import load_libraries
 from fewshot_cli.runner.backoff import evaluation_part
 from fewshot_cli.runner.metrics import RunningMean
 from fewshot_cli.runner.task import BackoffKnob, RunContext, Task
@@ -65,6 +67,7 @@ class FewShotTransformer(nn.Module):
                                cfg.ridge)
         self.checkpoint_activations = cfg.checkpoint_activations
 
+
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         images = (images - self.mean) / self.std
         if self.checkpoint_activations and self.training:
@@ -92,6 +95,7 @@ class MahalanobisTask(Task):
         cfg.check_ranks(ctx.distributed)
         if cfg.flatten and cfg.backbone not in ("resnet18", "resnet34", "resnet50"):
             raise BadInput("--flatten applies to the torchvision ResNets (resnet18, resnet34, resnet50) only.")
+        load_libraries()  # for `finish`'s reports, while the address space is not yet filled by the run
         if ctx.data is None:
             self.data = SyntheticImages(cfg.image_size, seed=ctx.seed)
             splits = ("train", "val", "test")
@@ -113,12 +117,20 @@ class MahalanobisTask(Task):
                                                        cfg.freeze_backbone))
         self.pairs: Counter = Counter()  # (true class, predicted) -> test queries
         self.test_features: tuple[np.ndarray, list[str]] | None = None
-        reader = ItemReader(self.data, cache_bytes=cache_share(cfg.image_cache_mb, cfg.workers))
-        self.loaders = Loaders(reader, stack_images, cfg.workers, ctx.device)
+        self.loaders = self._loaders(cfg, ctx.device)
         self.feed = Feed(self.loaders, self._schedule)
         # tracing under fake tensors reads in this process, without the loader: its worker processes cannot carry
         # fake tensors, and its image cache would keep the traced images that plan_extra_bytes counts already
         self._planning = False
+
+    def _loaders(self, cfg: MahalanobisConfig, device: torch.device) -> Loaders:
+        """The loaders of the data's images: decoded in the workers, or with --decode-device cuda and image files,
+        JPEGs read as bytes there and decoded on the GPU (the cache then holds their bytes)."""
+        cache_bytes = cache_share(cfg.image_cache_mb, cfg.workers)
+        if cfg.decode_device == "cuda" and isinstance(self.data, ImageFolderSplits):
+            return Loaders(ItemReader(self.data, "encoded", cache_bytes), gather, cfg.workers, device,
+                           finish=Decoder(cfg.image_size, device))
+        return Loaders(ItemReader(self.data, cache_bytes=cache_bytes), stack_images, cfg.workers, device)
 
     def total_steps(self) -> int:
         return self.cfg.steps()
@@ -196,15 +208,21 @@ class MahalanobisTask(Task):
         the (true, predicted) class counts of the queries, and with --plots the features, for `finish`."""
         items = sorted({i for e in episodes for i in (*e.support_items()[0], *e.query_items()[0])})
         row = {item: r for r, item in enumerate(items)}
-        chunks = [items[a:a + self.cfg.batch_size] for a in range(0, len(items), self.cfg.batch_size)]
-        batches = map(self._images, chunks) if self._planning else self.loaders.fixed(phase, chunks)
         parts: list[torch.Tensor] = []
-        for images in batches:  # the loader's batches, each embedded in slices of batch_size (halved on OOM)
-            done = 0
-            while done < len(images):
-                parts.append(evaluation_part(self, phase, step, "batch_size", lambda a=done, x=images: self.model.embed(
-                    x[a:a + self.cfg.batch_size])))
-                done += len(parts[-1])
+
+        def embed_the_rest() -> None:
+            rest = items[sum(len(p) for p in parts):]  # after a back-off, from the first image not yet embedded
+            chunks = [rest[a:a + self.cfg.batch_size] for a in range(0, len(rest), self.cfg.batch_size)]
+            batches = map(self._images, chunks) if self._planning else self.loaders.fixed(phase, chunks)
+            for images in batches:  # the loader's batches, each embedded in slices of batch_size (halved on OOM)
+                done = 0
+                while done < len(images):
+                    parts.append(evaluation_part(self, phase, step, "batch_size", lambda a=done, x=images:
+                                                 self.model.embed(x[a:a + self.cfg.batch_size])))
+                    done += len(parts[-1])
+
+        # a batch the loader cannot allocate backs off too: the rest is loaded again in smaller batches
+        evaluation_part(self, phase, step, "batch_size", embed_the_rest)
         features = torch.cat(parts)
         accuracy = RunningMean()
         for episode in episodes:

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from fewshot_cli.help import MEMORY
+from fewshot_cli.errors import BadInput
+from fewshot_cli.help import DATA, MEMORY
+from fewshot_cli.models import names
 from fewshot_cli.models.names import BACKBONES, COVARIANCES, EMBEDDING_PLOTS, ESTIMATORS, HEADS, VARIANTS
 from fewshot_cli.models.pretrained import FREEZE_HELP, LR_BACKBONE_HELP, PRETRAINED, STRICT_HELP, WEIGHTS_HELP
 from fewshot_cli.runner.command import Command
@@ -31,6 +33,9 @@ class MahalanobisConfig(EpisodicConfig):
     adapt: str = knob("prototypes", "set-to-set transformer over", choices=("none", "prototypes", "support"))
     variant: str = knob("cosine", "the transformer's attention metric", choices=VARIANTS)
     checkpoint_activations: bool = knob(False, "recompute backbone activations in backward to save memory")
+    decode_device: str = knob("cpu", "decode --data's JPEGs in the loader workers (cpu) or batched on the GPU with "
+                              "nvjpeg (cuda; its pixels differ slightly from libjpeg's)", choices=names.DECODE_DEVICES,
+                              panel=DATA)
     image_cache_mb: int = knob(256, "MiB of decoded, resized images kept for reuse (LRU; --workers split it)",
                                minimum=0, panel=MEMORY, result_neutral=True)
     batch_size: int = knob(128, "images per forward when computing evaluation features (halved on OOM)", minimum=1,
@@ -38,6 +43,11 @@ class MahalanobisConfig(EpisodicConfig):
     lr: float = knob(1e-3, "Adam learning rate", minimum=0.0)
     plots: bool = knob(False, "write embedding.png, the test images' features in 2-D")
     embedding_plot: str = knob("pca", "the 2-D projection of --plots", choices=EMBEDDING_PLOTS)
+
+    def check_device(self, device_type: str) -> None:
+        if self.decode_device == "cuda" and device_type != "cuda":
+            raise BadInput(f"--decode-device cuda decodes JPEGs on the run's CUDA device, and this run's device is "
+                           f"{device_type}: use --decode-device cpu.")
 
 
 _GPU = {"image_size": 84, "backbone": "resnet12", "n_query": 15, "test_episodes": 600, "weights": PRETRAINED}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -58,8 +59,17 @@ class ImageFolderSplits:
         return self._by_split[split]
 
     def __getitem__(self, item: int) -> tuple[torch.Tensor, int]:
+        return self._read(item, read_image)
+
+    def encoded(self, item: int) -> tuple[torch.Tensor, int]:
+        """A JPEG's bytes for decoding on the GPU, or any other image decoded (`gpu_decode.encoded_or_read`)."""
+        from fewshot_cli.data.gpu_decode import encoded_or_read
+
+        return self._read(item, encoded_or_read)
+
+    def _read(self, item: int, reader: Callable[[Path, int], torch.Tensor]) -> tuple[torch.Tensor, int]:
         path = self.paths[item]
         try:
-            return read_image(path, self.image_size), self.labels[item]
+            return reader(path, self.image_size), self.labels[item]
         except READ_ERRORS as err:
             raise BadInput(f"Cannot read image {path}: {err}.") from None

@@ -127,8 +127,10 @@ class Loaders:
     an item list the caller names, so what a batch holds never depends on the number of workers."""
 
     def __init__(self, reader: Dataset, collate: Callable[[list[Any]], Any], workers: int,
-                 device: torch.device, received: Callable[[Any], None] | None = None) -> None:
+                 device: torch.device, received: Callable[[Any], None] | None = None,
+                 finish: Callable[[Any], Any] | None = None) -> None:
         self.reader, self.collate, self.workers, self.device = reader, collate, workers, device
+        self.finish = finish  # the main process's last stage of a batch (decoding JPEGs on the GPU), timed as wait
         self.received = received  # sees each batch once, in this process (counts a worker kept go here)
         self.wait_s = 0.0  # time spent waiting for a batch, since the last `take_wait`
         self._fixed: dict[str, tuple[list[list[int]], DataLoader]] = {}
@@ -156,6 +158,8 @@ class Loaders:
                 batch = to_device(next(batches), self.device)
             except StopIteration:
                 return
+            if self.finish is not None:
+                batch = self.finish(batch)
             self.wait_s += time.perf_counter() - started
             if self.received is not None:
                 self.received(batch)

@@ -19,3 +19,5 @@ FROZEN_HEADS = ("prototype", "logistic", "knn")
 EMBEDDING_PLOTS = ("pca", "tsne")
 #: `models.classifiers`: torchvision classification networks
 CLASSIFIERS = ("efficientnet_b0", "resnet50", "mobilenet_v3_large")
+#: `data.gpu_decode`: where JPEG files are decoded
+DECODE_DEVICES = ("cpu", "cuda")

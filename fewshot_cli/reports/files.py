@@ -20,6 +20,18 @@ def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) 
     atomic_write_bytes(Path(path), lambda handle: handle.write(data))
 
 
+def load_libraries() -> None:
+    """Import what the reports draw and score with (matplotlib's file-only backend, scikit-learn's metrics) now, for
+    a run to call while it has address space to spare: a run capped near its limit by its end cannot map their
+    shared libraries then (measured: `ImportError: ... failed to map segment from shared object` after a capped
+    test evaluation had backed off)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401
+    import sklearn.metrics  # noqa: F401
+
+
 def figure(width: float = 6.0, height: float = 4.5) -> tuple[Any, Any]:
     """A figure and its axes from matplotlib's file-only backend (no display needed)."""
     import matplotlib

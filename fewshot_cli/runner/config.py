@@ -43,8 +43,16 @@ def _workers() -> Any:
     return knob(0, "data-loading worker processes", minimum=0)
 
 
+class DeviceCheck:
+    """What every command's config offers the launcher beside its knobs."""
+
+    def check_device(self, device_type: str) -> None:
+        """Bad input for a knob the run's device cannot serve, checked before anything is written (a command's
+        config overrides it where it has such a knob)."""
+
+
 @dataclass
-class BaseConfig:
+class BaseConfig(DeviceCheck):
     """Knobs the runner itself reads for a training command; every training command's config extends it."""
 
     val_every: int = knob(0, "training steps between validations (0: none)", minimum=0)
@@ -54,7 +62,7 @@ class BaseConfig:
 
 
 @dataclass
-class EvaluationConfig:
+class EvaluationConfig(DeviceCheck):
     """Knobs the runner reads for an evaluation-only command: no steps, so no validation or checkpoint knobs.
     (Not a base of BaseConfig, so a training config keeps its fields' order in --help and the log.)"""
 

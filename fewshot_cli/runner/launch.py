@@ -110,7 +110,9 @@ def _resumed(command: Command, knobs: dict[str, Any], options: LaunchOptions) ->
 
     run_dir = Path(options.resume)
     resolved, record, device_name = rerun.resumed(command, run_dir, knobs, options)
-    return resolved, RunOptions(device=resolve_device(device_name), seed=record["seed"], resume=run_dir,
+    device = resolve_device(device_name)
+    resolved.config.check_device(device.type)
+    return resolved, RunOptions(device=device, seed=record["seed"], resume=run_dir,
                                 quiet=options.quiet, data=Path(record["data"]) if record.get("data") else None,
                                 budget_bytes=record.get("memory_budget_bytes"))
 
@@ -154,6 +156,7 @@ def resolve_new(command: Command, knobs: dict[str, Any], options: LaunchOptions
     resolved = resolve(command.config, command.presets, base_preset, knobs)
     resolved.preset = preset
     _settle_weights(resolved, options.data)
+    resolved.config.check_device(device.type)
     return device, resolved, budget
 
 

@@ -15,10 +15,13 @@ import torch
 
 MiB = 1024 * 1024
 _PROCESS = psutil.Process(os.getpid())
-# oneDNN reports a CPU allocation that fails while it builds a convolution only as "could not create a primitive"
-# (seen with the address space capped); std::bad_alloc is what C++ code in torch raises when `new` fails
+# std::bad_alloc is what C++ code in torch raises when `new` fails
 _OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory", "mps backend out of memory",
-                "could not create a primitive", "std::bad_alloc")
+                "std::bad_alloc")
+# all oneDNN says when it cannot build a kernel, whether an allocation failed or the kernel is unsupported
+_ONEDNN_FAILED = "could not create a primitive"
+#: oneDNN's own allocations (kernel code, descriptors) are small: memory is short when less than this is left
+_ONEDNN_SHORT = 64 * MiB
 
 
 _STATUS, _CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
@@ -125,10 +128,50 @@ _RETURNED: list[bool] = []  # mallopt's answers in this process (1: done)
 
 
 def is_oom(error: BaseException) -> bool:
-    """CUDA's OutOfMemoryError, MPS's RuntimeError and the CPU allocator's failure all count."""
+    """CUDA's OutOfMemoryError, MPS's RuntimeError and the CPU allocator's failure all count; oneDNN's failure to
+    build a kernel counts when memory is short (and then turns oneDNN off: see `_onednn_out_of_memory`)."""
     if isinstance(error, torch.OutOfMemoryError | MemoryError):
         return True
-    return isinstance(error, RuntimeError) and any(m in str(error).lower() for m in _OOM_MARKERS)
+    if not isinstance(error, RuntimeError):
+        return False
+    text = str(error).lower()
+    if _ONEDNN_FAILED in text:
+        return _onednn_out_of_memory()
+    return any(m in text for m in _OOM_MARKERS)
+
+
+def _onednn_out_of_memory() -> bool:
+    """Whether oneDNN's "could not create a primitive" was an allocation failure: true when the process is within
+    `_ONEDNN_SHORT` of its address-space limit or of the system's commit limit (the only limits under which an
+    allocation fails on Linux rather than the process being killed).
+
+    Such a failure is sticky: oneDNN's kernel assembler (Xbyak) keeps its error for the thread, so every kernel
+    built later fails the same way, whatever the memory (measured: a convolution of 8 channels still failed with
+    the address-space limit lifted, and ran in a new thread). oneDNN is therefore turned off for the rest of the
+    process: the retried step runs on torch's own CPU kernels, which allocate through torch's allocator."""
+    if memory_headroom() >= _ONEDNN_SHORT:
+        return False
+    torch.backends.mkldnn.enabled = False
+    return True
+
+
+def memory_headroom() -> float:
+    """Bytes this process can still map before an allocation fails: below its RLIMIT_AS soft limit and, under
+    strict overcommit (vm.overcommit_memory=2), below the system's commit limit; infinite with neither."""
+    room = float("inf")
+    try:
+        import resource  # not on Windows
+
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft != resource.RLIM_INFINITY:
+            room = soft - _PROCESS.memory_info().vms
+        if Path("/proc/sys/vm/overcommit_memory").read_text().strip() == "2":
+            info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+            commit = (int(info["CommitLimit"].split()[0]) - int(info["Committed_AS"].split()[0])) * 1024
+            room = min(room, commit)
+    except (ImportError, OSError, KeyError, ValueError):
+        pass
+    return room
 
 
 def release(device: torch.device) -> None:
