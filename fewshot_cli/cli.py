@@ -169,7 +169,7 @@ for _command in COMMANDS.values():
 @app.command("env")
 def env_command(json_out: bool = typer.Option(False, "--json", help="print as JSON")) -> None:
     """Devices seen, their memory, library versions."""
-    from fewshot_cli.results import environment
+    from fewshot_cli.reports.environment import environment
 
     info = environment()
     if json_out:
@@ -182,7 +182,7 @@ def env_command(json_out: bool = typer.Option(False, "--json", help="print as JS
 @app.command("presets")
 def presets_command(json_out: bool = typer.Option(False, "--json", help="print as JSON")) -> None:
     """Every preset and the value of each knob it sets, per command."""
-    from fewshot_cli.results import render_presets
+    from fewshot_cli.reports.environment import render_presets
 
     table = {name: {preset: _preset_values(c, preset) for preset in c.presets} for name, c in COMMANDS.items()}
     typer.echo(json.dumps(table, sort_keys=True) if json_out else render_presets(table))
@@ -210,14 +210,15 @@ def table_command(
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
     """A results table from finished runs."""
-    from fewshot_cli import results
+    from fewshot_cli.reports.plots import plot_table
+    from fewshot_cli.reports.tables import build_table, render_table
 
     def act() -> None:
         keys = [k.strip() for k in group_by.split(",") if k.strip()] if group_by else []
-        table = results.build_table(run_dirs, metric or [], keys)
-        text = results.render_table(table, fmt.value)
+        table = build_table(run_dirs, metric or [], keys)
+        text = render_table(table, fmt.value)
         if plot is not None:
-            results.plot_table(table, plot)
+            plot_table(table, plot)
         if out is not None:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(text)
@@ -235,13 +236,14 @@ def memreport_command(
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
     """Memory peaks per phase, growth per phase, leak verdict."""
-    from fewshot_cli import results
+    from fewshot_cli.reports.memory import memreport, render_memreport
+    from fewshot_cli.reports.plots import plot_memory
 
     def act() -> None:
-        report = results.memreport(run_dir)
+        report = memreport(run_dir)
         if plot is not None:
-            results.plot_memory(run_dir, plot)
-        typer.echo(json.dumps(report, sort_keys=True) if json_out else results.render_memreport(report))
+            plot_memory(run_dir, plot)
+        typer.echo(json.dumps(report, sort_keys=True) if json_out else render_memreport(report))
 
     _guarded(debug, act)
 
@@ -269,7 +271,7 @@ def demo_command(
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
     """Every experiment command, briefly, on the built-in data at the `cpu` preset, then the combined table."""
-    from fewshot_cli import results
+    from fewshot_cli.reports.tables import demo_table
 
     def act() -> None:
         import time
@@ -289,7 +291,7 @@ def demo_command(
             wall[root / name] = time.perf_counter() - start
         metrics = {c.name: (c.primary_metric, c.secondary_metric) for c in COMMANDS.values()}
         typer.echo(f"\nEvery command at the cpu preset on built-in data; the runs are in {root}.\n", err=True)
-        typer.echo(results.demo_table(runs, metrics, wall), nl=False)
+        typer.echo(demo_table(runs, metrics, wall), nl=False)
         typer.echo("\nPeak RSS is this process's, which ran the commands one after another.")
 
     _guarded(debug, act)
