@@ -6,6 +6,7 @@ import dataclasses
 import enum
 import inspect
 import json
+import os
 import sys
 import typing
 from pathlib import Path
@@ -301,7 +302,19 @@ def main() -> None:
     if _NOT_LOADED is not None:
         typer.echo(f"error: {_NOT_LOADED}", err=True)
         sys.exit(_NOT_LOADED.exit_code)
-    app(prog_name="fewshot")
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        app(prog_name="fewshot")
+        return
+    # a torchrun rank ends here with its own exit code: at interpreter exit, torch.distributed's C++ threads can
+    # abort a rank (SIGABRT, "terminate called without an active exception") after its run or its error was reported
+    try:
+        app(prog_name="fewshot")
+        code = 0
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else int(done.code is not None)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
