@@ -212,6 +212,20 @@ def test_a_tiny_coco_dataset_trains_and_is_scored_by_pycocotools_from_the_writte
     assert metrics["test_episodes"] == 2.0
 
 
+def test_coco_images_travel_as_uint8_and_reach_the_step_as_the_readers_floats(tmp_path: Path) -> None:
+    from fewshot_cli.commands.detect import _episode_items
+    from fewshot_cli.data.images import read_image
+
+    task = tiny_task(tmp_path, write_coco(tmp_path / "coco"), novel_classes="thing4,thing5")
+    assert task.train_data.item(0).image.dtype == torch.uint8  # what the loader caches and carries
+    task.prefetch(1)
+    images, samples = task.feed.get((1, 0))
+    items = _episode_items(task._train_episodes(1)[0])
+    files = [Path(task.train_data.dataset.root) / task.train_data.file_name(i) for i in items]
+    assert images.dtype == torch.float32 and torch.equal(images, torch.stack([read_image(f, 64) for f in files]))
+    task.feed.close()
+
+
 def test_coco_data_without_novel_classes_is_bad_input(tmp_path: Path) -> None:
     data = write_coco(tmp_path / "data")
     with pytest.raises(BadInput, match="--novel-classes"):

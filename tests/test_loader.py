@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,31 @@ def test_a_step_asked_out_of_order_restarts_the_loader_there() -> None:
     assert feed.get((5, 0))[0, 0, 0, 0] == 50.0
     with pytest.raises(KeyError):
         feed.get((9, 0))
+
+
+class MarkedSquares(Squares):
+    """Squares that leave a file behind for each item read, in whichever process reads it."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__()
+        self.folder = folder
+
+    def __getitem__(self, item: int) -> tuple[torch.Tensor, int]:
+        (self.folder / str(item)).touch()
+        return super().__getitem__(item)
+
+
+def test_a_started_feed_reads_its_first_batches_before_they_are_asked_for(tmp_path: Path) -> None:
+    data = MarkedSquares(tmp_path)
+    feed = Feed(Loaders(ItemReader(data), stack_images, 2, torch.device("cpu")), _schedule)
+    feed.start((2, 0))  # what a task's `prefetch` does before the run's first step
+    deadline = time.monotonic() + 30
+    while not {"20", "21"} <= {p.name for p in tmp_path.iterdir()} and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert {"20", "21"} <= {p.name for p in tmp_path.iterdir()}  # read by a worker, nothing asked yet
+    assert feed.get((2, 0))[:, 0, 0, 0].tolist() == [20.0, 21.0]
+    assert feed.get((3, 0))[:, 0, 0, 0].tolist() == [30.0, 31.0]
+    feed.close()
 
 
 def test_fixed_batches_repeat_through_persistent_workers_in_order() -> None:

@@ -11,7 +11,7 @@ import torch
 from conftest import SMALL, fewshot
 from PIL import Image
 
-from fewshot_cli.commands.mahalanobis import COMMAND, FewShotTransformer, MahalanobisConfig
+from fewshot_cli.commands.mahalanobis import COMMAND, FewShotTransformer, MahalanobisConfig, MahalanobisTask
 from fewshot_cli.errors import BadInput
 from fewshot_cli.models.backbones import build_backbone
 from fewshot_cli.models.heads import MahalanobisHead, build_head
@@ -264,6 +264,24 @@ def test_an_on_disk_train_test_folder_trains_and_is_scored(tmp_path: Path) -> No
     assert result.returncode == 0, result.stderr
     metrics = json.loads(result.stdout)
     assert metrics["test_episodes"] == 10 and 0.0 <= metrics["accuracy"] <= 1.0
+
+
+def test_image_files_travel_as_uint8_and_reach_the_step_as_the_readers_floats(tmp_path: Path) -> None:
+    from fewshot_cli.data.images import read_image
+    from fewshot_cli.runner.task import RunContext
+
+    _image_tree(tmp_path / "data", {"train": 6, "test": 5})
+    cfg = MahalanobisConfig(image_size=16, n_way=2, k_shot=1, n_query=2, episodes=2, val_every=0, workers=1)
+    task = MahalanobisTask(cfg, RunContext(torch.device("cpu"), 0, None, data=tmp_path / "data"))
+    episode = task.samplers["train"].episode(1)
+    items = [*episode.support_items()[0], *episode.query_items()[0]]
+    assert task.data[items[0]][0].dtype == torch.uint8  # what the workers cache and send: a quarter of float32
+    batch = task.feed.get((1, 0))
+    expected = torch.stack([read_image(task.data.paths[i], 16) for i in items])
+    assert batch.dtype == torch.float32 and torch.equal(batch, expected)
+    extra = task.plan_extra_bytes()["train"]
+    assert extra["loader_prefetch"] == 1 * 4 * len(items) * 3 * 16 * 16  # workers x prefetch x one uint8 episode
+    task.feed.close()
 
 
 def test_splits_that_share_a_class_are_refused(tmp_path: Path) -> None:

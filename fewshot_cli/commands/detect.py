@@ -22,6 +22,7 @@ from fewshot_cli.commands.detect_config import COMMAND as COMMAND
 from fewshot_cli.commands.detect_config import PRESETS as PRESETS
 from fewshot_cli.commands.detect_config import DetectConfig
 from fewshot_cli.data.coco import DetectionItem, coco_splits, synthetic_splits
+from fewshot_cli.data.images import to_float
 from fewshot_cli.data.loader import Feed, ItemReader, Loaders, cache_share, episode_reads, loader_bytes
 from fewshot_cli.episodes import Episode, EpisodeSampler
 from fewshot_cli.errors import BadInput
@@ -94,7 +95,7 @@ class DetectTask(Task):
         self.test_files: tuple[dict[str, Any], list[dict[str, Any]]] | None = None
         share = cache_share(cfg.image_cache_mb, cfg.workers)
         self.loaders = {name: Loaders(ItemReader(data, "item", share), _collate, cfg.workers, ctx.device,
-                                      received=lambda batch, data=data: _count_dropped(data, batch))
+                                      received=lambda batch, data=data: _count_dropped(data, batch), finish=_floats)
                         for name, data in (("train", self.train_data), ("test", self.test_data))}
         self.feed = Feed(self.loaders["train"], self._schedule)
         self._report_dropped("data", 0)
@@ -105,6 +106,9 @@ class DetectTask(Task):
 
     def total_steps(self) -> int:
         return self.cfg.steps()
+
+    def prefetch(self, step: int) -> None:
+        self.feed.start((step, 0))
 
     def _train_episodes(self, step: int) -> list[Episode]:
         return [self.samplers["train"].episode(i) for i in self.cfg.step_episodes(step)]
@@ -296,9 +300,11 @@ class DetectTask(Task):
         # host memory: the image cache (what the run has read by then) and prefetched episodes; training
         # validates with a loader of its own
         reads = episode_reads(cfg)
-        train = loader_bytes(cfg.image_cache_mb, items, image, cfg.workers, episode, 2 if cfg.val_every else 1,
+        pixels = 3 * cfg.image_size**2 * self.train_data.pixel_dtype.itemsize  # as the loader holds them
+        held = cfg.n_way * (cfg.k_shot + cfg.n_query) * pixels
+        train = loader_bytes(cfg.image_cache_mb, items, pixels, cfg.workers, held, 2 if cfg.val_every else 1,
                              reads["train"])
-        test = loader_bytes(cfg.image_cache_mb, items, image, cfg.workers, episode, reads=reads["test"])
+        test = loader_bytes(cfg.image_cache_mb, items, pixels, cfg.workers, held, reads=reads["test"])
         return {"train": {"proposal_grid": grid, "proposal_ranking": ranking, **loaded, **train},
                 "test": {"proposal_grid": grid, "proposal_ranking": ranking, "nms_inputs": nms,
                          "support_pass": support, **loaded, "previous_queries": queries, **test}}
@@ -369,6 +375,11 @@ def _episode_items(episode: Episode) -> list[int]:
 def _collate(samples: list[DetectionItem]) -> tuple[torch.Tensor, list[DetectionItem]]:
     """Images stacked (one pinned copy to the device), the rest of each item as it is."""
     return torch.stack([s.image for s in samples]), [replace(s, image=torch.empty(0)) for s in samples]
+
+
+def _floats(batch: tuple[torch.Tensor, list[DetectionItem]]) -> tuple[torch.Tensor, list[DetectionItem]]:
+    """The batch's images as the model's float input, made on the device (image files travel as uint8)."""
+    return to_float(batch[0]), batch[1]
 
 
 def _count_dropped(data: Any, batch: tuple[torch.Tensor, list[DetectionItem]]) -> None:

@@ -19,7 +19,7 @@ from fewshot_cli.commands.mahalanobis_config import PRESETS as PRESETS
 from fewshot_cli.commands.mahalanobis_config import MahalanobisConfig
 from fewshot_cli.data.folders import ImageFolderSplits
 from fewshot_cli.data.gpu_decode import Decoder, gather
-from fewshot_cli.data.images import IMAGENET_MEAN, IMAGENET_STD
+from fewshot_cli.data.images import IMAGENET_MEAN, IMAGENET_STD, to_float
 from fewshot_cli.data.loader import (
     Feed,
     ItemReader,
@@ -124,22 +124,27 @@ class MahalanobisTask(Task):
         self._planning = False
 
     def _loaders(self, cfg: MahalanobisConfig, device: torch.device) -> Loaders:
-        """The loaders of the data's images: decoded in the workers, or with --decode-device cuda and image files,
-        JPEGs read as bytes there and decoded on the GPU (the cache then holds their bytes)."""
+        """The loaders of the data's images: decoded in the workers (image files' pixels travel and are cached as
+        uint8, made float on the device), or with --decode-device cuda and image files, JPEGs read as bytes there
+        and decoded on the GPU (the cache then holds their bytes)."""
         cache_bytes = cache_share(cfg.image_cache_mb, cfg.workers)
         if cfg.decode_device == "cuda" and isinstance(self.data, ImageFolderSplits):
             return Loaders(ItemReader(self.data, "encoded", cache_bytes), gather, cfg.workers, device,
                            finish=Decoder(cfg.image_size, device))
-        return Loaders(ItemReader(self.data, cache_bytes=cache_bytes), stack_images, cfg.workers, device)
+        return Loaders(ItemReader(self.data, cache_bytes=cache_bytes), stack_images, cfg.workers, device,
+                       finish=to_float)
 
     def total_steps(self) -> int:
         return self.cfg.steps()
+
+    def prefetch(self, step: int) -> None:
+        self.feed.start((step, 0))
 
     def validate_now(self, step: int) -> bool:
         return "val" in self.samplers and super().validate_now(step)
 
     def _images(self, items: list[int]) -> torch.Tensor:
-        return torch.stack([self.data[i][0] for i in items]).to(self.ctx.device)
+        return to_float(torch.stack([self.data[i][0] for i in items]).to(self.ctx.device))
 
     def _train_episodes(self, step: int) -> list[Episode]:
         return [self.samplers["train"].episode(i + 1) for i in self.cfg.step_episodes(step)]
@@ -280,7 +285,7 @@ class MahalanobisTask(Task):
         split_items = sum(len(v) for v in self.samplers["test"].items.values())
         images = min(split_items, cfg.test_episodes * cfg.n_way * (cfg.k_shot + cfg.n_query))
         items = sum(len(v) for sampler in self.samplers.values() for v in sampler.items.values())
-        image = 3 * cfg.image_size**2 * 4
+        image = 3 * cfg.image_size**2 * self.data.pixel_dtype.itemsize  # as the loader holds them
         episode = cfg.n_way * (cfg.k_shot + cfg.n_query) * image
         reads = episode_reads(cfg)
         train = loader_bytes(cfg.image_cache_mb, items, image, cfg.workers, episode, 2 if cfg.val_every else 1,

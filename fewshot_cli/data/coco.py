@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torchvision.datasets import CocoDetection
 
-from fewshot_cli.data.images import read_image
+from fewshot_cli.data.images import read_pixels
 from fewshot_cli.data.synthetic import COLOURS, SHAPES, TEXTURES, SyntheticScenes, class_style, to_tensor
 from fewshot_cli.errors import BadInput
 from fewshot_cli.models.detection import BoxCounts, validate_box_array
@@ -37,6 +37,8 @@ class DetectionItem:
 
 class SyntheticDetection:
     """The built-in scenes as a detection split; category id = synthetic class + 1 (COCO ids start at 1)."""
+
+    pixel_dtype = torch.float32
 
     def __init__(self, image_size: int, n_classes: int, n_scenes: int, seed: int) -> None:
         self.scenes = SyntheticScenes(image_size=image_size, n_classes=n_classes, n_scenes=n_scenes, seed=seed)
@@ -81,7 +83,10 @@ def synthetic_splits(image_size: int, seed: int, train_scenes: int = 1200, test_
 
 class CocoSplit:
     """One COCO-format split (`annotations/SPLIT.json`, images under `images/`), read through torchvision's
-    CocoDetection; boxes are validated once on load and the dropped ones counted."""
+    CocoDetection; boxes are validated once on load and the dropped ones counted. An item's pixels are uint8
+    (`images.to_float` makes them the model's input)."""
+
+    pixel_dtype = torch.uint8
 
     def __init__(self, root: Path, split: str, image_size: int) -> None:
         ann_file = root / "annotations" / f"{split}.json"
@@ -143,7 +148,7 @@ class CocoSplit:
 
     def item(self, index: int) -> DetectionItem:
         width, height = self.sizes[index]
-        pixels = read_image(Path(self.dataset.root) / self.file_name(index), self.image_size)
+        pixels = read_pixels(Path(self.dataset.root) / self.file_name(index), self.image_size)
         scale = np.array([self.image_size / width, self.image_size / height] * 2, dtype=np.float32)
         return DetectionItem(pixels, torch.from_numpy(self.boxes[index] * scale), torch.from_numpy(self.labels[index]),
                              width, height)

@@ -7,13 +7,16 @@ from pathlib import Path
 
 import torch
 
-from fewshot_cli.data.images import IMAGE_SUFFIXES, READ_ERRORS, read_image
+from fewshot_cli.data.images import IMAGE_SUFFIXES, READ_ERRORS, read_pixels
 from fewshot_cli.episodes import SPLITS
 from fewshot_cli.errors import BadInput
 
 
 class ImageFolderSplits:
-    """Few-shot splits from folders; items are numbered across all splits, labels are global class ids."""
+    """Few-shot splits from folders; items are numbered across all splits, labels are global class ids; an item
+    is its image's resized uint8 pixels (`images.to_float` makes them the model's input) and its label."""
+
+    pixel_dtype = torch.uint8
 
     def __init__(self, root: Path, image_size: int, required: tuple[str, ...] = ("train", "test")) -> None:
         self.root, self.image_size = Path(root), image_size
@@ -59,7 +62,7 @@ class ImageFolderSplits:
         return self._by_split[split]
 
     def __getitem__(self, item: int) -> tuple[torch.Tensor, int]:
-        return self._read(item, read_image)
+        return self._read(item, read_pixels)
 
     def encoded(self, item: int) -> tuple[torch.Tensor, int]:
         """A JPEG's bytes for decoding on the GPU, or any other image decoded (`gpu_decode.encoded_or_read`)."""

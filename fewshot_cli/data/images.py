@@ -45,7 +45,19 @@ def _png_transparency(raw: bytes) -> bool:
 
 def read_image(path: Path | str, size: int) -> torch.Tensor:
     """An image resized to size x size (antialiased bilinear), (3, size, size) float32 in [0, 1]."""
-    return TF.to_dtype(resize(read_rgb(path), size), torch.float32, scale=True)
+    return to_float(read_pixels(path, size))
+
+
+def read_pixels(path: Path | str, size: int) -> torch.Tensor:
+    """An image resized to size x size (antialiased bilinear), (3, size, size) uint8: a quarter of the float
+    image's bytes to cache, to pass between processes and to copy to the device, where `to_float` finishes it."""
+    return resize(read_rgb(path), size)
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels to float32 in [0, 1] (the same operation wherever it runs, so the same values); float images
+    pass as they are."""
+    return TF.to_dtype(images, torch.float32, scale=True) if images.dtype == torch.uint8 else images
 
 
 def resize(image: torch.Tensor, size: int) -> torch.Tensor:

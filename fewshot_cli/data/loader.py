@@ -130,7 +130,7 @@ class Loaders:
                  device: torch.device, received: Callable[[Any], None] | None = None,
                  finish: Callable[[Any], Any] | None = None) -> None:
         self.reader, self.collate, self.workers, self.device = reader, collate, workers, device
-        self.finish = finish  # the main process's last stage of a batch (decoding JPEGs on the GPU), timed as wait
+        self.finish = finish  # the main process's last stage of a batch (made float, JPEGs decoded), timed as wait
         self.received = received  # sees each batch once, in this process (counts a worker kept go here)
         self.wait_s = 0.0  # time spent waiting for a batch, since the last `take_wait`
         self._fixed: dict[str, tuple[list[list[int]], DataLoader]] = {}
@@ -212,6 +212,11 @@ class Feed:
                 raise KeyError(f"{key} is not in the schedule")
         self._held[key] = batch
         return batch
+
+    def start(self, key: tuple) -> None:
+        """Start fetching at `key` now: the workers start and read ahead before the first `get` asks."""
+        self._held.clear()
+        self._start(key)
 
     def _start(self, key: Key) -> None:
         self._keys.clear()

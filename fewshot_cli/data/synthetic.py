@@ -102,6 +102,8 @@ class SyntheticImages:
     """An image-classification set: `n_classes` classes of `per_class` images each, class = shape x colour x
     texture; item i is class i // per_class, drawn from (seed, i) alone."""
 
+    pixel_dtype = torch.float32
+
     def __init__(self, image_size: int = 32, n_classes: int = 100, per_class: int = 60, seed: int = 0,
                  splits: dict[str, tuple[int, int]] | None = None) -> None:
         if n_classes > N_STYLES:

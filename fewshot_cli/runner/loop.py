@@ -143,6 +143,8 @@ def run(command: Command, resolved: Resolved, opts: RunOptions, extra_config: di
         return task, start_step, elapsed_offset
 
     task, start_step, elapsed_offset = agreed(group, start)
+    if not command.evaluation_only:
+        task.prefetch(start_step + 1)
     if opts.resume is None:
         config = {"command": command.name, "preset": resolved.preset, "knobs": resolved.record(),
                   "seed": opts.seed, "device": str(opts.device), "data": str(opts.data) if opts.data else None,

@@ -47,7 +47,8 @@ class RunContext:
 class Task(ABC):
     """One experiment as the runner drives it. A command module subclasses this and nothing else of the runner.
 
-    The runner calls, in order: `__init__` (build data and model; raise BadInput for bad data), then per step
+    The runner calls, in order: `__init__` (build data and model; raise BadInput for bad data), `prefetch(first
+    step)`, then per step
     `train_step(step)`, `evaluate("val", step)` when `validate_now(step)`, `state_dict()` at checkpoints, and at
     the end `evaluate("test", step)` then `finish(metrics)`. Evaluation runs under `torch.inference_mode()` with
     `model.eval()`; the task returns plain floats, never tensors. A training step is the command's own loop over
@@ -95,6 +96,12 @@ class Task(ABC):
         """Apply an OOM back-off: the knob's new (per-micro-step) value and the gradient accumulation."""
         setattr(self.cfg, name, value)
         self.accumulation = accumulation
+
+    def prefetch(self, step: int) -> None:
+        """Called once before training's first step (`step`; after a resume, the step it resumes at): a task that
+        reads through a `data.loader.Feed` starts it there, so that its workers read the first episodes while the
+        run sets up (the plan check, the run directory) instead of while the first step waits."""
+        return None
 
     def wrap_data_parallel(self) -> None:
         """Called by the runner under torchrun, once the model is built and any checkpoint loaded."""
