@@ -263,12 +263,21 @@ print(json.dumps({"error": error, "oom": oom, "after": after, "onednn": torch.ba
 
 
 def test_onednn_failing_to_build_a_kernel_for_want_of_memory_is_oom_and_the_next_step_runs() -> None:
-    child = subprocess.run([sys.executable, "-c", ONEDNN, str(256 * 1024)], capture_output=True, text=True,
-                           env={**os.environ, "OMP_NUM_THREADS": "1", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0"},
-                           timeout=120)
-    assert child.returncode == 0, child.stderr
-    found = json.loads(child.stdout.splitlines()[-1])
-    assert found["error"] == "could not create a primitive" and found["oom"] is True
+    # Where the space runs out first depends on the layout of the address space (randomised) and the CPU's kernels:
+    # on an AMD EPYC a third of the tries ran out in torch's allocator (an ordinary OOM) or crashed inside oneDNN
+    # (SIGSEGV, oneDNN's own) before the kernel's code. Each try is a new process; the first that reaches oneDNN's
+    # failure is checked, and one of 12 must.
+    tries = []
+    for _ in range(12):
+        child = subprocess.run([sys.executable, "-c", ONEDNN, str(256 * 1024)], capture_output=True, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0"},
+                               timeout=120)
+        found = json.loads(child.stdout.splitlines()[-1]) if child.returncode == 0 else {"exit": child.returncode}
+        tries.append(found)
+        if found.get("error") == "could not create a primitive":
+            break
+    assert found.get("error") == "could not create a primitive", tries
+    assert found["oom"] is True
     # oneDNN would fail every later kernel in this thread: the runner turned it off, and torch's kernels ran
     assert found["onednn"] is False and found["after"] == "ran"
 
