@@ -1,4 +1,4 @@
-"""A backbone's compute on 100 images at 84 px on this CPU, contiguous against channels_last: a training forward,
+"""A backbone's compute on 100 images at 84 px (or the size given after its name) on this CPU, contiguous against channels_last: a training forward,
 forward + backward, and an evaluation forward under no_grad and under inference_mode (best of 2 after a warm-up).
 
     OMP_NUM_THREADS=1 python benchmarks/backbone_step.py resnet12
@@ -27,8 +27,9 @@ def best_of(f, n: int = 2) -> float:
 def main() -> None:
     torch.set_num_threads(1)
     name = sys.argv[1] if len(sys.argv) > 1 else "resnet12"
+    size = int(sys.argv[2]) if len(sys.argv) > 2 else 84
     torch.manual_seed(0)
-    x = torch.randn(100, 3, 84, 84)
+    x = torch.randn(100, 3, size, size)
     for layout in ("contiguous", "channels_last"):
         model, images = build_backbone(name), x
         if layout == "channels_last":
@@ -52,7 +53,7 @@ def main() -> None:
         both = best_of(train_step)
         model.eval()
         print(f"{name} {layout}: train fwd {forward:.2f}s fwd+bwd {both:.2f}s eval no_grad {best_of(no_grad):.2f}s "
-              f"inference_mode {best_of(inference):.2f}s (100 images)", flush=True)
+              f"inference_mode {best_of(inference):.2f}s (100 images at {size} px)", flush=True)
 
 
 if __name__ == "__main__":

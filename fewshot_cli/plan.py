@@ -79,8 +79,9 @@ class StepTracker(MemTracker):
 
 
 def _module_to_on_cpu(module: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
-    """Planning builds on the CPU, where moving a module is a no-op; fake parameters cannot be swapped in place."""
-    targets = [a for a in (*args, *kwargs.values()) if a is not None]
+    """Planning builds on the CPU, where moving a module is a no-op, as is changing its parameters' layout (their
+    bytes stay the same); fake parameters cannot be swapped in place."""
+    targets = [a for a in (*args, *kwargs.values()) if a is not None and not isinstance(a, torch.memory_format)]
     if all(isinstance(a, str | torch.device) and torch.device(a).type == "cpu" for a in targets):
         return module
     return _MODULE_TO(module, *args, **kwargs)

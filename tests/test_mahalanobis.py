@@ -284,6 +284,23 @@ def test_image_files_travel_as_uint8_and_reach_the_step_as_the_readers_floats(tm
     task.feed.close()
 
 
+def test_on_the_cpu_the_backbone_runs_channels_last_and_its_loss_differs_only_in_the_last_digits() -> None:
+    from fewshot_cli.runner.task import RunContext
+
+    losses = {}
+    for layout in (torch.channels_last, torch.contiguous_format):
+        torch.manual_seed(0)
+        cfg = MahalanobisConfig(image_size=16, n_way=2, k_shot=1, n_query=2, episodes=2, val_every=0)
+        task = MahalanobisTask(cfg, RunContext(torch.device("cpu"), 0, None))
+        conv = next(m for m in task.model.backbone.modules() if isinstance(m, torch.nn.Conv2d))
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last)  # the CPU's layout, chosen by the task
+        task.model.use_layout(layout)
+        task.prefetch(1)
+        losses[layout] = task.train_step(1)["loss"]
+        task.feed.close()
+    assert losses[torch.channels_last] == pytest.approx(losses[torch.contiguous_format], rel=1e-5)
+
+
 def test_splits_that_share_a_class_are_refused(tmp_path: Path) -> None:
     _image_tree(tmp_path / "data", {"train": 6, "test": 5})
     (tmp_path / "data" / "test" / "train_class0").mkdir()

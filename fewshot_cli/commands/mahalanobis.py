@@ -33,7 +33,7 @@ from fewshot_cli.data.synthetic import SyntheticImages
 from fewshot_cli.episodes import Episode, EpisodeSampler, steps_hash
 from fewshot_cli.errors import BadInput
 from fewshot_cli.models.adaptation import SetToSetAttention
-from fewshot_cli.models.backbones import build_backbone, feature_dim
+from fewshot_cli.models.backbones import build_backbone, feature_dim, memory_format
 from fewshot_cli.models.heads import build_head, prototypes
 from fewshot_cli.models.weights import from_resnet, load_pretrained, param_groups
 from fewshot_cli.reports.files import load_libraries
@@ -66,10 +66,15 @@ class FewShotTransformer(nn.Module):
         self.head = build_head(cfg.head, cfg.beta, cfg.covariance, on_fallback, cfg.covariance_estimator,
                                cfg.ridge)
         self.checkpoint_activations = cfg.checkpoint_activations
+        self.layout = torch.contiguous_format  # the backbone's and its input's (`use_layout`)
 
+    def use_layout(self, layout: torch.memory_format) -> None:
+        """Run the backbone in `layout` (`backbones.memory_format` of the run's device)."""
+        self.layout = layout
+        self.backbone.to(memory_format=layout)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        images = (images - self.mean) / self.std
+        images = ((images - self.mean) / self.std).contiguous(memory_format=self.layout)
         if self.checkpoint_activations and self.training:
             features = checkpoint(self.backbone, images, use_reentrant=False)
         else:
@@ -113,6 +118,7 @@ class MahalanobisTask(Task):
                 self.model.mean.copy_(torch.tensor(weights.mean).view(1, 3, 1, 1))
                 self.model.std.copy_(torch.tensor(weights.std).view(1, 3, 1, 1))
         self.model.to(ctx.device)
+        self.model.use_layout(memory_format(ctx.device))
         self.optimizer = torch.optim.Adam(param_groups(self.model, self.model.backbone, cfg.lr, cfg.lr_backbone,
                                                        cfg.freeze_backbone))
         self.pairs: Counter = Counter()  # (true class, predicted) -> test queries
