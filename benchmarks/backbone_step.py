@@ -1,7 +1,8 @@
-"""A backbone's compute on 100 images at 84 px (or the size given after its name) on this CPU, contiguous against channels_last: a training forward,
-forward + backward, and an evaluation forward under no_grad and under inference_mode (best of 2 after a warm-up).
+"""A backbone's compute on 100 images at 84 px (or the size given after its name) on this CPU, contiguous against
+channels_last: a training forward, forward + backward, and an evaluation forward under no_grad and under
+inference_mode (best of 2 after a warm-up).
 
-    OMP_NUM_THREADS=1 python benchmarks/backbone_step.py resnet12
+    OMP_NUM_THREADS=1 python benchmarks/backbone_step.py resnet12 [84]
 
 It bounds what input_pipeline.py can show: the model's compute per episode is the same on both sides unless the
 memory format differs."""

@@ -6,7 +6,7 @@
 
 On a GPU (the issue's second setting: 224 px, resnet18, 8 workers, and JPEG decoding on the GPU as well):
 
-    python benchmarks/input_pipeline.py --device cuda --image-size 224 --backbones resnet18 --workers 0,8 \
+    python benchmarks/input_pipeline.py --device cuda --image-size 224 --backbones resnet18 --workers 2,8 \
         --decode cpu,cuda --episodes 50 --out results/input_pipeline_gpu.md
 
 which adds the GPU's utilisation sampled during each run's measured window (`nvidia-smi` polled in a thread;

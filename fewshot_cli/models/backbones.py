@@ -58,9 +58,9 @@ def torchvision_resnet(name: str, flatten: bool) -> nn.Sequential:
 
 def memory_format(device: torch.device) -> torch.memory_format:
     """The layout a convolutional backbone and its input take on `device`: channels_last (NHWC) on the CPU, where
-    oneDNN's NHWC convolutions run conv4's and resnet12's training steps about 1.5x faster than contiguous ones
-    (`benchmarks/backbone_step.py`); CUDA keeps the contiguous layout. The two layouts sum in different orders, so
-    their losses differ in the last digits."""
+    oneDNN's NHWC convolutions run conv4's and resnet12's training steps 1.2x to 1.6x faster than contiguous ones,
+    by CPU (`benchmarks/backbone_step.py`); CUDA keeps the contiguous layout. The two layouts sum in different
+    orders: one step's loss differs in its last digits, and over a run the trajectories part as two seeds' do."""
     return torch.channels_last if device.type == "cpu" else torch.contiguous_format
 
 
