@@ -107,9 +107,6 @@ class DetectTask(Task):
     def total_steps(self) -> int:
         return self.cfg.steps()
 
-    def prefetch(self, step: int) -> None:
-        self.feed.start((step, 0))
-
     def _train_episodes(self, step: int) -> list[Episode]:
         return [self.samplers["train"].episode(i) for i in self.cfg.step_episodes(step)]
 

@@ -143,9 +143,6 @@ class MahalanobisTask(Task):
     def total_steps(self) -> int:
         return self.cfg.steps()
 
-    def prefetch(self, step: int) -> None:
-        self.feed.start((step, 0))
-
     def validate_now(self, step: int) -> bool:
         return "val" in self.samplers and super().validate_now(step)
 

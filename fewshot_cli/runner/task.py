@@ -6,7 +6,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -14,6 +14,9 @@ from torch import nn
 
 from fewshot_cli.runner.command import Command as Command  # declared without torch; imported here as before
 from fewshot_cli.runner.micro import Accumulation
+
+if TYPE_CHECKING:
+    from fewshot_cli.data.loader import Feed
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -70,6 +73,8 @@ class Task(ABC):
     _ddp: Any = None
     #: what the task loaded as pretrained weights (each `models.weights.Pretrained.record`), for config.json
     loaded_weights: tuple[dict[str, Any], ...] = ()
+    #: the task's training batches keyed (step, part), where it reads through a loader: started by `prefetch`
+    feed: Feed | None = None
 
     def __init__(self, cfg: Any, ctx: RunContext) -> None:
         self.cfg = cfg
@@ -98,10 +103,11 @@ class Task(ABC):
         self.accumulation = accumulation
 
     def prefetch(self, step: int) -> None:
-        """Called once before training's first step (`step`; after a resume, the step it resumes at): a task that
-        reads through a `data.loader.Feed` starts it there, so that its workers read the first episodes while the
-        run sets up (the plan check, the run directory) instead of while the first step waits."""
-        return None
+        """Called once before training's first step (`step`; after a resume, the step it resumes at): the task's
+        `feed` starts there, so that its workers read the first episodes while the run sets up (the plan check,
+        the run directory) instead of while the first step waits."""
+        if self.feed is not None:
+            self.feed.start((step, 0))
 
     def wrap_data_parallel(self) -> None:
         """Called by the runner under torchrun, once the model is built and any checkpoint loaded."""
