@@ -162,3 +162,25 @@ def test_resume_of_an_unreadable_or_foreign_run_is_exit_2(finished: Path, tmp_pa
     spoil(run)
     _one_sentence(in_process("mahalanobis-train", "--resume", run), 2, needle)
     assert len(events(run, "run_start")) == 1 and not (run / "metrics.json").exists()
+
+
+def test_a_file_written_by_name_lands_whole_and_a_failed_one_leaves_nothing(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from fewshot_cli.errors import CannotWrite
+    from fewshot_cli.runner.checkpoint import atomic_write_file
+
+    state = {"w": torch.arange(6.0).reshape(2, 3)}
+    target = tmp_path / "model.safetensors"
+    atomic_write_file(target, lambda name: save_file(state, name, metadata={"step": "3"}))
+    assert torch.equal(load_file(target)["w"], state["w"]) and [p.name for p in tmp_path.iterdir()] == [target.name]
+
+    def fails(name: Path) -> None:
+        name.write_bytes(b"half")
+        raise RuntimeError("SafetensorError: No space left on device")
+
+    with pytest.raises(CannotWrite, match="No space left"):
+        atomic_write_file(target, fails)
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]  # the old file stands, no temporary is left
+    assert torch.equal(load_file(target)["w"], state["w"])

@@ -34,7 +34,7 @@ from fewshot_cli.data.food101 import (
 from fewshot_cli.errors import BadInput
 from fewshot_cli.models.classifiers import build_classifier, head_first_groups
 from fewshot_cli.runner.backoff import evaluation_part
-from fewshot_cli.runner.checkpoint import atomic_write_bytes
+from fewshot_cli.runner.checkpoint import atomic_write_bytes, atomic_write_file
 from fewshot_cli.runner.memory import empty_cache
 from fewshot_cli.runner.schedule import warmup_cosine
 from fewshot_cli.runner.task import BackoffKnob, RunContext, Task
@@ -261,7 +261,7 @@ class Food101Task(Task):
         `model.safetensors` (the same tensors, the rest as metadata), which loads without unpickling anything."""
         if self.ctx.run_dir is None:
             return
-        from safetensors.torch import save
+        from safetensors.torch import save_file
 
         path = Path(self.ctx.run_dir) / "model.pt"
         state = {k: v.detach().cpu().contiguous() for k, v in self.model.net.state_dict().items()}
@@ -269,8 +269,8 @@ class Food101Task(Task):
                  "step": step, **metrics}
         # a reader never sees half a file
         atomic_write_bytes(path, lambda handle: torch.save({"model": state, **about}, handle))
-        data = save(state, metadata={k: json.dumps(v) for k, v in about.items()})
-        atomic_write_bytes(path.with_suffix(".safetensors"), lambda handle: handle.write(data))
+        metadata = {k: json.dumps(v) for k, v in about.items()}
+        atomic_write_file(path.with_suffix(".safetensors"), lambda name: save_file(state, name, metadata=metadata))
 
     def set_knob(self, name: str, value: int, accumulation: int) -> None:
         super().set_knob(name, value, accumulation)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,22 @@ def atomic_write_bytes(path: Path, write, durable: bool = True) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
         raise CannotWrite(path, failed) from err
+
+
+def atomic_write_file(path: Path, write: Callable[[Path], None], durable: bool = True) -> None:
+    """`atomic_write_bytes` for a writer that opens the file by its name (safetensors' `save_file`, which writes
+    tensor by tensor, where `save` first builds the whole file in memory: twice the tensors' bytes at its peak).
+    The writer's own errors, whatever their type (safetensors raises SafetensorError for a full disk), are
+    failures to write `path`."""
+
+    def by_name(handle: _Recording) -> None:
+        try:
+            write(Path(handle.handle.name))  # this empty handle then fsyncs what the writer wrote
+        except Exception as err:  # noqa: BLE001 - any failure of the writer is a failed write of the file
+            handle.error = err if isinstance(err, OSError) else OSError(f"{type(err).__name__}: {err}")
+            raise handle.error from err
+
+    atomic_write_bytes(path, by_name, durable)
 
 
 def save_json(path: Path, data: Any) -> None:
