@@ -51,12 +51,12 @@ class Task(ABC):
     """One experiment as the runner drives it. A command module subclasses this and nothing else of the runner.
 
     The runner calls, in order: `__init__` (build data and model; raise BadInput for bad data), `prefetch(first
-    step)`, then per step
-    `train_step(step)`, `evaluate("val", step)` when `validate_now(step)`, `state_dict()` at checkpoints, and at
-    the end `evaluate("test", step)` then `finish(metrics)`. Evaluation runs under `torch.inference_mode()` with
-    `model.eval()`; the task returns plain floats, never tensors. A training step is the command's own loop over
-    `accumulate(step, parts)`; `my_share` and `all_sum` split and add up work across torchrun's ranks. The planner
-    calls `plan_phases` and `plan_extra_bytes` instead (docs/writing-a-command.md).
+    step)` (starts `feed`), then per step `train_step(step)`, `evaluate("val", step)` when `validate_now(step)`,
+    `state_dict()` at checkpoints, and at the end `evaluate("test", step)` then `finish(metrics)`. Evaluation runs
+    under `torch.inference_mode()` with `model.eval()`; the task returns plain floats, never tensors. A training
+    step is the command's own loop over `accumulate(step, parts)`; `my_share` and `all_sum` split and add up work
+    across torchrun's ranks. The planner calls `plan_phases` and `plan_extra_bytes` instead
+    (docs/writing-a-command.md).
     """
 
     #: knobs the runner shrinks, in this order, when a step runs out of memory
