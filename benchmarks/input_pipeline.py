@@ -1,7 +1,7 @@
 """fewshot against easyfsl 1.5.0 on photo-sized JPEGs, side by side: episodes per second, input wait, accuracy.
 
     python benchmarks/input_pipeline.py [--episodes 40] [--backbones conv4,resnet12] [--workers 0,2]
-        [--device auto] [--image-size 84] [--decode cpu] [--classes 16] [--per-class 30] [--note TEXT]
+        [--device auto] [--image-size 84] [--decode cpu] [--amp] [--classes 16] [--per-class 30] [--note TEXT]
         [--out results/input_pipeline.md]
 
 On a GPU (the issue's second setting: 224 px, resnet18, 8 workers, and JPEG decoding on the GPU as well):
@@ -19,7 +19,10 @@ backgrounds, JPEG-compressed like photos). fewshot runs as its CLI (`mahalanobis
 none`); easyfsl as its README shows: `EasySet` + `TaskSampler` + `DataLoader(collate_fn=sampler.episodic_collate_fn)`
 + `PrototypicalNetworks`.
 Episodes per second count training and test episodes over the time from the first training step to the end of
-the test (model building and process start are left out on both sides). Figures depend on the machine. An out
+the test (model building and process start are left out on both sides). With --amp, two more rows per setting
+run both sides in mixed precision (the device's `--amp` dtype, bf16 on a CPU): fewshot's `--amp` and easyfsl's
+loop under `torch.autocast`; their ratios are still against easyfsl in float32, the peer as its README runs.
+Figures depend on the machine. An out
 file's hand-written notes (from its `## Notes` heading on) are kept when the table is rewritten."""
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from fewshot_cli.data.synthetic import SyntheticImages
 from fewshot_cli.models.backbones import build_backbone
+from fewshot_cli.runner.precision import autocast, autocast_dtype, grad_scaler
 
 N_WAY, K_SHOT, N_QUERY, LR = 5, 5, 15, 1e-3
 NOTES = "## Notes"
@@ -152,15 +156,15 @@ def make_folder(root: Path, classes: int, per_class: int, seed: int = 0) -> Path
 
 
 def run_fewshot(data: Path, backbone: str, workers: int, episodes: int, device: str, out: Path,
-                cache_mb: int, size: int, decode: str = "cpu") -> dict:
-    name = f"{backbone}-w{workers}-c{cache_mb}-{decode}"
+                cache_mb: int, size: int, decode: str = "cpu", amp: bool = False) -> dict:
+    name = f"{backbone}-w{workers}-c{cache_mb}-{decode}{'-amp' if amp else ''}"
     command = [sys.executable, "-m", "fewshot_cli", "mahalanobis-train", "--data", str(data), "--preset", "cpu",
                "--device", device, "--backbone", backbone, "--image-size", str(size), "--head", "euclidean",
                "--adapt", "none", "--reduced-dim", "0", "--n-way", str(N_WAY), "--k-shot", str(K_SHOT),
                "--n-query", str(N_QUERY), "--episodes", str(episodes), "--test-episodes", str(episodes),
                "--val-every", "0", "--checkpoint-every", str(episodes), "--lr", str(LR), "--workers", str(workers),
                "--image-cache-mb", str(cache_mb), "--decode-device", decode, "--batch-size", "128", "--quiet", "--json",
-               "--out", str(out), "--name", name]
+               "--out", str(out), "--name", name, *(["--amp"] if amp else [])]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"fewshot failed: {done.stderr[-2000:]}")
@@ -190,13 +194,15 @@ def easyfsl_set(data: Path, split: str, tmp: Path, size: int):
 
 
 def run_easyfsl(data: Path, backbone: str, workers: int, episodes: int, device: torch.device, tmp: Path,
-                size: int) -> dict:
+                size: int, amp: bool = False) -> dict:
     from easyfsl.methods import PrototypicalNetworks
     from easyfsl.samplers import TaskSampler
 
     random.seed(0)
     torch.manual_seed(0)
     model = PrototypicalNetworks(build_backbone(backbone)).to(device)
+    dtype = autocast_dtype(device, amp)
+    scaler = grad_scaler(device, dtype)
     optimizer = torch.optim.Adam(model.parameters(), lr=LR)
     loaders = {}
     for split in ("train", "test"):
@@ -215,16 +221,18 @@ def run_easyfsl(data: Path, backbone: str, workers: int, episodes: int, device: 
         support, support_labels, query, query_labels, _ = next(tasks)
         wait += time.perf_counter() - fetched
         optimizer.zero_grad()
-        model.process_support_set(support.to(device), support_labels.to(device))
-        loss = nn.functional.cross_entropy(model(query.to(device)), query_labels.to(device))
-        loss.backward()
-        optimizer.step()
+        with autocast(device.type, dtype):
+            model.process_support_set(support.to(device), support_labels.to(device))
+            loss = nn.functional.cross_entropy(model(query.to(device)), query_labels.to(device))
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
     if device.type == "cuda":
         torch.cuda.synchronize()
     train_s = time.perf_counter() - started
     model.eval()
     accuracies = []
-    with torch.no_grad():
+    with torch.no_grad(), autocast(device.type, dtype):
         for support, support_labels, query, query_labels, _ in loaders["test"]:
             model.process_support_set(support.to(device), support_labels.to(device))
             predicted = model(query.to(device)).argmax(1).cpu()
@@ -247,6 +255,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--image-size", type=int, default=84)
     parser.add_argument("--decode", default="cpu", help="fewshot's --decode-device values to run (cpu, cuda)")
+    parser.add_argument("--amp", action="store_true", help="also run both sides in mixed precision")
     parser.add_argument("--classes", type=int, default=16)
     parser.add_argument("--per-class", type=int, default=30)
     parser.add_argument("--note", default="", help="added to the machine line (a shared machine, say)")
@@ -273,6 +282,11 @@ def main() -> None:
                         runs[fewshot_label(decode, cache_mb)] = run_fewshot(
                             data, backbone, workers, episodes, str(device), tmp / "runs", cache_mb,
                             args.image_size, decode)
+                if args.amp:
+                    runs["easyfsl 1.5.0, autocast"] = run_easyfsl(data, backbone, workers, episodes, device, tmp,
+                                                                  args.image_size, amp=True)
+                    runs["fewshot, --amp"] = run_fewshot(data, backbone, workers, episodes, str(device),
+                                                         tmp / "runs", 256, args.image_size, amp=True)
                 easy = runs["easyfsl 1.5.0"]
                 for library, figures in runs.items():
                     rate = 2 * episodes / figures["seconds"]
@@ -325,7 +339,9 @@ def render(rows: list[dict], args: argparse.Namespace, device: torch.device, gpu
         "cores make these figures noisy."
         + (f" GPU utilisation: the mean of {gpu_source or 'no'} samples (every 0.2 s) over each run's measured "
            "window. GPU decode: `--decode-device cuda`, JPEGs read as bytes by the workers and decoded by nvjpeg "
-           "in the main process (its cache holds bytes, so it decodes every episode)." if cuda else ""),
+           "in the main process (its cache holds bytes, so it decodes every episode)." if cuda else "")
+        + (" Mixed precision: `fewshot, --amp` and `easyfsl 1.5.0, autocast` run in the device's `--amp` dtype "
+           f"({autocast_dtype(device, True)}); x easyfsl is still against easyfsl in float32." if args.amp else ""),
         "",
         "| backbone | episodes | workers | library | episodes/s | x easyfsl | input wait | from step 2 | "
         + ("GPU util | " if cuda else "") + "test accuracy (95% CI) |",

@@ -28,6 +28,10 @@ PANELS = {
 }
 
 
+#: `--amp`'s help, the same wherever a command has the knob (`runner.precision` applies it)
+AMP_HELP = "mixed precision: bf16 on CPUs and on GPUs that compute in it, fp16 on older GPUs (a T4) and on MPS"
+
+
 def option_panel(name: str) -> str:
     """The panel of a shared option (`--seed`, `--memory-budget`...)."""
     return PANELS.get(name, RUN)

@@ -6,5 +6,5 @@ source "$(dirname "$0")/lib.sh"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # both sides alike; on shared cores more threads only contend
 mkdir -p results
 # NOTE: a word on the machine for the table's machine line (a shared machine, say)
-python benchmarks/input_pipeline.py --episodes "${EPISODES:-30,5}" --backbones conv4,resnet12 --workers 0,2 \
+python benchmarks/input_pipeline.py --episodes "${EPISODES:-30,5}" --backbones conv4,resnet12 --workers 0,2 --amp \
   ${NOTE:+--note "$NOTE"} --out results/input_pipeline.md

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -299,6 +300,52 @@ def test_on_the_cpu_the_backbone_runs_channels_last_and_its_loss_differs_only_in
         losses[layout] = task.train_step(1)["loss"]
         task.feed.close()
     assert losses[torch.channels_last] == pytest.approx(losses[torch.contiguous_format], rel=1e-5)
+
+
+def test_amp_runs_the_backbone_in_bf16_on_the_cpu_and_hands_the_head_float32_features() -> None:
+    from fewshot_cli.runner.task import RunContext
+
+    features, dtypes = {}, {}
+    for amp in (True, False):
+        torch.manual_seed(0)
+        cfg = MahalanobisConfig(image_size=16, n_way=2, k_shot=1, n_query=2, episodes=2, val_every=0, amp=amp)
+        task = MahalanobisTask(cfg, RunContext(torch.device("cpu"), 0, None))
+        seen: list[tuple[str, torch.dtype]] = []
+        for conv in (m for m in task.model.backbone.modules() if isinstance(m, torch.nn.Conv2d)):
+            conv.register_forward_hook(lambda m, args, out, s=seen: s.append(("conv", out.dtype)))
+        task.model.head.register_forward_pre_hook(lambda m, args, s=seen: s.append(("head", args[0].dtype)))
+        task.model.head.register_forward_pre_hook(lambda m, args, a=amp: features.setdefault(a, args[0].detach()))
+        task.prefetch(1)
+        assert math.isfinite(task.train_step(1)["loss"])
+        task.feed.close()
+        dtypes[amp] = set(seen)
+        assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32
+                   for p in task.model.backbone.parameters())  # the weights and their updates stay float32
+    assert dtypes[True] == {("conv", torch.bfloat16), ("head", torch.float32)}
+    assert dtypes[False] == {("conv", torch.float32), ("head", torch.float32)}
+    # the same weights and images: bf16's 8-bit mantissa moves the queries' features by a few parts in a thousand
+    assert torch.linalg.norm(features[True] - features[False]) < 0.02 * torch.linalg.norm(features[False])
+
+
+def test_fp16_loss_scaling_is_checkpointed_and_restored(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where --amp means fp16 (a T4, MPS) the loss is scaled; the scale is part of the checkpoint, so a resumed run
+    scales as the uninterrupted one would."""
+    from fewshot_cli.commands import mahalanobis
+    from fewshot_cli.runner.task import RunContext
+
+    monkeypatch.setattr(mahalanobis, "autocast_dtype", lambda device, amp: torch.float16 if amp else None)
+    cfg = MahalanobisConfig(image_size=16, n_way=2, k_shot=1, n_query=2, episodes=2, val_every=0, amp=True)
+    task = MahalanobisTask(cfg, RunContext(torch.device("cpu"), 0, None))
+    assert task.scaler.is_enabled()
+    task.prefetch(1)
+    task.train_step(1)
+    task.feed.close()
+    state = task.state_dict()
+    assert state["scaler"]["scale"] == task.scaler.get_scale()
+    resumed = MahalanobisTask(cfg, RunContext(torch.device("cpu"), 0, None))
+    assert resumed.scaler.state_dict() != state["scaler"]  # one step moved the scale or its growth count
+    resumed.load_state_dict(state)
+    assert resumed.scaler.get_scale() == task.scaler.get_scale() and resumed.scaler.state_dict() == state["scaler"]
 
 
 def test_splits_that_share_a_class_are_refused(tmp_path: Path) -> None:

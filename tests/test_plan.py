@@ -28,6 +28,18 @@ def test_the_fake_prediction_matches_the_real_tracker_within_10_percent() -> Non
         assert abs(p - m) <= 0.10 * m, (phase, p, m)
 
 
+def test_amp_is_planned_in_its_own_dtype() -> None:
+    """Under --amp the backbone's activations are bf16: the plan traces them so, fake as real, and smaller than in
+    float32 in every phase."""
+    full = trace(COMMAND, _config().config)
+    predicted = trace(COMMAND, _config(amp=True).config)
+    measured = trace(COMMAND, _config(amp=True).config, fake=False)
+    for phase in ("train", "test"):
+        assert abs(sum(predicted[phase].values()) - sum(measured[phase].values())) <= 0.10 * sum(
+            measured[phase].values()), phase
+        assert predicted[phase]["activations"] < 0.8 * full[phase]["activations"], phase
+
+
 def test_nothing_is_allocated_while_planning() -> None:
     import psutil
 

@@ -36,6 +36,7 @@ from fewshot_cli.models.classifiers import build_classifier, head_first_groups
 from fewshot_cli.runner.backoff import evaluation_part
 from fewshot_cli.runner.checkpoint import atomic_write_bytes, atomic_write_file
 from fewshot_cli.runner.memory import empty_cache
+from fewshot_cli.runner.precision import autocast, autocast_dtype, grad_scaler
 from fewshot_cli.runner.schedule import warmup_cosine
 from fewshot_cli.runner.task import BackoffKnob, RunContext, Task
 
@@ -61,17 +62,6 @@ def apply_mps_env(cfg: Any) -> dict[str, str]:
         env["PYTORCH_MPS_LOW_WATERMARK_RATIO"] = repr(min(low, float(high)))
     os.environ.update(env)
     return env
-
-
-def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
-    """The autocast dtype for --amp on this device, or None for full precision."""
-    if not amp:
-        return None
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "mps":
-        return torch.float16
-    return torch.bfloat16
 
 
 class Food101Task(Task):
@@ -115,8 +105,7 @@ class Food101Task(Task):
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(
             self.total_steps(), warmup=max(1, round(0.05 * self.total_steps()))))
         self.amp_dtype = autocast_dtype(self.device, cfg.amp)
-        # fp16 gradients underflow without loss scaling; bf16 and fp32 need none
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.scaler = grad_scaler(self.device, self.amp_dtype)
         self.cache_every = cfg.empty_cache_every if cfg.empty_cache_every is not None else (
             10 if self.device.type == "mps" else 0)
         self.best_top1 = -1.0
@@ -180,9 +169,6 @@ class Food101Task(Task):
             images = images.contiguous(memory_format=torch.channels_last)
         return images
 
-    def _autocast(self) -> torch.autocast:
-        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
-
     def _optimise(self, step: int, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         """One optimiser step on a batch, as micro-batches of cfg.batch_size when back-off has shrunk it.
         Data-parallel, `images` are this rank's share of the batch (one part of the step per rank)."""
@@ -194,7 +180,7 @@ class Food101Task(Task):
                                          strict=True))
                 for x, y in grads.micro_steps(micro_batches):
                     x, y = self._to_device(x), y.to(self.device, non_blocking=True)
-                    with self._autocast():
+                    with autocast(self.device.type, self.amp_dtype):
                         logits = self.model(x)
                         loss = F.cross_entropy(logits, y)
                     share = len(y) / self.batch_images  # so the accumulated gradient is the whole batch's mean
@@ -218,7 +204,7 @@ class Food101Task(Task):
         """(top-1 hits, top-5 hits, images) of one evaluation batch; counts (true, predicted) into `pairs` when
         given."""
         y = labels.to(self.device)
-        with self._autocast():
+        with autocast(self.device.type, self.amp_dtype):
             logits = self.model(self._to_device(images))
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top == y[:, None]
@@ -279,12 +265,11 @@ class Food101Task(Task):
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state.update(scaler=self.scaler.state_dict(), best_top1=self.best_top1, effective_batch=self.effective_batch)
+        state.update(best_top1=self.best_top1, effective_batch=self.effective_batch)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.scaler.load_state_dict(state["scaler"])
         self.best_top1 = state["best_top1"]
         if state["effective_batch"] != self.effective_batch:
             raise BadInput(f"The checkpoint was trained with batches of {state['effective_batch']}; "

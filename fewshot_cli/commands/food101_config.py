@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from fewshot_cli.help import AMP_HELP
 from fewshot_cli.models.names import CLASSIFIERS as MODELS
 from fewshot_cli.models.pretrained import LR_BACKBONE_HELP, PRETRAINED, STRICT_HELP, WEIGHTS_HELP
 from fewshot_cli.runner.command import Command
@@ -32,7 +33,7 @@ class Food101Config(BaseConfig):
                                          minimum=0)
     mps_high_watermark: float | None = knob(None, "PYTORCH_MPS_HIGH_WATERMARK_RATIO, 0 to 2 (0: no limit)",
                                             minimum=0)
-    amp: bool = knob(False, "mixed precision: bf16 (fp16 where bf16 is missing) on CUDA, fp16 on MPS, bf16 on CPU")
+    amp: bool = knob(False, AMP_HELP)
     synthetic_classes: int = knob(101, "classes of the built-in data (used without --data)", minimum=2)
     eval_batch_size: int | None = knob(None, "images scored at once in evaluation, halved on OOM (default: "
                                        "--batch-size)", minimum=1, result_neutral=True)

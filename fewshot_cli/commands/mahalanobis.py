@@ -39,6 +39,7 @@ from fewshot_cli.models.weights import from_resnet, load_pretrained, param_group
 from fewshot_cli.reports.files import load_libraries
 from fewshot_cli.runner.backoff import evaluation_part
 from fewshot_cli.runner.metrics import RunningMean
+from fewshot_cli.runner.precision import autocast, autocast_dtype, grad_scaler
 from fewshot_cli.runner.task import BackoffKnob, RunContext, Task
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
@@ -67,6 +68,7 @@ class FewShotTransformer(nn.Module):
                                cfg.ridge)
         self.checkpoint_activations = cfg.checkpoint_activations
         self.layout = torch.contiguous_format  # the backbone's and its input's (`use_layout`)
+        self.amp_dtype: torch.dtype | None = None  # the backbone's autocast dtype under --amp
 
     def use_layout(self, layout: torch.memory_format) -> None:
         """Run the backbone in `layout` (`backbones.memory_format` of the run's device)."""
@@ -75,10 +77,12 @@ class FewShotTransformer(nn.Module):
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         images = ((images - self.mean) / self.std).contiguous(memory_format=self.layout)
-        if self.checkpoint_activations and self.training:
-            features = checkpoint(self.backbone, images, use_reentrant=False)
-        else:
-            features = self.backbone(images)
+        with autocast(images.device.type, self.amp_dtype):
+            if self.checkpoint_activations and self.training:
+                features = checkpoint(self.backbone, images, use_reentrant=False)
+            else:
+                features = self.backbone(images)
+        features = features.float()  # the projection, adaptation and head (covariances, inverses) in float32
         return self.reduction(features) if self.reduction is not None else features
 
     def logits(self, support: torch.Tensor, labels: torch.Tensor, query: torch.Tensor, n_way: int) -> torch.Tensor:
@@ -119,8 +123,10 @@ class MahalanobisTask(Task):
                 self.model.std.copy_(torch.tensor(weights.std).view(1, 3, 1, 1))
         self.model.to(ctx.device)
         self.model.use_layout(memory_format(ctx.device))
+        self.model.amp_dtype = autocast_dtype(ctx.device, cfg.amp)
         self.optimizer = torch.optim.Adam(param_groups(self.model, self.model.backbone, cfg.lr, cfg.lr_backbone,
                                                        cfg.freeze_backbone))
+        self.scaler = grad_scaler(ctx.device, self.model.amp_dtype)
         self.pairs: Counter = Counter()  # (true class, predicted) -> test queries
         self.test_features: tuple[np.ndarray, list[str]] | None = None
         self.loaders = self._loaders(cfg, ctx.device)
@@ -186,9 +192,10 @@ class MahalanobisTask(Task):
                     labels = torch.tensor([query_labels[i] for i in chunk], device=device)
                     logits = self.model.logits(support, torch.tensor(support_labels, device=device), query, n_way)
                     loss = F.cross_entropy(logits, labels) * len(chunk) / n_query * weight
-                    grads.backward(loss, loss=float(loss.detach()), correct=int((logits.argmax(1) == labels).sum()),
-                                   queries=len(chunk))
-        self.optimizer.step()
+                    grads.backward(self.scaler.scale(loss), loss=float(loss.detach()),
+                                   correct=int((logits.argmax(1) == labels).sum()), queries=len(chunk))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         sums = grads.sums
         return {"loss": sums["loss"], "accuracy": sums["correct"] / sums["queries"],
                 "episode_hash": steps_hash(episodes), "data_wait_s": self.loaders.take_wait()}

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fewshot_cli.errors import BadInput
-from fewshot_cli.help import DATA, MEMORY
+from fewshot_cli.help import AMP_HELP, DATA, MEMORY
 from fewshot_cli.models import names
 from fewshot_cli.models.names import BACKBONES, COVARIANCES, EMBEDDING_PLOTS, ESTIMATORS, HEADS, VARIANTS
 from fewshot_cli.models.pretrained import FREEZE_HELP, LR_BACKBONE_HELP, PRETRAINED, STRICT_HELP, WEIGHTS_HELP
@@ -33,6 +33,7 @@ class MahalanobisConfig(EpisodicConfig):
     adapt: str = knob("prototypes", "set-to-set transformer over", choices=("none", "prototypes", "support"))
     variant: str = knob("cosine", "the transformer's attention metric", choices=VARIANTS)
     checkpoint_activations: bool = knob(False, "recompute backbone activations in backward to save memory")
+    amp: bool = knob(False, AMP_HELP + " (the backbone; the head's statistics stay float32)")
     decode_device: str = knob("cpu", "decode --data's JPEGs in the loader workers (cpu) or batched on the GPU with "
                               "nvjpeg (cuda; its pixels differ slightly from libjpeg's)", choices=names.DECODE_DEVICES,
                               panel=DATA)

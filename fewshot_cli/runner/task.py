@@ -63,10 +63,12 @@ class Task(ABC):
     backoff_knobs: ClassVar[tuple[BackoffKnob, ...]] = ()
     #: the module whose train/eval mode the runner switches; its state is checkpointed as `model`
     model: nn.Module
-    #: the task's optimizer and learning-rate scheduler, where it has them: checkpointed as `optimizer` and
-    #: `scheduler`, and followed by the planner (the optimizer's state)
+    #: the task's optimizer, learning-rate scheduler and --amp loss scaler (`runner.precision.grad_scaler`), where it
+    #: has them: checkpointed as `optimizer`, `scheduler` and `scaler`, and followed by the planner (the optimizer's
+    #: state)
     optimizer: torch.optim.Optimizer | None = None
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    scaler: torch.amp.GradScaler | None = None
     #: data-parallel on CUDA, BatchNorm normalises over every rank's share of a batch (a batch is one part);
     #: episodic tasks leave it off, since each episode is a part of its own
     sync_batchnorm: ClassVar[bool] = False
@@ -116,13 +118,13 @@ class Task(ABC):
             self._ddp = group.wrap(self.model, sync_batchnorm=self.sync_batchnorm)
 
     def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint holds of the task: the model's, optimizer's and scheduler's states."""
-        held = {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler}
+        """What a checkpoint holds of the task: the model's, optimizer's, scheduler's and loss scaler's states."""
+        held = {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler, "scaler": self.scaler}
         return {name: part.state_dict() for name, part in held.items() if part is not None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
-        for name, part in (("optimizer", self.optimizer), ("scheduler", self.scheduler)):
+        for name, part in (("optimizer", self.optimizer), ("scheduler", self.scheduler), ("scaler", self.scaler)):
             if part is not None and name in state:
                 part.load_state_dict(state[name])
 
