@@ -48,6 +48,11 @@ CONFIGS = [
                                                     "--image-size", "80", "--triplet-batch-size", "12"]),
     ("classify-food101", "held out: 112 px, batch 24, 4 a class", ["--epochs", "1", "--dev-samples", "4",
                                                                   "--image-size", "112", "--batch-size", "24"]),
+    ("mahalanobis-train", "held out: resnet12, 84 px, --amp", ["--episodes", "2", "--val-every", "0",
+                                                              "--test-episodes", "2", "--backbone", "resnet12",
+                                                              "--image-size", "84", "--n-query", "6", "--amp"]),
+    ("classify-food101", "held out: 96 px, batch 48, --amp", ["--epochs", "1", "--dev-samples", "2", "--image-size",
+                                                             "96", "--batch-size", "48", "--amp"]),
 ]
 #: configurations also run without a budget, where glibc keeps freed tensors in its heap: the plan assumes it does
 #: not, and the check says so (`freed_returned`); this table shows by how much such a run exceeds the plan
