@@ -146,6 +146,14 @@ Notes on the terms behind these errors:
   previous query batch are lines of their own.
 - classify-food101's test phase is the closest to the line (about -4%): after training its process holds a few MiB
   more than params, gradients, optimizer state and the runtime term account for, not yet explained.
+- `--amp` (bf16 autocast on this CPU) is traced in its own dtype: the backbone's activations and oneDNN's copies
+  at half their float32 bytes (the copies' rule, measured again per convolution in bf16, holds to within 5%). The
+  two held-out `--amp` rows' training phases are within 2%; their test phases fall further under than their
+  float32 twins (mahalanobis-train -2.5% against +0.7%, classify-food101 -6.5% against -4.0%, the one row outside
+  the goal, -6.3% to -8.0% over four runs). The traced tensors are the same fake and real; what bf16 adds beyond
+  them is resident memory outside tensors: a first bf16 evaluation pass of mobilenet_v3_large after its bf16
+  training grows the resident set by about 3.5 MiB where float32's grows by none (oneDNN's bf16 inference
+  kernels), which explains part of classify-food101's 8 MiB, not all of it.
 """
 
 
