@@ -74,6 +74,15 @@ def test_a_later_phase_on_a_caching_allocator_is_predicted_at_least_the_earlier_
     assert cpu.end("test") is None  # a phase's peak starts over once checked
 
 
+def test_a_phase_whose_peak_rounds_to_zero_is_still_checked() -> None:
+    """A run launched in a process that already held more (the API after another run) may measure a phase a few
+    KiB above its baseline: 0.0 MiB as the event rounds it, and still a finite error."""
+    check = PlanCheck(torch.device("cpu"), {"train": 20.0, "test": 20.0}, 100.0)
+    check.observe("test", {"rss_mb": 100.0, "rss_peak_mb": 100.04})
+    fields = check.end("test")
+    assert fields["measured_mb"] == 0.0 and fields["error"] == round((20.0 - 0.04) / 0.04, 4)
+
+
 def test_preset_auto_under_a_cpu_budget_keeps_the_whole_process_under_it(tmp_path: Path) -> None:
     budget = 1.5 * 1024**3
     args = [sys.executable, "-m", "fewshot_cli", "mahalanobis-train", "--device", "cpu", "--preset", "auto",

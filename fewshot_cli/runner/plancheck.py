@@ -61,8 +61,8 @@ class PlanCheck:
         if self.device.type == "cuda":  # the device's memory in use now, the context and libraries included
             free, total = torch.cuda.mem_get_info(self.device)
             peak["device_used_mb"] = (total - free) / MiB
+        error = (predicted - peak["measured_mb"]) / peak["measured_mb"]  # before rounding: a peak may round to 0.0
         fields = {"phase": phase, "predicted_mb": round(predicted, 1), **{k: round(v, 1) for k, v in peak.items()}}
-        error = (fields["predicted_mb"] - fields["measured_mb"]) / fields["measured_mb"]
         if self.device.type == "cpu":  # the plan assumes freed tensors go back to the system (under a budget)
             fields["freed_returned"] = freed_memory_returned()
         return {**fields, "error": round(error, 4)}
