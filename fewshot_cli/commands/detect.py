@@ -23,7 +23,15 @@ from fewshot_cli.commands.detect_config import PRESETS as PRESETS
 from fewshot_cli.commands.detect_config import DetectConfig
 from fewshot_cli.data.coco import DetectionItem, coco_splits, synthetic_splits
 from fewshot_cli.data.images import to_float
-from fewshot_cli.data.loader import Feed, ItemReader, Loaders, cache_share, episode_reads, loader_bytes
+from fewshot_cli.data.loader import (
+    Feed,
+    ItemReader,
+    Loaders,
+    cache_share,
+    episode_reads,
+    image_bytes,
+    loader_bytes,
+)
 from fewshot_cli.episodes import Episode, EpisodeSampler
 from fewshot_cli.errors import BadInput
 from fewshot_cli.models.detection import (
@@ -297,7 +305,7 @@ class DetectTask(Task):
         # host memory: the image cache (what the run has read by then) and prefetched episodes; training
         # validates with a loader of its own
         reads = episode_reads(cfg)
-        pixels = 3 * cfg.image_size**2 * self.train_data.pixel_dtype.itemsize  # as the loader holds them
+        pixels = image_bytes(self.train_data, cfg.image_size)
         held = cfg.n_way * (cfg.k_shot + cfg.n_query) * pixels
         train = loader_bytes(cfg.image_cache_mb, items, pixels, cfg.workers, held, 2 if cfg.val_every else 1,
                              reads["train"])

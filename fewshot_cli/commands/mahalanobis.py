@@ -26,6 +26,7 @@ from fewshot_cli.data.loader import (
     Loaders,
     cache_share,
     episode_reads,
+    image_bytes,
     loader_bytes,
     stack_images,
 )
@@ -295,7 +296,7 @@ class MahalanobisTask(Task):
         split_items = sum(len(v) for v in self.samplers["test"].items.values())
         images = min(split_items, cfg.test_episodes * cfg.n_way * (cfg.k_shot + cfg.n_query))
         items = sum(len(v) for sampler in self.samplers.values() for v in sampler.items.values())
-        image = 3 * cfg.image_size**2 * self.data.pixel_dtype.itemsize  # as the loader holds them
+        image = image_bytes(self.data, cfg.image_size)
         episode = cfg.n_way * (cfg.k_shot + cfg.n_query) * image
         reads = episode_reads(cfg)
         train = loader_bytes(cfg.image_cache_mb, items, image, cfg.workers, episode, 2 if cfg.val_every else 1,

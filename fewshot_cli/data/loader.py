@@ -99,6 +99,12 @@ def loader_bytes(cache_mb: int, items: int, item_bytes: int, workers: int, batch
     return out
 
 
+def image_bytes(data: Any, image_size: int) -> int:
+    """One image's bytes as a loader holds, caches and sends it: 3 x size x size of the data's `pixel_dtype`
+    (uint8 for image files, float32 for the built-in data)."""
+    return 3 * image_size**2 * data.pixel_dtype.itemsize
+
+
 def episode_reads(cfg: Any) -> dict[str, int]:
     """Images an episodic run reads (repeats included) by the end of its training (validation too) and by the end
     of its test: the most its image cache can hold then."""

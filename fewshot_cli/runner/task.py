@@ -117,14 +117,18 @@ class Task(ABC):
         if group is not None:
             self._ddp = group.wrap(self.model, sync_batchnorm=self.sync_batchnorm)
 
+    def _training_state(self) -> dict[str, Any]:
+        """The declared parts a checkpoint holds beside the model, by their checkpoint keys (None where unset)."""
+        return {"optimizer": self.optimizer, "scheduler": self.scheduler, "scaler": self.scaler}
+
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint holds of the task: the model's, optimizer's, scheduler's and loss scaler's states."""
-        held = {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler, "scaler": self.scaler}
+        held = {"model": self.model, **self._training_state()}
         return {name: part.state_dict() for name, part in held.items() if part is not None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
-        for name, part in (("optimizer", self.optimizer), ("scheduler", self.scheduler), ("scaler", self.scaler)):
+        for name, part in self._training_state().items():
             if part is not None and name in state:
                 part.load_state_dict(state[name])
 
