@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from fewshot_cli.errors import BadInput
+from fewshot_cli.memory.limits import Limit, size_text
 from fewshot_cli.onednn_copies import ConvCopies
 from fewshot_cli.runner import faults
 from fewshot_cli.runner.config import Resolved
@@ -34,15 +35,12 @@ CUDA_WORKSPACES = 118 * MiB
 #: the caching allocator's rounding and split blocks: peak reserved over peak allocated, less one
 CUDA_ALLOCATOR = 0.161
 #: the CPU's term, read from the short runs of benchmarks/plan_accuracy.py (results/plan_accuracy.md) on Linux,
-#: glibc, under a budget, so with freed tensors returned to the system (`runner.memory.return_freed_memory`): what
+#: glibc, with freed tensors returned to the system (`runner.memory.return_freed_memory`, every CPU run): what
 #: a run's first steps add to the process besides tensors (oneDNN/MKL kernels and thread pools; with training,
 #: autograd's engine and its threads), the gap left at the first ten configurations once oneDNN's convolution
 #: copies and the optimizer state of later steps are planned; that gap does not grow with the configuration
 #: (ResNet-12 at 84 px: a real step's peak is the traced one plus the copies to within 0.3%)
 CPU_RUNTIME = {"training": int(29.5 * MiB), "inference": 13 * MiB}
-#: what a CPU plan assumes of glibc, which holds only under a budget (`runner.memory.return_freed_memory`)
-FREED_NOTE = ("assumes freed tensors go back to the system, as under --memory-budget; without a budget glibc keeps "
-              "them and the run holds more (results/plan_accuracy.md)")
 MPS_OVERHEAD = 1.15  # the MPS allocator's heaps round up; measured overhead factor
 #: plan lines a command declares for memory the host holds whatever the device (batches its loader's workers
 #: prefetch, caches of decoded frames): on CUDA or MPS they are the machine's memory, not the device's
@@ -162,7 +160,8 @@ def _by_kind(snapshot: dict[Any, dict[Any, int]]) -> dict[str, int]:
 
 
 def target(preset: str, device_name: str) -> tuple[torch.device, int | None]:
-    """The device a plan is for and its memory: an explicit --device if it is here, else the preset's device."""
+    """The device a plan is for and its nominal memory: an explicit --device if it is here (None: its memory is
+    what `runner.device.memory_limit` finds), else the preset's device."""
     from fewshot_cli.runner.device import resolve_device
 
     name = (device_name or "auto").lower()
@@ -176,7 +175,7 @@ def target(preset: str, device_name: str) -> tuple[torch.device, int | None]:
             raise
         device = torch.device(name)  # planning for a device that is not on this machine
         return device, PRESET_DEVICES.get(preset, PRESET_DEVICES["t4" if device.type == "cuda" else "mps"])[1]
-    return device, device_memory_bytes(device)
+    return device, None
 
 
 def device_terms(device: torch.device, components: dict[str, int], baseline: int = 0,
@@ -213,8 +212,10 @@ def startup_baseline(device: torch.device) -> int:
     return psutil.Process().memory_info().rss if device.type == "cpu" else 0
 
 
-def plan_run(command: Command, resolved: Resolved, device: torch.device, budget: int | None) -> dict[str, Any]:
-    """The contract's plan report: per phase its components and peak, the budget, and whether it fits."""
+def plan_run(command: Command, resolved: Resolved, device: torch.device, budget: int | None,
+             limit_text: str | None = None) -> dict[str, Any]:
+    """The contract's plan report: per phase its components and peak, the budget (the limit the run is held to,
+    named by `limit_text`), and whether it fits."""
     budget = budget or device_memory_bytes(device)
     for name in getattr(command.task, "plan_libraries", ()):  # loaded lazily by a phase: the baseline counts them
         importlib.import_module(name)
@@ -227,35 +228,46 @@ def plan_run(command: Command, resolved: Resolved, device: torch.device, budget:
         phases[phase] = {"peak_bytes": sum(components.values()), "components": components}
     peak = max((p["peak_bytes"] for p in phases.values()), default=0)
     return {"command": command.name, "device": str(device), "budget_bytes": budget, "peak_bytes": peak,
-            "usable_bytes": int(budget * (1 - MARGIN)), "phases": phases, "fits": peak <= budget * (1 - MARGIN)}
+            "limit": limit_text or "the device's memory", "usable_bytes": int(budget * (1 - MARGIN)),
+            "phases": phases, "fits": peak <= budget * (1 - MARGIN)}
 
 
-def fit_to_budget(command: Command, resolved: Resolved, device: torch.device, budget: int | None,
-                  options: dict[str, Any]) -> dict[str, Any] | None:
-    """With `--preset auto`, pick the largest configuration that fits; with a budget, refuse one that does not."""
-    if resolved.preset != "auto" and budget is None:
-        return None
-    if resolved.preset == "auto":
-        report = _choose(command, resolved, device, budget)
-    else:
-        report = plan_run(command, resolved, device, budget)
-    if not report["fits"] and not options.get("force"):
-        raise BadInput(f"The plan does not fit: predicted peak {report['peak_bytes'] / MiB:,.0f} MiB, usable "
-                       f"{report['usable_bytes'] / MiB:,.0f} MiB of the budget.\n{render(report)}"
-                       "Lower the configuration, raise --memory-budget, or pass --force.")
-    return record(report)
-
-
-def checked_record(command: Command, resolved: Resolved, device: torch.device, budget: int | None
-                   ) -> dict[str, Any] | None:
-    """The plan a run without a budget checks itself against; None where the command's steps cannot be traced
-    (the run goes on, unchecked)."""
+def fit(command: Command, resolved: Resolved, device: torch.device, limit: Limit, force: bool = False
+        ) -> dict[str, Any] | None:
+    """Every new run's plan against the limit it is held to: with `--preset auto`, the largest configuration that
+    fits; otherwise a plan over the limit is bad input (unless `force`). The record config.json keeps, or None
+    where the command's steps cannot be traced and nothing asked for a plan (the run goes on, unchecked)."""
     try:
-        return record(plan_run(command, resolved, device, budget))
+        report = (_choose(command, resolved, device, limit) if resolved.preset == "auto"
+                  else plan_run(command, resolved, device, limit.bytes, limit.text))
     except BadInput:
         raise
     except Exception:  # noqa: BLE001 - a plan nobody asked for never stops a run
+        if resolved.preset == "auto" or limit.source == "budget":
+            raise
         return None
+    if not report["fits"] and not force:
+        raise BadInput(refusal(command, resolved, report, limit) + "\n" + render(report))
+    return record(report)
+
+
+def checked_record(command: Command, resolved: Resolved, device: torch.device) -> dict[str, Any] | None:
+    """The plan a resumed run whose config.json has none checks itself against; None where the command's steps
+    cannot be traced."""
+    try:
+        return record(plan_run(command, resolved, device, None))
+    except Exception:  # noqa: BLE001 - a plan nobody asked for never stops a run
+        return None
+
+
+def refusal(command: Command, resolved: Resolved, report: dict[str, Any], limit: Limit) -> str:
+    """The one sentence a plan over its limit is refused with: the limit, its source, the need, what to lower."""
+    phase = max(report["phases"], key=lambda p: report["phases"][p]["peak_bytes"])
+    knobs = [k for k in command.plan_knobs if resolved.sources.get(k) != "planner"] or list(command.plan_knobs)
+    lower = ", ".join(f"--{k.replace('_', '-')}" for k in knobs) or "the configuration"
+    return (f"The plan does not fit: {limit.text} is {size_text(limit.bytes)}, and the plan needs "
+            f"{size_text(report['peak_bytes'])} at its peak ({phase}) with {MARGIN:.0%} kept free; lower {lower} "
+            f"(--preset auto picks what fits), or pass --force to run anyway and back off.")
 
 
 def record(report: dict[str, Any]) -> dict[str, Any]:
@@ -266,7 +278,7 @@ def record(report: dict[str, Any]) -> dict[str, Any]:
             "predicted_mb": {phase: round(mb, 2) for phase, mb in predicted_mb(report).items()}}
 
 
-def _choose(command: Command, resolved: Resolved, device: torch.device, budget: int | None) -> dict[str, Any]:
+def _choose(command: Command, resolved: Resolved, device: torch.device, limit: Limit) -> dict[str, Any]:
     """Start every planner knob the user did not set at its largest preset value; shrink them in declared order.
     Returns the plan of the configuration chosen (each configuration is traced once)."""
     cfg = resolved.config
@@ -275,20 +287,17 @@ def _choose(command: Command, resolved: Resolved, device: torch.device, budget: 
     for name in free:
         largest = max(p.get(name, getattr(cfg, name)) for p in command.presets.values())
         resolved.set(name, largest, "planner", "largest preset value")
-    report = plan_run(command, resolved, device, budget)
+    report = plan_run(command, resolved, device, limit.bytes, limit.text)
     for name in free:
         floor = floors.get(name, 32 if name == "image_size" else 1)
         while not report["fits"] and getattr(cfg, name) // 2 >= floor:
             value = getattr(cfg, name) // 2
-            resolved.set(name, value, "planner", f"halved until the plan fits {_budget_text(device, budget)}")
-            report = plan_run(command, resolved, device, budget)
+            resolved.set(name, value, "planner", f"halved until the plan fits {limit.text}, "
+                         f"{size_text(limit.bytes)} less {MARGIN:.0%}")
+            report = plan_run(command, resolved, device, limit.bytes, limit.text)
         if report["fits"]:
             break
     return report
-
-
-def _budget_text(device: torch.device, budget: int | None) -> str:
-    return f"{(budget or device_memory_bytes(device)) / 1024**3:.1f} GiB less {MARGIN:.0%}"
 
 
 def render(report: dict[str, Any]) -> str:
@@ -300,10 +309,9 @@ def render(report: dict[str, Any]) -> str:
             note = f"  ({TERM_NOTES[name]})" if name in TERM_NOTES else ""
             lines.append(f"    {name:<22}{size / MiB:>14,.1f} MiB{note}")
         lines.append(f"    {'peak':<22}{entry['peak_bytes'] / MiB:>14,.1f} MiB")
-    if str(report["device"]).startswith("cpu"):
-        lines.append(f"  {FREED_NOTE}")
     usable, peak = report["usable_bytes"], report["peak_bytes"]
     verdict = "fits" if report["fits"] else "does NOT fit"
+    lines.append(f"  limit: {report.get('limit', 'the budget')}")
     lines.append(f"  budget {report['budget_bytes'] / MiB:,.0f} MiB (usable {usable / MiB:,.0f} MiB): {verdict}, "
                  f"{abs(usable - peak) / MiB:,.0f} MiB {'to spare' if report['fits'] else 'over'}")
     return "\n".join(lines) + "\n"

@@ -66,14 +66,14 @@ def capped_evaluate(task, phase, step):
         end(phase)
 
 loop._step_with_backoff, loop._evaluate = capped_step, capped_evaluate
-checked_record, plans = plan.checked_record, []
+fit, plans = plan.fit, []
 
 def planned_once(*args, **kwargs):  # both runs plan the same configuration: the second takes the first's plan
     if not plans:
-        plans.append(checked_record(*args, **kwargs))
+        plans.append(fit(*args, **kwargs))
     return plans[0]
 
-plan.checked_record = planned_once
+plan.fit = planned_once
 
 def run(name):
     runs.append({})

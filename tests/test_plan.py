@@ -9,7 +9,8 @@ import torch
 from conftest import SMALL, fewshot
 
 from fewshot_cli.commands.mahalanobis import COMMAND
-from fewshot_cli.plan import fit_to_budget, plan_run, startup_baseline, trace
+from fewshot_cli.memory.limits import Limit
+from fewshot_cli.plan import fit, plan_run, startup_baseline, trace
 from fewshot_cli.runner.config import resolve
 
 CPU = torch.device("cpu")
@@ -57,7 +58,7 @@ def test_auto_never_exceeds_the_budget_and_takes_more_of_a_larger_one() -> None:
         budget = int((startup_baseline(CPU) + room_gib * 1024**3) / 0.9)
         resolved = _config(image_size=None, n_query=None)
         resolved.preset = "auto"
-        fit_to_budget(COMMAND, resolved, CPU, budget, {})
+        fit(COMMAND, resolved, CPU, Limit(budget, "budget", "--memory-budget"))
         report = plan_run(COMMAND, resolved, CPU, budget)
         assert report["fits"] and report["peak_bytes"] <= 0.9 * budget
         assert resolved.sources["n_query"] == "planner"
@@ -102,11 +103,12 @@ def test_the_image_cache_line_holds_what_the_run_has_read_by_then_up_to_its_boun
     assert longer["phases"]["train"]["components"]["image_cache"] == 4 * per_episode * image
 
 
-def test_a_cpu_plan_says_what_it_assumes_of_the_allocator() -> None:
+def test_a_plan_names_the_limit_it_is_held_to() -> None:
     from fewshot_cli.plan import render
 
-    assert "without a budget glibc keeps them" in render(plan_run(COMMAND, _config(), CPU, None))
-    assert "glibc" not in render(plan_run(COMMAND, _config(), torch.device("cuda"), 15 * 1024**3))
+    text = render(plan_run(COMMAND, _config(), CPU, 2**31, "this container's memory limit (cgroup memory.max)"))
+    assert "limit: this container's memory limit (cgroup memory.max)" in text
+    assert "budget 2,048 MiB" in text
 
 
 def test_a_commands_lazily_loaded_libraries_are_in_the_start_up_baseline() -> None:

@@ -154,6 +154,8 @@ class EmbedTask(EvaluationTask):
 
     def _on_batch(self, done: int, total: int) -> None:
         self.ctx.emit("extract", phase="extract", images=done, of=total, mem=probe(self.ctx.device))
+        if self.ctx.guard is not None:  # an out-of-memory error here backs the extraction off
+            self.ctx.guard.check("test", "embedding extraction")
 
     def _on_failure(self, path: str, error: str) -> None:
         self.unreadable.append((path, error))

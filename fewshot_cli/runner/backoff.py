@@ -26,6 +26,8 @@ def evaluation_part(task: Any, phase: str, step: int, knob: str, part: Callable[
     while True:
         try:
             faults.in_evaluation(task.cfg, phase)
+            if task.ctx.guard is not None:
+                task.ctx.guard.check(phase, EVAL_PHASES.get(phase, phase))
             return part()
         except Exception as err:  # noqa: BLE001 - only OOM is handled, the rest re-raised
             if not is_oom(err):
@@ -44,5 +46,7 @@ def _halve(task: Any, phase: str, step: int, knob: str, floor: int, message: str
             f"training checkpoint is kept: free memory, then continue with --resume {task.ctx.run_dir or 'RUN_DIR'} "
             f"(--{option_name(knob)} may be given again, smaller). Last error: {message}")
     setattr(task.cfg, knob, value // 2)  # later evaluations of the run start from the smaller value
+    if task.ctx.guard is not None:
+        task.ctx.guard.backed_off()
     task.ctx.emit("oom_backoff", phase=phase, step=step, knob=knob, **{"from": value, "to": value // 2},
                   grad_accumulation=task.accumulation, error=message)

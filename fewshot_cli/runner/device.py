@@ -8,6 +8,7 @@ import psutil
 import torch
 
 from fewshot_cli.errors import BadInput
+from fewshot_cli.memory.limits import Limit, host_limits, size_text, tightest
 from fewshot_cli.runner.config import cuda_preset
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
@@ -69,6 +70,40 @@ def device_preset(device: torch.device) -> str:
     if device.type == "cuda":
         return cuda_preset(device_memory_bytes(device))
     return "cpu"
+
+
+def memory_limits(device: torch.device, budget: int | None = None) -> list[Limit]:
+    """Every bound on the memory a run on `device` may use, each with its source: on the CPU the machine's
+    available memory, a memory cgroup and the address-space limit; on CUDA the card's memory and, on a shared card,
+    what the other processes leave of it; on MPS the recommended maximum; and `--memory-budget`."""
+    if device.type == "cpu":
+        found = host_limits()
+    elif device.type == "cuda":
+        total = device_memory_bytes(device)
+        found = [Limit(total, "device", f"{torch.cuda.get_device_name(device)}'s memory")]
+        free, _ = torch.cuda.mem_get_info(device)
+        # this process's own context is in use already; the plan counts it (cuda_context)
+        from fewshot_cli.plan import CUDA_CONTEXT  # plan imports torch's tracing machinery: only on CUDA
+
+        others = total - free - torch.cuda.memory_reserved(device) - CUDA_CONTEXT
+        if others > 256 * 1024**2:
+            found.append(Limit(total - others, "device_free",
+                               f"this card's memory less the {size_text(others)} other processes hold"))
+    else:
+        found = [Limit(device_memory_bytes(device), "device", "the MPS device's recommended maximum")]
+    if budget is not None:
+        found.append(Limit(budget, "budget", "--memory-budget"))
+    return found
+
+
+def memory_limit(device: torch.device, budget: int | None = None) -> tuple[Limit, list[Limit]]:
+    """The limit a run on `device` is held to, and every bound found; a budget above another limit is bad input."""
+    found = memory_limits(device, budget)
+    system = tightest([limit for limit in found if limit.source != "budget"])
+    if budget is not None and budget > system.bytes:
+        raise BadInput(f"--memory-budget {size_text(budget)} is above {system.text}, {size_text(system.bytes)}; "
+                       "give at most that, or leave --memory-budget out.")
+    return tightest(found), found
 
 
 def cap_memory(device: torch.device, budget_bytes: int) -> None:

@@ -29,6 +29,8 @@ class Distributed:
     rank: int
     world_size: int
     local_rank: int
+    #: the ranks on this machine, which share its memory
+    local_world_size: int = 1
 
     @property
     def is_main(self) -> bool:
@@ -135,7 +137,8 @@ def from_env() -> Distributed | None:
         default = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend=os.environ.get("FEWSHOT_DIST_BACKEND") or default)
     return Distributed(rank=dist.get_rank(), world_size=dist.get_world_size(),
-                       local_rank=int(os.environ.get("LOCAL_RANK", "0") or 0))
+                       local_rank=int(os.environ.get("LOCAL_RANK", "0") or 0),
+                       local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
 
 
 def shutdown(group: Distributed | None) -> None:

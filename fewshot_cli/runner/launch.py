@@ -19,6 +19,7 @@ from fewshot_cli.runner.config import Resolved, preset_choices, resolve
 if TYPE_CHECKING:
     import torch
 
+    from fewshot_cli.memory.limits import Limit
     from fewshot_cli.runner.distributed import Distributed
     from fewshot_cli.runner.loop import RunOptions
 
@@ -112,9 +113,10 @@ def _resumed(command: Command, knobs: dict[str, Any], options: LaunchOptions) ->
     resolved, record, device_name = rerun.resumed(command, run_dir, knobs, options)
     device = resolve_device(device_name)
     resolved.config.check_device(device.type)
+    budget = record.get("memory_budget_bytes")
     return resolved, RunOptions(device=device, seed=record["seed"], resume=run_dir,
                                 quiet=options.quiet, data=Path(record["data"]) if record.get("data") else None,
-                                budget_bytes=record.get("memory_budget_bytes"))
+                                budget_bytes=budget, limit=held_to(device, budget))
 
 
 def _new(command: Command, knobs: dict[str, Any], options: LaunchOptions, group: Distributed | None,
@@ -131,11 +133,26 @@ def _new(command: Command, knobs: dict[str, Any], options: LaunchOptions, group:
     resolved.sources.update(dict.fromkeys(copied, "config"))  # fixed: the planner leaves them alone
     if group is not None:
         device = group.place(device)
-    extra["plan"] = (plan.fit_to_budget(command, resolved, device, budget, {"force": options.force})
-                     or plan.checked_record(command, resolved, device, budget))
+    limit = held_to(device, budget, group)
+    extra["memory_limit"] = limit.record()
+    extra["plan"] = plan.fit(command, resolved, device, limit, force=options.force)
     return resolved, RunOptions(device=device, seed=options.seed, out=Path(options.out), name=options.name,
                                 data=Path(options.data) if options.data else None, budget_bytes=budget,
-                                quiet=options.quiet)
+                                quiet=options.quiet, limit=limit)
+
+
+def held_to(device: torch.device, budget: int | None, group: Distributed | None = None) -> Limit:
+    """The limit a run is held to (`runner.device.memory_limit`); under torchrun the ranks on one machine share the
+    host's memory, so on the CPU each rank is held to its share."""
+    from dataclasses import replace
+
+    from fewshot_cli.runner.device import memory_limit
+
+    limit, _ = memory_limit(device, budget)
+    ranks = group.local_world_size if group is not None else 1
+    if ranks > 1 and device.type == "cpu":
+        limit = replace(limit, bytes=limit.bytes // ranks, text=f"{limit.text} shared by {ranks} ranks")
+    return limit
 
 
 def resolve_new(command: Command, knobs: dict[str, Any], options: LaunchOptions
@@ -170,19 +187,25 @@ def plan_report(command: Command, knobs: dict[str, Any], options: LaunchOptions)
     """`fewshot plan`: each phase's predicted peak for these knobs and options, and the earlier runs' checks. A plan
     needs no device: `--preset t4` on a laptop plans for a T4."""
     from fewshot_cli import plan
-    from fewshot_cli.runner.device import parse_size
+    from fewshot_cli.memory.limits import Limit
+    from fewshot_cli.runner.device import memory_limit, parse_size
     from fewshot_cli.runner.plancheck import earlier_checks
 
     preset = options.preset or "auto"
     device, nominal = plan.target(preset, options.device)
-    budget = parse_size(options.memory_budget) if options.memory_budget else nominal
+    budget = parse_size(options.memory_budget) if options.memory_budget else None
+    if nominal is None:  # a device of this machine: the limit a run here would be held to
+        limit, _ = memory_limit(device, budget)
+    else:
+        limit = Limit(budget, "budget", "--memory-budget") if budget else Limit(nominal, "device",
+                                                                                f"the {preset} device's memory")
     base = preset if preset in command.presets else _device_preset_name(device)
     resolved = resolve(command.config, command.presets, base, knobs)
     resolved.preset = preset
     _settle_weights(resolved, options.data)
     if preset == "auto":
-        plan.fit_to_budget(command, resolved, device, budget, {"force": True})
-    report = plan.plan_run(command, resolved, device, budget)
+        plan.fit(command, resolved, device, limit, force=True)
+    report = plan.plan_run(command, resolved, device, limit.bytes, limit.text)
     report["earlier_runs"] = earlier_checks(Path(options.out), command.name, resolved.record(), device)
     return report
 

@@ -18,6 +18,8 @@ import torchvision
 
 import fewshot_cli
 from fewshot_cli.errors import BadInput, CannotWrite, Interrupted, RunFailed
+from fewshot_cli.memory.guard import MemoryGuard
+from fewshot_cli.memory.limits import Limit
 from fewshot_cli.runner import faults, plancheck, rundir
 from fewshot_cli.runner.checkpoint import load_checkpoint, save_checkpoint, save_json
 from fewshot_cli.runner.config import Resolved
@@ -26,7 +28,7 @@ from fewshot_cli.runner.evaluation import EvaluationTask
 from fewshot_cli.runner.input_wait import InputWait
 from fewshot_cli.runner.leaks import LeakDetector
 from fewshot_cli.runner.log import RunLog, read_log
-from fewshot_cli.runner.memory import is_oom, probe, release
+from fewshot_cli.runner.memory import MiB, is_oom, probe, release
 from fewshot_cli.runner.plancheck import CheckedLog, for_run
 from fewshot_cli.runner.progress import Progress
 from fewshot_cli.runner.task import Command, RunContext, Task, step_seed
@@ -49,6 +51,8 @@ class RunOptions:
     tensorboard: Path | None = None
     #: set under torchrun with several processes: only rank 0 writes the run directory
     distributed: Distributed | None = None
+    #: the limit the run is held to (`runner.device.memory_limit`); a killing one is guarded
+    limit: Limit | None = None
 
 
 def versions() -> dict[str, str]:
@@ -90,11 +94,27 @@ class _StopFlag:
         self.signal = signum
 
 
-def build_task(command: Command, resolved: Resolved, opts: RunOptions, emit: Callable[..., None]) -> Task:
+def build_task(command: Command, resolved: Resolved, opts: RunOptions, emit: Callable[..., None],
+               plan: dict[str, Any] | None = None) -> Task:
     torch.manual_seed(opts.seed)
+    guard = MemoryGuard.for_limit(opts.limit) if opts.limit is not None else None
+    if guard is not None and plan:
+        guard.follow_plan(plan["predicted_mb"], None if plan["fits"] else _planner(command, resolved, opts.device))
     ctx = RunContext(device=opts.device, seed=opts.seed, run_dir=None, data=opts.data, emit=emit,
-                     distributed=opts.distributed)
+                     distributed=opts.distributed, guard=guard)
     return command.task(resolved.config, ctx)
+
+
+def _planner(command: Command, resolved: Resolved, device: torch.device) -> Callable[[], dict[str, float]]:
+    """The plan of the run's configuration as it is now (after back-offs), for a guard of a run forced over its
+    limit; its tracing leaves the run's random state and autograd mode as they were."""
+    from fewshot_cli import plan  # the planner's tracing machinery: loaded only for a forced run
+
+    def predict() -> dict[str, float]:
+        with torch.random.fork_rng(), torch.inference_mode(False), torch.enable_grad():
+            return plan.record(plan.plan_run(command, resolved, device, None))["predicted_mb"]
+
+    return predict
 
 
 def prepare_run_dir(opts: RunOptions, command: Command) -> Path:
@@ -127,10 +147,10 @@ def run(command: Command, resolved: Resolved, opts: RunOptions, extra_config: di
             log.write(event, **fields)
 
     checkpoint_path = run_dir / "checkpoint.pt"
-    baseline_mb = plancheck.start(opts.device, opts.budget_bytes)  # the resident set before the model is built
+    baseline_mb = plancheck.start(opts.device)  # the resident set before the model is built
 
     def start() -> tuple[Task, int, float]:
-        task = build_task(command, resolved, opts, emit)
+        task = build_task(command, resolved, opts, emit, plancheck.recorded(run_dir, extra_config))
         start_step, elapsed_offset = 0, 0.0
         if opts.resume is not None:
             if (run_dir / "metrics.json").exists():
@@ -149,7 +169,9 @@ def run(command: Command, resolved: Resolved, opts: RunOptions, extra_config: di
         config = {"command": command.name, "preset": resolved.preset, "knobs": resolved.record(),
                   "seed": opts.seed, "device": str(opts.device), "data": str(opts.data) if opts.data else None,
                   "memory_budget_bytes": opts.budget_bytes, "versions": versions(),
-                  "machine_memory_bytes": psutil.virtual_memory().total, "weights": list(task.loaded_weights),
+                  "machine_memory_bytes": psutil.virtual_memory().total,
+                  "memory_limit": opts.limit.record() if opts.limit is not None else None,
+                  "weights": list(task.loaded_weights),
                   **(extra_config or {})}
         agreed(group, lambda: rundir.claim(run_dir, config) if main else None)
     if group is not None:
@@ -229,13 +251,19 @@ def _loop(task: Task, command: Command, log: RunLog | _NoLog, opts: RunOptions, 
     stop = _StopFlag()
     knobs_changed: dict[str, int] = {}
     waits = InputWait()
-    probe(device)  # resets the CUDA peak so the first step's peak is its own
+    guard = task.ctx.guard
+    rest_mb = probe(device)["rss_mb"]  # also resets the CUDA peak so the first step's peak is its own
     with stop.installed(), Progress(total, start_step, enabled=main and not opts.quiet, label=command.name) as bar:
         for step in range(start_step + 1, total + 1):
+            if guard is not None:
+                _stop_before_the_kill(guard, task, step, checkpoint_path, knobs_changed, log, group)
             torch.manual_seed(step_seed(opts.seed, step))
             started = time.perf_counter()
             figures = _step_with_backoff(task, step, log, knobs_changed)
             mem = probe(device)
+            if guard is not None:
+                guard.rose((mem.get("rss_peak_mb", mem["rss_mb"]) - rest_mb) * MiB)
+            rest_mb = mem["rss_mb"]
             ranks: dict[str, Any] = {}
             stopping = stop.signal is not None
             if group is not None:
@@ -253,7 +281,10 @@ def _loop(task: Task, command: Command, log: RunLog | _NoLog, opts: RunOptions, 
                           window_steps=verdict.window_steps, step=step)
             bar.update(step, figures.get("loss"), mem["rss_mb"], waits.share)
             if task.validate_now(step):
-                log.write("eval", phase="val", step=step, **_evaluate(task, "val", step), mem=probe(device))
+                metrics = _evaluate(task, "val", step)
+                mem = probe(device)
+                rest_mb = mem["rss_mb"]
+                log.write("eval", phase="val", step=step, **metrics, mem=mem)
             if (step % every == 0 or step == total or stopping) and main:
                 _checkpoint(task, step, checkpoint_path, knobs_changed, log)
             if stopping:
@@ -273,6 +304,22 @@ def _evaluate_once(task: EvaluationTask, log: RunLog, opts: RunOptions) -> dict[
     metrics = _evaluate(task, "test", 0)
     log.write("eval", phase="test", step=0, **metrics, mem=probe(opts.device))
     return task.finish(metrics)
+
+
+def _stop_before_the_kill(guard: MemoryGuard, task: Task, step: int, path: Path, knobs: dict[str, int],
+                          log: RunLog | _NoLog, group: Distributed | None) -> None:
+    """Between steps, where memory held would leave the next step no room under a killing limit: a checkpoint of
+    the steps done, then the run fails with one sentence instead of being killed."""
+    why = guard.stop()
+    if not (group.any(why is not None) if group is not None else why is not None):
+        return
+    why = why or "another rank's memory reached its limit"
+    done = step - 1
+    if done > 0 and (group is None or group.is_main):
+        _checkpoint(task, done, path, knobs, log)
+    kept = f"stopped with a checkpoint at step {done}" if done > 0 else "stopped before the first step"
+    raise RunFailed(f"{why}; {kept}: free memory or find what grows (fewshot memreport {path.parent}), then "
+                    f"continue with --resume {path.parent}")
 
 
 def _checkpoint(task: Task, step: int, path: Path, knobs: dict[str, int], log: RunLog | _NoLog) -> None:
@@ -315,6 +362,8 @@ def _back_off(task: Task, step: int, log: RunLog | _NoLog, knobs_changed: dict[s
             new = value // 2
             accumulation = task.accumulation * 2 if knob.accumulate else task.accumulation
             task.set_knob(knob.name, new, accumulation)
+            if task.ctx.guard is not None:
+                task.ctx.guard.backed_off()
             knobs_changed[knob.name] = new
             log.write("oom_backoff", phase="train", step=step, knob=knob.name, **{"from": value, "to": new},
                       grad_accumulation=accumulation, error=message)

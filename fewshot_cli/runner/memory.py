@@ -104,13 +104,17 @@ def rss_peak_bytes(reset: bool = False) -> int | None:
 def return_freed_memory(device: torch.device) -> None:
     """On the CPU under glibc, give every tensor of 128 KiB or more its own mapping, returned to the system when the
     tensor is freed. glibc's default raises that threshold (up to 32 MiB) whenever such a block is freed, after
-    which freed tensors stay in the heap: the process then holds 20-70% more than its live tensors, unplanned
-    (results/plan_accuracy.md); with the threshold fixed, the resident set follows the plan, at a cost in time
-    (freed pages are mapped and zeroed afresh), so the runner does this only under a memory budget."""
+    which freed tensors stay in the heap: the process then holds 18-43% more than its live tensors, unplanned
+    (results/plan_accuracy.md). Every CPU run does this, so that the run a user starts is the run the plan
+    describes. Under an address-space limit glibc's per-thread arenas (64 MiB of address space each) are capped at
+    two, as `memory.limits.ADDRESS_SPACE_RESERVE` was measured."""
     if device.type != "cpu" or not sys.platform.startswith("linux"):
         return
     try:
-        _RETURNED.append(bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 128 * 1024)))
+        libc = ctypes.CDLL("libc.so.6")
+        _RETURNED.append(bool(libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)))
+        if memory_headroom() != float("inf"):
+            libc.mallopt(_M_ARENA_MAX, 2)
     except (OSError, AttributeError):  # not glibc
         pass
 
@@ -121,7 +125,7 @@ def freed_memory_returned() -> bool:
     return any(_RETURNED)
 
 
-_M_MMAP_THRESHOLD = -3
+_M_MMAP_THRESHOLD, _M_ARENA_MAX = -3, -8
 _RETURNED: list[bool] = []  # mallopt's answers in this process (1: done)
 
 

@@ -114,26 +114,30 @@ def predicted_mb(report: dict[str, Any]) -> dict[str, float]:
             for phase, entry in report["phases"].items()}
 
 
-def for_run(command: Any, resolved: Any, device: torch.device, run_dir: Path, extra_config: dict[str, Any] | None,
-            baseline_mb: float) -> PlanCheck:
-    """The check of a run against the plan it was started with (config.json's on resume), or a plan made now."""
+def recorded(run_dir: Path, extra_config: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The plan a run was started with: the launcher's, or on resume config.json's."""
     record = (extra_config or {}).get("plan")
     config_path = run_dir / "config.json"
     if record is None and config_path.is_file():
         record = json.loads(config_path.read_text()).get("plan")
-    if not record or "predicted_mb" not in record:
+    return record if record and "predicted_mb" in record else None
+
+
+def for_run(command: Any, resolved: Any, device: torch.device, run_dir: Path, extra_config: dict[str, Any] | None,
+            baseline_mb: float) -> PlanCheck:
+    """The check of a run against the plan it was started with (config.json's on resume), or a plan made now."""
+    record = recorded(run_dir, extra_config)
+    if record is None:
         from fewshot_cli.plan import checked_record
 
-        record = checked_record(command, resolved, device, None) or {}
+        record = checked_record(command, resolved, device) or {}
     return PlanCheck(device, record.get("predicted_mb", {}), baseline_mb)
 
 
-def start(device: torch.device, budget_bytes: int | None) -> float:
-    """At a run's start, before its model is built: under a memory budget, make the CPU allocator behave as the
-    plan assumes (it costs time: freed pages are mapped afresh); return the resident set (MiB) the CPU measure
-    starts from."""
-    if budget_bytes is not None:
-        return_freed_memory(device)
+def start(device: torch.device) -> float:
+    """At a run's start, before its model is built: make the CPU allocator behave as the plan assumes; return the
+    resident set (MiB) the CPU measure starts from."""
+    return_freed_memory(device)
     return probe(device)["rss_mb"]
 
 

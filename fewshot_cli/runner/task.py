@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fewshot_cli.memory.guard import MemoryGuard
 from fewshot_cli.runner.command import Command as Command  # declared without torch; imported here as before
 from fewshot_cli.runner.micro import Accumulation
 
@@ -45,6 +46,8 @@ class RunContext:
     emit: Callable[..., None] = field(default=lambda event, **fields: None)
     #: a `runner.distributed.Distributed` under torchrun with several processes, else None
     distributed: Any = None
+    #: a `memory.guard.MemoryGuard` where the run is held to a limit the kernel enforces by killing, else None
+    guard: MemoryGuard | None = None
 
 
 class Task(ABC):
@@ -151,7 +154,7 @@ class Task(ABC):
         parts) as grads: for j in grads.parts(): for piece in grads.micro_steps(pieces): ... grads.backward(loss,
         **figures)`; `grads.sums` then holds the figures summed over the step (see `runner.micro.Accumulation`)."""
         return Accumulation(self.model, self.cfg, step, step_seed(self.ctx.seed, step), parts, self.ctx.distributed,
-                            self._ddp)
+                            self._ddp, self.ctx.guard)
 
     def my_share(self, items: list[Any]) -> list[Any]:
         """This rank's share of a list (items rank, rank + N, ...); the whole list in one process."""
