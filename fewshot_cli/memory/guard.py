@@ -12,6 +12,8 @@ MiB = 1024**2
 #: the room the guard keeps: the larger of these; a check sees the memory in use between two of its calls, not the
 #: peak inside a step's forward or backward, which the plan bounds
 MARGIN_SHARE, MARGIN_MIN = 0.05, 48 * MiB
+#: a phase's plan is held to the share of the limit a new run's plan must fit in (the planner keeps 10% free)
+PLANNED_SHARE = 0.9
 
 
 class GuardedOutOfMemory(MemoryError):
@@ -32,10 +34,11 @@ class MemoryGuard:
         #: costs (kernels loaded, the optimizer's state made)
         self.step_rise = self.held_growth = self._steps = 0
         self._held: int | None = None
-        #: per plan phase, the plan's peak above the memory in use when the run began (None: no plan)
-        self.planned: dict[str, float] | None = None
-        self.predict: Callable[[], dict[str, float]] | None = None
+        #: per plan phase, the plan's peak (MiB) above the memory in use when the run began; empty: no plan
+        self.planned: dict[str, float] = {}
+        self.predict: Callable[[str], float] | None = None
         self.start = 0
+        self._stale: set[str] = set()
 
     @classmethod
     def for_limit(cls, limit: Limit, group: Cgroup | None = None) -> MemoryGuard | None:
@@ -49,16 +52,19 @@ class MemoryGuard:
             return cls(_machine_used(limit.bytes), limit)
         return None
 
-    def follow_plan(self, planned_mb: dict[str, float], predict: Callable[[], dict[str, float]] | None) -> None:
-        """Hold each phase to its plan (MiB above the memory in use now, before the model is built), planned again
-        by `predict` after each back-off: a run forced over its limit then backs off before its first step is
-        killed, in training and in evaluation alike."""
+    def follow_plan(self, planned_mb: dict[str, float], predict: Callable[[str], float] | None) -> None:
+        """Hold each phase to its plan (MiB above the memory in use now, before the model is built), that phase
+        planned again by `predict` after each of its back-offs: a run forced over its limit then backs off before
+        its first step is killed, in training and in evaluation alike."""
         self.planned, self.predict, self.start = dict(planned_mb), predict, self.used()
 
-    def backed_off(self) -> None:
-        """A knob was halved: the plan of every phase is made again at the next check."""
+    def backed_off(self, phase: str) -> None:
+        """A knob of `phase` was halved: its plan is made again at its next check."""
         if self.predict is not None:
-            self.planned = None
+            self._stale.add(self._key(phase))
+
+    def _key(self, phase: str) -> str:
+        return "test" if phase == "val" and "val" not in self.planned else phase
 
     def check(self, phase: str, words: str | None = None) -> None:
         """Raise `GuardedOutOfMemory` where less than the margin is left before the limit, now or at the plan's peak
@@ -70,17 +76,17 @@ class MemoryGuard:
                 f"out of memory (guard): {size_text(used)} in use in the {where}, within {size_text(self.margin)} "
                 f"of {self.limit.text}, {size_text(self.limit.bytes)}")
         planned = self._planned_peak(phase)
-        if planned is not None and planned > line:
+        if planned is not None and planned > PLANNED_SHARE * self.limit.bytes:
             raise GuardedOutOfMemory(
                 f"out of memory (guard): the {where}'s plan needs {size_text(planned)}, over {self.limit.text}, "
-                f"{size_text(self.limit.bytes)}, less {size_text(self.margin)}")
+                f"{size_text(self.limit.bytes)}, less {1 - PLANNED_SHARE:.0%}")
 
     def _planned_peak(self, phase: str) -> float | None:
-        if self.planned is None and self.predict is not None:
-            self.planned = self.predict()
-        if not self.planned:
-            return None
-        mb = self.planned.get(phase, self.planned.get("test") if phase == "val" else None)
+        key = self._key(phase)
+        if key in self._stale and self.predict is not None:
+            self.planned[key] = self.predict(key)
+            self._stale.discard(key)
+        mb = self.planned.get(key)
         return None if mb is None else self.start + mb * MiB
 
     def rose(self, rise_bytes: float) -> None:

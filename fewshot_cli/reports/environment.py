@@ -7,6 +7,8 @@ from typing import Any
 import psutil
 import torch
 
+from fewshot_cli.memory.limits import size_text
+from fewshot_cli.runner.device import memory_limit, memory_limits
 from fewshot_cli.runner.loop import versions
 
 
@@ -18,6 +20,10 @@ def environment() -> dict[str, Any]:
                              "memory_bytes": torch.cuda.get_device_properties(i).total_memory}
                             for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
     info["mps_available"] = bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
+    devices = [torch.device("cpu"), *(torch.device("cuda", i) for i in range(len(info["cuda_devices"])))]
+    info["memory_limits"] = {str(device): [limit.record() for limit in memory_limits(device)] for device in devices}
+    limit, _ = memory_limit(torch.device("cpu"))
+    info["memory_limit_cpu"] = f"{size_text(limit.bytes)}: {limit.text}"
     return info
 
 

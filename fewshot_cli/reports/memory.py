@@ -89,6 +89,9 @@ def render_memreport(report: dict[str, Any]) -> str:
         k = report["killed"]
         lines.append(f"KILLED after step {k['last_step']} (no run_end; last event {k['last_event']}): "
                      f"likely cause: {k['likely_cause']}")
+        kills = "" if k.get("oom_kills") is None else f"; its OOM kills: {k['oom_kills']}"
+        lines.append(f"held to {k['limit']}, {k['limit_mb']:,.0f} MiB{kills}; last record {k['held_mb']:,.0f} MiB "
+                     f"({k['share']:.0%})")
     waited = report.get("input")
     if waited:
         lines.append(waited.get("advice") or f"input wait {waited['data_wait_share']:.0%} of step time")

@@ -47,6 +47,6 @@ def _halve(task: Any, phase: str, step: int, knob: str, floor: int, message: str
             f"(--{option_name(knob)} may be given again, smaller). Last error: {message}")
     setattr(task.cfg, knob, value // 2)  # later evaluations of the run start from the smaller value
     if task.ctx.guard is not None:
-        task.ctx.guard.backed_off()
+        task.ctx.guard.backed_off(phase)
     task.ctx.emit("oom_backoff", phase=phase, step=step, knob=knob, **{"from": value, "to": value // 2},
                   grad_accumulation=task.accumulation, error=message)

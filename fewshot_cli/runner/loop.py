@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import platform
 import signal
@@ -105,14 +106,22 @@ def build_task(command: Command, resolved: Resolved, opts: RunOptions, emit: Cal
     return command.task(resolved.config, ctx)
 
 
-def _planner(command: Command, resolved: Resolved, device: torch.device) -> Callable[[], dict[str, float]]:
-    """The plan of the run's configuration as it is now (after back-offs), for a guard of a run forced over its
-    limit; its tracing leaves the run's random state and autograd mode as they were."""
+def _planner(command: Command, resolved: Resolved, device: torch.device) -> Callable[[str], float]:
+    """A phase's plan (MiB) for the run's configuration as it is now, for the guard of a run forced over its limit.
+    Training's back-offs split an episode into micro-steps without changing it: an evaluation is planned with their
+    knobs as the run began. The tracing leaves the run's random state and autograd mode as they were."""
     from fewshot_cli import plan  # the planner's tracing machinery: loaded only for a forced run
 
-    def predict() -> dict[str, float]:
+    began = copy.deepcopy(resolved.config)
+
+    def predict(phase: str) -> float:
+        now = copy.copy(resolved)
+        now.config = copy.deepcopy(resolved.config)
+        if phase != "train":
+            for knob in command.task.backoff_knobs:
+                setattr(now.config, knob.name, getattr(began, knob.name))
         with torch.random.fork_rng(), torch.inference_mode(False), torch.enable_grad():
-            return plan.record(plan.plan_run(command, resolved, device, None))["predicted_mb"]
+            return plan.record(plan.plan_run(command, now, device, None))["predicted_mb"][phase]
 
     return predict
 
@@ -363,7 +372,7 @@ def _back_off(task: Task, step: int, log: RunLog | _NoLog, knobs_changed: dict[s
             accumulation = task.accumulation * 2 if knob.accumulate else task.accumulation
             task.set_knob(knob.name, new, accumulation)
             if task.ctx.guard is not None:
-                task.ctx.guard.backed_off()
+                task.ctx.guard.backed_off("train")
             knobs_changed[knob.name] = new
             log.write("oom_backoff", phase="train", step=step, knob=knob.name, **{"from": value, "to": new},
                       grad_accumulation=accumulation, error=message)
