@@ -22,7 +22,7 @@ class Food101Config(BaseConfig):
                            minimum=1)
     image_size: int = knob(224, "side of the square network input in pixels", minimum=16)
     model: str = knob("efficientnet_b0", "torchvision classification network", choices=MODELS)
-    weights: str | None = knob(None, WEIGHTS_HELP + "; its class layer is replaced")
+    weights: str | None = knob(None, WEIGHTS_HELP + "; its class layer is replaced", metavar="W")
     weights_strict: bool = knob(True, STRICT_HELP)
     freeze_backbone: bool = knob(False, "train only the classification head (needs --weights)")
     lr_backbone: float | None = knob(None, LR_BACKBONE_HELP, minimum=0.0)
@@ -72,4 +72,5 @@ COMMAND = Command(
     plan_knobs=("batch_size",),
     demo={"epochs": 8},
     prepare=apply_mps_env,
-)
+    example="fewshot classify-food101 --data ~/datasets --preset t4",
+    docs="docs/commands/classify-food101.md")
