@@ -14,7 +14,7 @@ from fewshot_cli.runner.config import EvaluationConfig, knob
 @dataclass
 class EmbedConfig(EvaluationConfig):
     backbone: str = knob("small", "frozen feature extractor (small: a built-in random net, for the built-in data)",
-                         choices=EMBEDDER_BACKBONES)
+                         choices=EMBEDDER_BACKBONES, built_in="small")
     weights: str | None = knob(None, "resnet50: " + WEIGHTS_HELP, metavar="W")
     weights_strict: bool = knob(True, STRICT_HELP)
     model: str | None = knob(None, "clip / dinov2 / hf: a Hugging Face model id (through the HF cache) or a local "
@@ -38,12 +38,15 @@ class EmbedConfig(EvaluationConfig):
     embedding_plot: str = knob("pca", "the 2-D projection of --plots", choices=EMBEDDING_PLOTS)
 
 
+#: data on disk on a GPU or Apple-silicon preset: ImageNet's ResNet-50, which needs no extra (CLIP needs [hf]);
+#: the built-in data keeps the small net (`built_in`), which no weights file serves
+_PRETRAINED = {"backbone": "resnet50", "weights": PRETRAINED, "model": PRETRAINED}
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {"batch_size": 32, "image_size": 32, "workers": 0},
-    "mps": {"batch_size": 64, "image_size": 64, "workers": 2, "weights": PRETRAINED, "model": PRETRAINED},
-    "t4": {"batch_size": 64, "image_size": 64, "workers": 4, "weights": PRETRAINED, "model": PRETRAINED},
-    "a100": {"batch_size": 128, "image_size": 64, "workers": 8, "weights": PRETRAINED, "model": PRETRAINED},
-    "h100": {"batch_size": 128, "image_size": 64, "workers": 8, "weights": PRETRAINED, "model": PRETRAINED},
+    "mps": {**_PRETRAINED, "batch_size": 64, "image_size": 64, "workers": 2},
+    "t4": {**_PRETRAINED, "batch_size": 64, "image_size": 64, "workers": 4},
+    "a100": {**_PRETRAINED, "batch_size": 128, "image_size": 64, "workers": 8},
+    "h100": {**_PRETRAINED, "batch_size": 128, "image_size": 64, "workers": 8},
 }
 
 
