@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import typer
@@ -13,6 +14,7 @@ from fewshot_cli.commands.mahalanobis_config import PRESETS
 from fewshot_cli.help import machine_preset
 from fewshot_cli.help_format import help_cell, option_cell
 
+ROOT = Path(__file__).resolve().parents[1]
 UTILITIES = ["env", "presets", "table", "memreport", "export", "demo"]
 EVERY = ([[name] for name in COMMANDS] + [["plan", name] for name in COMMANDS] + [[name] for name in UTILITIES]
          + [[], ["plan"]])
@@ -81,6 +83,14 @@ def test_help_shows_the_values_of_the_preset_given() -> None:
     assert "[t4 preset: resnet12]" in flat
     assert f"[{machine_preset()} preset: {PRESETS[machine_preset()]['image_size']}]" in _flat(
         _help("mahalanobis-train"))
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_each_command_ends_its_help_with_an_example_and_its_page(name: str) -> None:
+    flat = _flat(_help(name))
+    assert f"Example: fewshot {name} " in flat
+    page = re.search(r"Docs: (\S+)", flat).group(1)
+    assert page == f"docs/commands/{name}.md" and (ROOT / page).is_file()
 
 
 def test_plan_help_says_what_plan_prints_and_where_it_looks() -> None:
