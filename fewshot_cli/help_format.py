@@ -72,7 +72,7 @@ def help_cell(param: Any, command: Command | None, preset: str) -> str:
     text = (getattr(param, "help", None) or "").strip()
     choices = _choices(param)
     if choices and not all(c in text for c in choices):
-        text = f"{text}: {', '.join(choices)}" if text else ", ".join(choices)
+        text = f"{text} (one of {', '.join(choices)})" if text else ", ".join(choices)
     knobs = {f.name: f for f in config_fields(command.config)} if command is not None else {}
     if param.name in knobs:
         return f"{text} [{preset} preset: {_shown(knob_value(knobs[param.name], command, preset))}]"

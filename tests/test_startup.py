@@ -56,10 +56,22 @@ def test_a_commands_help_groups_options_into_panels_and_shows_the_machines_prese
     panels = [line.split("─ ")[1].split(" ─")[0] for line in text.splitlines() if line.startswith("╭─ ")]
     assert panels == ["Run", "Data and episodes", "Model", "Memory"]
     preset = machine_preset()
-    by_option = {_option(line): line for line in text.splitlines() if line.startswith("│ --")}
+    by_option = _rows(text)
     assert f"[{preset} preset: {PRESETS[preset]['image_size']}]" in by_option["--image-size"]
     assert f"[{preset} preset: {PRESETS[preset]['backbone']}]" in by_option["--backbone"]
     assert "[default: 0]" in by_option["--seed"]  # shared options keep their default
+
+
+def _rows(text: str) -> dict[str, str]:
+    """Each option's help row, its wrapped lines joined."""
+    rows: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.startswith("│ --"):
+            option = _option(line)
+            rows[option] = " ".join(line.strip("│ ").split())
+        elif line.startswith("│  ") and rows:
+            rows[option] += " " + " ".join(line.strip("│ ").split())
+    return rows
 
 
 def _option(line: str) -> str:

@@ -15,7 +15,8 @@ from fewshot_cli.runner.config import EpisodicConfig, knob
 @dataclass
 class DetectConfig(EpisodicConfig):
     image_size: int = knob(256, "input image side in pixels (images are resized to a square)", minimum=32)
-    backbone: str = knob("resnet50", "feature extractor", choices=DETECTION_BACKBONES)
+    backbone: str = knob("resnet50", "feature extractor; small is a built-in net with random weights",
+                         choices=DETECTION_BACKBONES)
     weights: str | None = knob(None, WEIGHTS_HELP, metavar="W")
     weights_strict: bool = knob(True, STRICT_HELP)
     freeze_backbone: bool = knob(False, FREEZE_HELP)
@@ -40,7 +41,7 @@ class DetectConfig(EpisodicConfig):
                                minimum=0, panel=MEMORY, result_neutral=True)
 
 
-# t4 is the seed's configuration after its OOM fix; a100/h100 its configuration before (fits 40+ GB)
+# t4 is the original study's configuration after its OOM fix; a100/h100 its configuration before (fits 40+ GB)
 _AFTER = {"image_size": 256, "embedding_dim": 256, "k_shot": 3, "n_query": 10, "proposal_step": 24,
           "head_hidden": 512, "objectness_hidden": 64}
 _BEFORE = {"image_size": 384, "embedding_dim": 512, "k_shot": 5, "n_query": 20, "proposal_step": 16,

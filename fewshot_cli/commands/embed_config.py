@@ -13,7 +13,7 @@ from fewshot_cli.runner.config import EvaluationConfig, knob
 
 @dataclass
 class EmbedConfig(EvaluationConfig):
-    backbone: str = knob("small", "frozen feature extractor (small: a built-in random net, for the built-in data)",
+    backbone: str = knob("small", "frozen feature extractor; small is a built-in net with random weights",
                          choices=EMBEDDER_BACKBONES, built_in="small")
     weights: str | None = knob(None, "resnet50: " + WEIGHTS_HELP, metavar="W")
     weights_strict: bool = knob(True, STRICT_HELP)

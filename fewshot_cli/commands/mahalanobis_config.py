@@ -17,7 +17,8 @@ from fewshot_cli.runner.config import EpisodicConfig, knob
 @dataclass
 class MahalanobisConfig(EpisodicConfig):
     image_size: int = knob(32, "input image side in pixels", minimum=8)
-    backbone: str = knob("conv4", "feature extractor", choices=BACKBONES)
+    backbone: str = knob("conv4", "feature extractor (conv4, conv6, resnet12: random weights; resnet18/34/50: "
+                         "--weights)", choices=BACKBONES)
     flatten: bool = knob(False, "torchvision ResNets: keep the last feature map unpooled (512x7x7 at 224 px)")
     weights: str | None = knob(None, WEIGHTS_HELP, metavar="W")
     weights_strict: bool = knob(True, STRICT_HELP)

@@ -18,7 +18,8 @@ class TripletConfig(EpisodicConfig):
     n_query: int = knob(8, "query clips per class", minimum=1)
     image_size: int = knob(128, "frame and support image side in pixels", minimum=16)
     clip_frames: int = knob(8, "frames per built-in synthetic clip", minimum=1)
-    backbone: str = knob("small", "feature extractor", choices=DETECTION_BACKBONES)
+    backbone: str = knob("small", "feature extractor; small is a built-in net with random weights",
+                         choices=DETECTION_BACKBONES)
     embedding_dim: int = knob(64, "backbone width and embedding size (match a --init checkpoint's)", minimum=8)
     weights: str | None = knob(None, WEIGHTS_HELP, metavar="W")
     weights_strict: bool = knob(True, STRICT_HELP)
