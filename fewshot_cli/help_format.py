@@ -121,9 +121,9 @@ def render(obj: Any, ctx: Any, command: Command | None, epilog: str) -> None:
         console.print(Padding(Text(obj.help.split("\n\n")[0].replace("\n", " ").strip()), (1, 1, 0, 1)))
     preset = _help_preset(ctx, command)
     if command is not None:
-        whose = "this machine's" if preset == machine_preset() else "given with --preset"
-        console.print(Padding(Text(f"[{preset} preset: ...] is the value a run at the {preset} preset ({whose}) "
-                                   f"gives a knob; --preset NAME --help shows another preset's."), (1, 1, 0, 1)))
+        whose = "this machine's" if preset == machine_preset() else "the one given"
+        console.print(Padding(Text(f"[{preset} preset: ...] is what a run at the {preset} preset ({whose}) gives "
+                                   f"each knob; add --preset NAME to see another preset's."), (1, 1, 0, 1)))
     console.print()
     panels: dict[str, list[tuple[str, str]]] = {}
     for param in obj.get_params(ctx):
