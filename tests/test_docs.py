@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shlex
 import tomllib
@@ -161,3 +162,26 @@ def test_every_command_has_its_page() -> None:
     for name in COMMANDS:
         assert (ROOT / "docs/commands" / f"{name}.md").is_file(), name
         assert COMMANDS[name].docs == f"docs/commands/{name}.md"
+
+
+def _shown(value) -> str:
+    return "none" if value is None else "on" if value is True else "off" if value is False else str(value)
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_a_command_pages_preset_table_gives_the_presets_values(name: str) -> None:
+    """Rows of a `| knob | cpu | t4 | ...` table on a command's page say what `fewshot presets` would."""
+    command = COMMANDS[name]
+    defaults = {f.name: f.default for f in dataclasses.fields(command.config)}
+    lines = (ROOT / "docs/commands" / f"{name}.md").read_text().splitlines()
+    header = next((i for i, line in enumerate(lines) if line.startswith("| knob | cpu |")), None)
+    if header is None:
+        return
+    presets = [c.strip() for c in lines[header].strip("|").split("|")][1:]
+    for line in lines[header + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        knob = cells[0].strip("`").removeprefix("--").replace("-", "_")
+        expected = [_shown(command.presets.get(p, {}).get(knob, defaults[knob])) for p in presets]
+        assert cells[1:] == expected, f"docs/commands/{name}.md: {cells[0]} is {expected} at {presets}"
