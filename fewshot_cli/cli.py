@@ -72,6 +72,7 @@ SHARED = [
 PLAN_SHARED = {"preset", "device", "data", "seed", "memory_budget", "json_out", "debug", "out"}
 #: what a shared option means under `fewshot plan`, where it differs
 PLAN_HELP = {
+    "preset": "one of {choices} (default: auto, the largest configuration that fits this device)",
     "json_out": "print the plan as one JSON object on stdout",
     "out": "where earlier runs are looked for: their plan checks of the same configuration are listed",
     "memory_budget": "e.g. 15GiB; the budget the plan is judged against (default: the device's memory)",
