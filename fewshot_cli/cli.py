@@ -17,14 +17,18 @@ import typer
 import fewshot_cli
 from fewshot_cli.commands import CommandNotLoaded, load_commands
 from fewshot_cli.errors import BadInput, Interrupted
-from fewshot_cli.help import knob_help, knob_panel, machine_preset, option_panel, panel_rank
+from fewshot_cli.help import knob_panel, option_panel, panel_rank
+from fewshot_cli.help_format import readable, readable_group
 from fewshot_cli.runner.command import Command
 from fewshot_cli.runner.config import config_fields, option_name, preset_choices
 from fewshot_cli.runner.launch import LaunchOptions, launch, plan_report, plan_text
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  cls=readable_group("fewshot mahalanobis-train --data ~/data/miniImageNet", "README.md"),
                   help="Few-shot learning experiments that do not run out of memory.")
-plan_app = typer.Typer(no_args_is_help=True, help="Predict each phase's peak memory of a run, without running it.")
+plan_app = typer.Typer(no_args_is_help=True,
+                       cls=readable_group("fewshot plan detect-train --preset t4", "docs/memory.md"),
+                       help="Predict each phase's peak memory of a run, without running it.")
 app.add_typer(plan_app, name="plan")
 
 try:  # a command that fails to load stops every use of `fewshot` (main() says which): never a silent skip
@@ -45,26 +49,34 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     """Few-shot learning experiments that do not run out of memory."""
 
 
-# Options every experiment command shares: (name, annotation, default, flags, help); all but --json and --debug are
-# fields of `LaunchOptions`
+# Options every experiment command shares: (name, annotation, default, flags, placeholder, help); all but --json
+# and --debug are fields of `LaunchOptions`. Help is plain text: `--help` never reads it as markup.
 SHARED = [
-    ("preset", str | None, None, ("--preset",), "one of {choices} (default: the device's own)"),
-    ("device", str, "auto", ("--device",), "auto, cpu, cuda, cuda:N or mps"),
-    ("data", Path | None, None, ("--data",), "a dataset on disk (default: built-in synthetic data)"),
-    ("seed", int, 0, ("--seed",), "every random choice derives from it"),
-    ("out", Path, Path("runs"), ("--out",), "where run directories go"),
-    ("name", str | None, None, ("--name",), "the run directory's name (default: COMMAND-UTCSTAMP)"),
-    ("resume", Path | None, None, ("--resume",), "continue the run in RUN_DIR from its checkpoint"),
-    ("config", Path | None, None, ("--config",), "start a new run with the knobs of RUN_DIR (or its config.json)"),
-    ("memory_budget", str | None, None, ("--memory-budget",), "e.g. 15GiB; refuse a plan over it, cap CUDA"),
-    ("force", bool, False, ("--force",), "run even when the plan exceeds the budget"),
-    ("quiet", bool, False, ("--quiet",), "no progress bar"),
-    ("json_out", bool, False, ("--json",), "print the final metrics as one JSON object on stdout"),
-    ("debug", bool, False, ("--debug",), "show tracebacks"),
-    ("tensorboard", Path | None, None, ("--tensorboard",),
+    ("preset", str | None, None, ("--preset",), "NAME", "one of {choices} (default: the device's own)"),
+    ("device", str, "auto", ("--device",), "DEV", "auto, cpu, cuda, cuda:N or mps"),
+    ("data", Path | None, None, ("--data",), "PATH", "a dataset on disk (default: built-in synthetic data)"),
+    ("seed", int, 0, ("--seed",), "N", "every random choice derives from it"),
+    ("out", Path, Path("runs"), ("--out",), "DIR", "where run directories go"),
+    ("name", str | None, None, ("--name",), "NAME", "the run directory's name (default: COMMAND-UTCSTAMP)"),
+    ("resume", Path | None, None, ("--resume",), "RUN_DIR", "continue the run in RUN_DIR from its checkpoint"),
+    ("config", Path | None, None, ("--config",), "RUN_DIR",
+     "start a new run with the knobs of RUN_DIR (or its config.json)"),
+    ("memory_budget", str | None, None, ("--memory-budget",), "SIZE", "e.g. 15GiB; refuse a plan over it, cap CUDA"),
+    ("force", bool, False, ("--force",), "", "run even when the plan exceeds the budget"),
+    ("quiet", bool, False, ("--quiet",), "", "no progress bar"),
+    ("json_out", bool, False, ("--json",), "", "print the final metrics as one JSON object on stdout"),
+    ("debug", bool, False, ("--debug",), "", "show tracebacks"),
+    ("tensorboard", Path | None, None, ("--tensorboard",), "DIR",
      "write live TensorBoard curves to DIR/RUN_NAME (needs fewshot[tensorboard])"),
 ]
 PLAN_SHARED = {"preset", "device", "data", "seed", "memory_budget", "json_out", "debug", "out"}
+#: what a shared option means under `fewshot plan`, where it differs
+PLAN_HELP = {
+    "preset": "one of {choices} (default: auto, the largest configuration that fits this device)",
+    "json_out": "print the plan as one JSON object on stdout",
+    "out": "where earlier runs are looked for: their plan checks of the same configuration are listed",
+    "memory_budget": "e.g. 15GiB; the budget the plan is judged against (default: the device's memory)",
+}
 
 
 def _knob_parameters(command: Command) -> list[inspect.Parameter]:
@@ -80,8 +92,8 @@ def _knob_parameters(command: Command) -> list[inspect.Parameter]:
             flags = (flag,)
             if f.metadata.get("choices"):
                 base = _choices(f.name, f.metadata["choices"])
-        option = typer.Option(None, *flags, help=knob_help(f, command, machine_preset()), show_default=False,
-                              rich_help_panel=knob_panel(f))
+        option = typer.Option(None, *flags, help=f.metadata.get("help", ""), show_default=False,
+                              metavar=f.metadata.get("metavar"), rich_help_panel=knob_panel(f))
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option,
                                         annotation=base | None))
     return params
@@ -92,18 +104,20 @@ def _choices(name: str, values: tuple[str, ...]) -> type[enum.Enum]:
     return enum.Enum(name, {v: v for v in values}, type=str)
 
 
-def _shared_parameters(command: Command, names: set[str] | None = None) -> list[inspect.Parameter]:
+def _shared_parameters(command: Command, names: set[str] | None = None,
+                       helps: dict[str, str] | None = None) -> list[inspect.Parameter]:
     params = []
     choices = ", ".join(preset_choices(command.presets))
-    for name, kind, default, flags, help_text in SHARED:
+    for name, kind, default, flags, placeholder, help_text in SHARED:
         if names is None or name in names:
+            help_text = (helps or {}).get(name, help_text)
             option = typer.Option(default, *flags, help=help_text.format(choices=choices),
-                                  rich_help_panel=option_panel(name))
+                                  metavar=placeholder or None, rich_help_panel=option_panel(name))
             params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind))
     return params
 
 
-def _make(command: Command, handler, shared: set[str] | None = None):
+def _make(command: Command, handler, shared: set[str] | None = None, helps: dict[str, str] | None = None):
     knob_names = [f.name for f in config_fields(command.config)]
 
     def entry(ctx: typer.Context, **kwargs: Any) -> None:
@@ -114,7 +128,7 @@ def _make(command: Command, handler, shared: set[str] | None = None):
         options = LaunchOptions(**kwargs, given=frozenset(given))
         _guarded(debug, lambda: handler(command, knobs, options, json_out))
 
-    params = _shared_parameters(command, shared) + _knob_parameters(command)
+    params = _shared_parameters(command, shared, helps) + _knob_parameters(command)
     params.sort(key=lambda p: panel_rank(p.default.rich_help_panel))  # stable: each panel keeps its order
     context = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
     entry.__signature__ = inspect.Signature([context] + params)
@@ -163,11 +177,15 @@ def _plan_command(command: Command, knobs: dict[str, Any], options: LaunchOption
 
 
 for _command in COMMANDS.values():
-    app.command(_command.name, help=_command.help)(_make(_command, _run_command))
-    plan_app.command(_command.name, help=f"Plan `{_command.name}`.")(_make(_command, _plan_command, PLAN_SHARED))
+    app.command(_command.name, help=_command.help, cls=readable(_command, _command.example, _command.docs))(
+        _make(_command, _run_command))
+    plan_app.command(_command.name,
+                     cls=readable(_command, f"fewshot plan {_command.name} --preset t4", "docs/memory.md"),
+                     help=f"Predict the peak memory of each phase of this {_command.name} run, without running "
+                          f"it.")(_make(_command, _plan_command, PLAN_SHARED, PLAN_HELP))
 
 
-@app.command("env")
+@app.command("env", cls=readable(example="fewshot env --json", docs="docs/runs.md"))
 def env_command(json_out: bool = typer.Option(False, "--json", help="print as JSON")) -> None:
     """Devices seen, their memory, library versions."""
     from fewshot_cli.reports.environment import environment
@@ -180,7 +198,7 @@ def env_command(json_out: bool = typer.Option(False, "--json", help="print as JS
         typer.echo(f"{key}: {value}")
 
 
-@app.command("presets")
+@app.command("presets", cls=readable(example="fewshot presets", docs="docs/memory.md"))
 def presets_command(json_out: bool = typer.Option(False, "--json", help="print as JSON")) -> None:
     """Every preset and the value of each knob it sets, per command."""
     from fewshot_cli.reports.environment import render_presets
@@ -200,14 +218,16 @@ class TableFormat(enum.StrEnum):
     latex = "latex"
 
 
-@app.command("table")
+@app.command("table", cls=readable(example="fewshot table runs/* --metric accuracy --group-by head,k_shot",
+                                   docs="docs/runs.md"))
 def table_command(
-    run_dirs: list[Path] = typer.Argument(..., help="finished run directories"),
-    metric: list[str] | None = typer.Option(None, "--metric", help="metric column (repeatable)"),
-    group_by: str | None = typer.Option(None, "--group-by", help="config keys, comma-separated"),
-    fmt: TableFormat = typer.Option(TableFormat.md, "--format", help="md, csv or latex"),
-    out: Path | None = typer.Option(None, "--out", help="write the table here instead of stdout"),
-    plot: Path | None = typer.Option(None, "--plot", help="plot the first metric by the group key to a PNG"),
+    run_dirs: list[Path] = typer.Argument(..., metavar="RUN_DIR", help="finished run directories"),
+    metric: list[str] | None = typer.Option(None, "--metric", metavar="M", help="metric column (repeatable)"),
+    group_by: str | None = typer.Option(None, "--group-by", metavar="KEYS", help="config keys, comma-separated"),
+    fmt: TableFormat = typer.Option(TableFormat.md, "--format", metavar="FORMAT", help="md, csv or latex"),
+    out: Path | None = typer.Option(None, "--out", metavar="FILE", help="write the table here instead of stdout"),
+    plot: Path | None = typer.Option(None, "--plot", metavar="FILE.png",
+                                     help="plot the first metric by the group key to a PNG"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
     """A results table from finished runs."""
@@ -229,10 +249,12 @@ def table_command(
     _guarded(debug, act)
 
 
-@app.command("memreport")
+@app.command("memreport", cls=readable(example="fewshot memreport runs/NAME --plot mem.png",
+                                       docs="docs/memory.md"))
 def memreport_command(
-    run_dir: Path = typer.Argument(..., help="a run directory"),
-    plot: Path | None = typer.Option(None, "--plot", help="write the memory series over steps to a PNG"),
+    run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="a run directory"),
+    plot: Path | None = typer.Option(None, "--plot", metavar="FILE.png",
+                                     help="write the memory series over steps to a PNG"),
     json_out: bool = typer.Option(False, "--json", help="print as JSON"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
@@ -249,10 +271,11 @@ def memreport_command(
     _guarded(debug, act)
 
 
-@app.command("export")
+@app.command("export", cls=readable(example="fewshot export runs/* --tensorboard tb", docs="docs/runs.md"))
 def export_command(
-    run_dirs: list[Path] = typer.Argument(..., help="run directories (finished or stopped)"),
-    tensorboard: Path = typer.Option(..., "--tensorboard", help="write TensorBoard curves to DIR/RUN_NAME"),
+    run_dirs: list[Path] = typer.Argument(..., metavar="RUN_DIR", help="run directories (finished or stopped)"),
+    tensorboard: Path = typer.Option(..., "--tensorboard", metavar="DIR",
+                                     help="write TensorBoard curves to DIR/RUN_NAME"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
     """TensorBoard curves of finished runs, from their log.jsonl."""
@@ -265,13 +288,13 @@ def export_command(
     _guarded(debug, act)
 
 
-@app.command("demo")
+@app.command("demo", cls=readable(example="fewshot demo --out runs/demo", docs="README.md"))
 def demo_command(
-    out: Path | None = typer.Option(None, "--out",
+    out: Path | None = typer.Option(None, "--out", metavar="DIR",
                                     help="where the demo's run directories go (default: runs/demo-UTCSTAMP)"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
-    """Every experiment command, briefly, on the built-in data at the `cpu` preset, then the combined table."""
+    """Every experiment command, briefly, on the built-in data at the cpu preset, then the combined table."""
     from fewshot_cli.reports.tables import demo_table
 
     def act() -> None:

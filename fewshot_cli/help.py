@@ -1,4 +1,4 @@
-"""What `--help` shows of an option: its panel, and a knob's value at this machine's own preset, without torch."""
+"""What `--help` shows of an option: its panel, and a knob's value at a preset, without torch."""
 
 from __future__ import annotations
 
@@ -46,11 +46,9 @@ def knob_panel(field: dataclasses.Field) -> str:
     return field.metadata.get("panel") or PANELS.get(field.name, MODEL)
 
 
-def knob_help(field: dataclasses.Field, command: Command, preset: str) -> str:
-    """The knob's help text and the value a run at `preset` gives it (escaped: rich reads brackets as markup)."""
-    value = command.presets.get(preset, {}).get(field.name, field.default)
-    shown = "none" if value is None else ("on" if value else "off") if isinstance(value, bool) else value
-    return f"{field.metadata.get('help', '')} \\[{preset} preset: {shown}]"
+def knob_value(field: dataclasses.Field, command: Command, preset: str) -> object:
+    """The value a run at `preset` gives the knob: the preset's, else the field's default."""
+    return command.presets.get(preset, {}).get(field.name, field.default)
 
 
 @functools.cache

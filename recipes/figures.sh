@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's pictures of what a run writes besides its metrics: embed-classify's threshold sweep, confusion matrix
+# docs/runs.md's pictures of what a run writes besides its metrics: embed-classify's threshold sweep, confusion matrix
 # and embedding picture (PCA), mahalanobis-train's embedding picture (t-SNE), a TensorBoard export; and
 # embed-classify's three heads side by side. Writes docs/img/*.png and results/embed_heads.{md,csv}.
 set -euo pipefail

@@ -135,6 +135,11 @@ def test_threshold_below_every_cosine_makes_nothing_unknown(tmp_path):
     assert all(row["predicted"] != UNKNOWN for row in read_csv(tmp_path / "run/predictions.csv"))
 
 
+def test_threshold_none_gives_every_query_a_class_for_a_closed_set_accuracy(tmp_path):
+    _, metrics = _run(_builtin(tmp_path), tmp_path / "run", threshold="none")
+    assert metrics["unknown_rate"] == 0.0
+
+
 def test_auto_threshold_falls_between_own_class_and_other_class_cosines():
     rng = np.random.default_rng(0)
     centres = np.eye(3, 8)

@@ -52,7 +52,7 @@ def test_an_evaluation_only_run_evaluates_once_and_resume_finishes_it(runs: Path
 def test_launch_options_are_the_clis_shared_options() -> None:
     from fewshot_cli.cli import SHARED
 
-    shared = {name: default for name, _, default, _, _ in SHARED if name not in ("json_out", "debug")}
+    shared = {name: default for name, _, default, *_ in SHARED if name not in ("json_out", "debug")}
     fields = {f.name: f.default for f in dataclasses.fields(LaunchOptions) if f.name != "given"}
     assert shared == fields
 

@@ -23,7 +23,7 @@ from fewshot_cli.runner.command import Command
 from fewshot_cli.runner.config import BaseConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLE = ROOT / "docs" / "example-command"  # the worked example of docs/writing-a-command.md
+EXAMPLE = ROOT / "docs" / "example-command"  # the worked example of docs/internals/writing-a-command.md
 
 
 def _env(site: Path) -> dict[str, str]:

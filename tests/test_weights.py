@@ -279,7 +279,11 @@ def test_gpu_presets_load_pretrained_weights_only_with_real_data(tmp_path) -> No
     assert settled(MAHALANOBIS, "a100", tmp_path).weights is None  # resnet12: no torchvision weights
     assert settled(MAHALANOBIS, "a100", tmp_path, backbone="resnet34").weights == "DEFAULT"
     assert settled(EMBED, "h100", tmp_path, backbone="clip").model == "DEFAULT"
-    assert settled(EMBED, "h100", tmp_path).model is None  # the small backbone takes no model
+    assert settled(EMBED, "h100", tmp_path).model is None  # resnet50 takes no model
+    assert (settled(EMBED, "t4", tmp_path).backbone, settled(EMBED, "t4", tmp_path).weights) == ("resnet50", "DEFAULT")
+    assert (settled(EMBED, "t4", None).backbone, settled(EMBED, "t4", None).weights) == ("small", None)
+    assert settled(EMBED, "t4", None, backbone="resnet50").backbone == "resnet50"  # asked for: kept
+    assert settled(EMBED, "cpu", tmp_path).backbone == "small"
     with pytest.raises(BadInput, match="--freeze-backbone needs --weights"):
         settled(DETECT, "cpu", tmp_path, freeze_backbone=True)
 

@@ -15,8 +15,9 @@ from fewshot_cli.runner.config import EpisodicConfig, knob
 @dataclass
 class DetectConfig(EpisodicConfig):
     image_size: int = knob(256, "input image side in pixels (images are resized to a square)", minimum=32)
-    backbone: str = knob("resnet50", "feature extractor", choices=DETECTION_BACKBONES)
-    weights: str | None = knob(None, WEIGHTS_HELP)
+    backbone: str = knob("resnet50", "feature extractor; small is a built-in net with random weights",
+                         choices=DETECTION_BACKBONES)
+    weights: str | None = knob(None, WEIGHTS_HELP, metavar="W")
     weights_strict: bool = knob(True, STRICT_HELP)
     freeze_backbone: bool = knob(False, FREEZE_HELP)
     lr_backbone: float | None = knob(None, LR_BACKBONE_HELP, minimum=0.0)
@@ -24,11 +25,13 @@ class DetectConfig(EpisodicConfig):
     head_hidden: int = knob(512, "hidden width of the detection head Linear(C*7*7, H) -> Linear(H, C)", minimum=8)
     objectness_hidden: int = knob(64, "hidden width of the objectness net Linear(C, H) -> Linear(H, 1)", minimum=1)
     proposal_step: int = knob(24, "pixels between dense proposal centres", minimum=1)
-    proposal_scales: str = knob("0.15,0.21,0.3", "proposal box sides as fractions of the image side, comma-separated")
+    proposal_scales: str = knob("0.15,0.21,0.3", "proposal box sides as fractions of the image side, comma-separated",
+                                metavar="LIST")
     proposals_top_k: int = knob(64, "proposals kept per image, the most prototype-like", minimum=1)
     negative_ratio: float = knob(3.0, "hard negatives per positive", minimum=0.0)
     lr: float = knob(1e-4, "AdamW learning rate", minimum=0.0)
-    novel_classes: str | None = knob(None, "COCO data: category names or ids held out for the test, comma-separated")
+    novel_classes: str | None = knob(None, "COCO data: category names or ids held out for the test, comma-separated",
+                                     metavar="NAMES")
     score_threshold: float = knob(0.05, "lowest detection score kept", minimum=0.0)
     nms_iou: float = knob(0.5, "IoU above which class-aware NMS suppresses a box", minimum=0.0)
     max_detections: int = knob(100, "detections kept per image after NMS", minimum=1)
@@ -38,7 +41,7 @@ class DetectConfig(EpisodicConfig):
                                minimum=0, panel=MEMORY, result_neutral=True)
 
 
-# t4 is the seed's configuration after its OOM fix; a100/h100 its configuration before (fits 40+ GB)
+# t4 is the original study's configuration after its OOM fix; a100/h100 its configuration before (fits 40+ GB)
 _AFTER = {"image_size": 256, "embedding_dim": 256, "k_shot": 3, "n_query": 10, "proposal_step": 24,
           "head_hidden": 512, "objectness_hidden": 64}
 _BEFORE = {"image_size": 384, "embedding_dim": 512, "k_shot": 5, "n_query": 20, "proposal_step": 16,
@@ -62,4 +65,6 @@ COMMAND = Command(name="detect-train", help="Episodic few-shot object detection:
                   config=DetectConfig, presets=PRESETS, primary_metric="map50",
                   secondary_metric="map", task_path="fewshot_cli.commands.detect:DetectTask",
                   plan_knobs=("n_query", "image_size", "proposals_top_k"),
-                  demo={"test_episodes": 20})
+                  demo={"test_episodes": 20},
+                  example="fewshot detect-train --data ~/data/coco-fewshot --novel-classes cat,dog --preset t4",
+                  docs="docs/commands/detect-train.md")

@@ -37,13 +37,16 @@ QUERY_CHUNK = 1024  # queries scored at once: bounds memory whatever the number 
 
 
 def parse_threshold(text: str) -> float | None:
-    """None for auto, else the cosine threshold."""
-    if str(text).strip().lower() == "auto":
+    """None for auto, else the cosine threshold; `none` is -2, below every cosine (no query is Unknown)."""
+    word = str(text).strip().lower()
+    if word == "auto":
         return None
+    if word == "none":
+        return -2.0
     try:
         return float(text)
     except ValueError:
-        raise BadInput(f"--threshold must be a number or auto, not {text!r}.") from None
+        raise BadInput(f"--threshold must be a number, auto or none, not {text!r}.") from None
 
 
 def leave_one_out_threshold(support_by_class: list[np.ndarray]) -> float:

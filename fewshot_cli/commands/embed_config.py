@@ -13,15 +13,19 @@ from fewshot_cli.runner.config import EvaluationConfig, knob
 
 @dataclass
 class EmbedConfig(EvaluationConfig):
-    backbone: str = knob("small", "frozen feature extractor (small: built-in, no weights)", choices=EMBEDDER_BACKBONES)
-    weights: str | None = knob(None, "resnet50: " + WEIGHTS_HELP)
+    backbone: str = knob("small", "frozen feature extractor; small is a built-in net with random weights",
+                         choices=EMBEDDER_BACKBONES, built_in="small")
+    weights: str | None = knob(None, "resnet50: " + WEIGHTS_HELP, metavar="W")
     weights_strict: bool = knob(True, STRICT_HELP)
     model: str | None = knob(None, "clip / dinov2 / hf: a Hugging Face model id (through the HF cache) or a local "
-                             "directory; DEFAULT: openai/clip-vit-base-patch32, facebook/dinov2-base")
+                             "directory; DEFAULT: openai/clip-vit-base-patch32, facebook/dinov2-base",
+                             metavar="ID_OR_DIR")
     image_size: int = knob(32, "small backbone's input side; side of the built-in images", minimum=8)
     batch_size: int = knob(32, "images per extraction batch (halved on OOM)", minimum=1, result_neutral=True)
-    threshold: str = knob("auto", "cosine below which a query is Unknown, or auto (leave-one-out on the support)")
-    cache_dir: str | None = knob(None, "embedding store to share across runs (default: RUN_DIR/embeddings)")
+    threshold: str = knob("auto", "cosine below which a query is Unknown; auto: leave-one-out on the support; none: "
+                          "no Unknown, every query gets a class (closed-set accuracy)", metavar="X|auto|none")
+    cache_dir: str | None = knob(None, "embedding store to share across runs (default: RUN_DIR/embeddings)",
+                                 metavar="DIR")
     categories: int = knob(4, "built-in data: categories", minimum=1)
     n_way: int = knob(3, "built-in data: classes per class-folder category", minimum=1)
     k_shot: int = knob(5, "built-in data: support images per class", minimum=1)
@@ -34,12 +38,15 @@ class EmbedConfig(EvaluationConfig):
     embedding_plot: str = knob("pca", "the 2-D projection of --plots", choices=EMBEDDING_PLOTS)
 
 
+#: data on disk on a GPU or Apple-silicon preset: ImageNet's ResNet-50, which needs no extra (CLIP needs [hf]);
+#: the built-in data keeps the small net (`built_in`), which no weights file serves
+_PRETRAINED = {"backbone": "resnet50", "weights": PRETRAINED, "model": PRETRAINED}
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {"batch_size": 32, "image_size": 32, "workers": 0},
-    "mps": {"batch_size": 64, "image_size": 64, "workers": 2, "weights": PRETRAINED, "model": PRETRAINED},
-    "t4": {"batch_size": 64, "image_size": 64, "workers": 4, "weights": PRETRAINED, "model": PRETRAINED},
-    "a100": {"batch_size": 128, "image_size": 64, "workers": 8, "weights": PRETRAINED, "model": PRETRAINED},
-    "h100": {"batch_size": 128, "image_size": 64, "workers": 8, "weights": PRETRAINED, "model": PRETRAINED},
+    "mps": {**_PRETRAINED, "batch_size": 64, "image_size": 64, "workers": 2},
+    "t4": {**_PRETRAINED, "batch_size": 64, "image_size": 64, "workers": 4},
+    "a100": {**_PRETRAINED, "batch_size": 128, "image_size": 64, "workers": 8},
+    "h100": {**_PRETRAINED, "batch_size": 128, "image_size": 64, "workers": 8},
 }
 
 
@@ -48,4 +55,6 @@ COMMAND = Command(
     help="Training-free few-shot classification from frozen embeddings (cosine to prototypes, Unknown threshold).",
     config=EmbedConfig, presets=PRESETS, primary_metric="accuracy",
     secondary_metric="unknown_rate", task_path="fewshot_cli.commands.embed:EmbedTask",
-    plan_knobs=("batch_size",), data_parallel=False, evaluation_only=True)
+    plan_knobs=("batch_size",), data_parallel=False, evaluation_only=True,
+    example="fewshot embed-classify --data ~/photos --backbone clip --model DEFAULT",
+    docs="docs/commands/embed-classify.md")

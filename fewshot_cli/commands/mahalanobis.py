@@ -48,7 +48,7 @@ STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
 
 class FewShotTransformer(nn.Module):
-    """Backbone, the seed's learnable projection (only above `reduced_dim`), set-to-set adaptation, and a head."""
+    """Backbone, the original study's projection (only above `reduced_dim`), set-to-set adaptation, and a head."""
 
     def __init__(self, cfg: MahalanobisConfig, on_fallback) -> None:
         super().__init__()

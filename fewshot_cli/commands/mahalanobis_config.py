@@ -17,20 +17,23 @@ from fewshot_cli.runner.config import EpisodicConfig, knob
 @dataclass
 class MahalanobisConfig(EpisodicConfig):
     image_size: int = knob(32, "input image side in pixels", minimum=8)
-    backbone: str = knob("conv4", "feature extractor", choices=BACKBONES)
+    backbone: str = knob("conv4", "feature extractor (conv4, conv6, resnet12: random weights; resnet18/34/50: "
+                         "--weights)", choices=BACKBONES)
     flatten: bool = knob(False, "torchvision ResNets: keep the last feature map unpooled (512x7x7 at 224 px)")
-    weights: str | None = knob(None, WEIGHTS_HELP)
+    weights: str | None = knob(None, WEIGHTS_HELP, metavar="W")
     weights_strict: bool = knob(True, STRICT_HELP)
     freeze_backbone: bool = knob(False, FREEZE_HELP)
     lr_backbone: float | None = knob(None, LR_BACKBONE_HELP, minimum=0.0)
     head: str = knob("mahalanobis", "classification head", choices=HEADS)
-    covariance: str = knob("auto", "Mahalanobis covariance: dense d x d, exact low-rank, or auto", choices=COVARIANCES)
+    covariance: str = knob("auto", "Mahalanobis covariance: dense (d x d matrices), lowrank (exact, without them), "
+                           "auto (lowrank when d exceeds the support count)", choices=COVARIANCES)
     covariance_estimator: str = knob("ledoit-wolf", "Mahalanobis covariance: the pooled within-class scatter shrunk "
                                      "by Ledoit-Wolf or OAS, or Simple CNAPS's own", choices=ESTIMATORS)
     beta: float = knob(1.0, "simple-cnaps: ridge beta in Q_k = l_k S_k + (1 - l_k) S_task + beta I", minimum=1e-8)
     ridge: float = knob(10.0, "ledoit-wolf / oas: ridge as a multiple of the features' mean variance", minimum=1e-8)
     reduced_dim: int = knob(512, "project features above this size to it (0: never)", minimum=0)
-    adapt: str = knob("prototypes", "set-to-set transformer over", choices=("none", "prototypes", "support"))
+    adapt: str = knob("prototypes", "what the set-to-set transformer adapts: the class prototypes, every support "
+                      "embedding (support), or nothing (none)", choices=("none", "prototypes", "support"))
     variant: str = knob("cosine", "the transformer's attention metric", choices=VARIANTS)
     checkpoint_activations: bool = knob(False, "recompute backbone activations in backward to save memory")
     amp: bool = knob(False, AMP_HELP + " (the backbone; the head's statistics stay float32)")
@@ -73,4 +76,5 @@ COMMAND = Command(
     task_path="fewshot_cli.commands.mahalanobis:MahalanobisTask",
     plan_knobs=("n_query", "image_size"),
     demo={"episodes": 200, "test_episodes": 300, "val_every": 100, "val_episodes": 20},
-)
+    example="fewshot mahalanobis-train --data ~/data/miniImageNet --preset t4",
+    docs="docs/commands/mahalanobis-train.md")

@@ -18,13 +18,15 @@ class TripletConfig(EpisodicConfig):
     n_query: int = knob(8, "query clips per class", minimum=1)
     image_size: int = knob(128, "frame and support image side in pixels", minimum=16)
     clip_frames: int = knob(8, "frames per built-in synthetic clip", minimum=1)
-    backbone: str = knob("small", "feature extractor", choices=DETECTION_BACKBONES)
+    backbone: str = knob("small", "feature extractor; small is a built-in net with random weights",
+                         choices=DETECTION_BACKBONES)
     embedding_dim: int = knob(64, "backbone width and embedding size (match a --init checkpoint's)", minimum=8)
-    weights: str | None = knob(None, WEIGHTS_HELP)
+    weights: str | None = knob(None, WEIGHTS_HELP, metavar="W")
     weights_strict: bool = knob(True, STRICT_HELP)
     freeze_backbone: bool = knob(False, FREEZE_HELP)
     lr_backbone: float | None = knob(None, LR_BACKBONE_HELP, minimum=0.0)
-    init: str | None = knob(None, "stage-1 checkpoint (checkpoint.pt or its run directory) to take the backbone from")
+    init: str | None = knob(None, "stage-1 checkpoint (checkpoint.pt or its run directory) to take the backbone from",
+                            metavar="CKPT")
     triplet_ratio: float = knob(0.3, "weight of the triplet loss; the localisation loss gets 1 minus it", minimum=0)
     triplet_batch_size: int = knob(8, "(anchor, positive, negative) triplets per step", minimum=1)
     triplet_margin: float = knob(0.2, "margin of the triplet loss", minimum=0)
@@ -58,4 +60,6 @@ COMMAND = Command(
     config=TripletConfig, presets=PRESETS, primary_metric="st_iou",
     secondary_metric="box_ap50", task_path="fewshot_cli.commands.triplet:TripletTask",
     plan_knobs=("triplet_batch_size", "n_query", "image_size"),
-    demo={"episodes": 120, "val_every": 40, "val_episodes": 2, "test_episodes": 10})
+    demo={"episodes": 120, "val_every": 40, "val_episodes": 2, "test_episodes": 10},
+    example="fewshot triplet-train --data ~/data/clips --init runs/detect-train-X",
+    docs="docs/commands/triplet-train.md")

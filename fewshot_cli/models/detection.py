@@ -186,7 +186,7 @@ class FewShotDetector(nn.Module):
         self.backbone, self.stride = backbone, stride
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(embedding_dim * ROI_SIZE * ROI_SIZE, head_hidden),
                                   nn.ReLU(inplace=True), nn.Linear(head_hidden, embedding_dim))
-        # modulation keeps the objectness input at embedding_dim whatever n_way is (the seed's shape bug)
+        # modulation keeps the objectness input at embedding_dim whatever n_way is (the original study's shape bug)
         self.objectness = nn.Sequential(nn.Linear(embedding_dim, objectness_hidden), nn.ReLU(inplace=True),
                                         nn.Linear(objectness_hidden, 1))
         self.box_regression = nn.Linear(embedding_dim, 4)

@@ -3,6 +3,7 @@ initialisation on the cpu preset and the built-in data (the demo and the tests n
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from fewshot_cli.errors import BadInput
@@ -33,6 +34,8 @@ def settle(resolved: Any, data: Any) -> None:
     data, a backbone torchvision has no weights for, a backbone that takes no Hugging Face model. A frozen backbone
     needs weights."""
     cfg = resolved.config
+    if data is None:
+        _built_in(resolved)
     arch = architecture(cfg)
     for knob in ("weights", "model"):
         if knob == "model" and not hasattr(cfg, "backbone"):
@@ -46,6 +49,15 @@ def settle(resolved: Any, data: Any) -> None:
     if getattr(cfg, "freeze_backbone", False) and cfg.weights is None and not getattr(cfg, "init", None):
         source = "--weights or --init" if hasattr(cfg, "init") else "--weights"
         raise BadInput(f"--freeze-backbone needs {source}: a random backbone would stay random.")
+
+
+def _built_in(resolved: Any) -> None:
+    """The built-in data runs a knob's `built_in` value where a preset chose another for data on disk."""
+    for f in dataclasses.fields(resolved.config):
+        value, chosen = f.metadata.get("built_in"), getattr(resolved.config, f.name)
+        if value is not None and resolved.sources.get(f.name) == "preset" and chosen != value:
+            resolved.set(f.name, value, "preset", note=f"the preset's {chosen} is for --data; the built-in data "
+                                                       f"runs {value}")
 
 
 def _why_not(knob: str, arch: str, data: Any) -> str:

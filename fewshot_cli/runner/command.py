@@ -36,6 +36,9 @@ class Command:
     #: no training: its task is a `runner.evaluation.EvaluationTask`, evaluated once, in one process; its config
     #: extends `EvaluationConfig`, so it offers no validation, step or checkpoint knobs
     evaluation_only: bool = False
+    #: a command line `--help` shows under the options, and the page that documents the command
+    example: str = ""
+    docs: str = ""
 
     def __post_init__(self) -> None:
         if self.evaluation_only:

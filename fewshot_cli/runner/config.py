@@ -14,14 +14,20 @@ PRESET_CHOICES = (*PRESETS, "auto")
 
 
 def knob(default: Any, help: str, choices: tuple[str, ...] | None = None, minimum: float | None = None,
-         cli: bool = True, panel: str | None = None, result_neutral: bool = False) -> Any:
+         cli: bool = True, panel: str | None = None, result_neutral: bool = False, metavar: str | None = None,
+         built_in: Any = None) -> Any:
     """A config field with its help text, allowed choices and lower bound, read by the CLI and the validator;
-    `panel` names its group in `--help` where `fewshot_cli.help.PANELS` does not.
+    `panel` names its group in `--help` where `fewshot_cli.help.PANELS` does not, `metavar` the placeholder of
+    its value there where its type's (N, X, TEXT, NAME) says too little.
+
+    `built_in`: the value the built-in data runs with when a preset chose another for data on disk (a pretrained
+    backbone where the built-in data starts from random weights).
 
     `result_neutral`: the knob sets how much is computed at once, never the result (an evaluation's batch), so
     `--resume` may give it another value and OOM back-off in evaluation may lower it."""
     return field(default=default, metadata={"help": help, "choices": choices, "min": minimum, "cli": cli,
-                                            "panel": panel, RESULT_NEUTRAL: result_neutral})
+                                            "panel": panel, RESULT_NEUTRAL: result_neutral, "metavar": metavar,
+                                            "built_in": built_in})
 
 
 #: the field metadata key marking a result-neutral knob

@@ -59,7 +59,7 @@ class Task(ABC):
     under `torch.inference_mode()` with `model.eval()`; the task returns plain floats, never tensors. A training
     step is the command's own loop over `accumulate(step, parts)`; `my_share` and `all_sum` split and add up work
     across torchrun's ranks. The planner calls `plan_phases` and `plan_extra_bytes` instead
-    (docs/writing-a-command.md).
+    (docs/internals/writing-a-command.md).
     """
 
     #: knobs the runner shrinks, in this order, when a step runs out of memory
