@@ -131,6 +131,7 @@ def _new(command: Command, knobs: dict[str, Any], options: LaunchOptions, group:
     resolved.sources.update(dict.fromkeys(copied, "config"))  # fixed: the planner leaves them alone
     if group is not None:
         device = group.place(device)
+    extra.update(_data_record(command, resolved, options.data))
     extra["plan"] = (plan.fit_to_budget(command, resolved, device, budget, {"force": options.force})
                      or plan.checked_record(command, resolved, device, budget))
     return resolved, RunOptions(device=device, seed=options.seed, out=Path(options.out), name=options.name,
@@ -183,8 +184,16 @@ def plan_report(command: Command, knobs: dict[str, Any], options: LaunchOptions)
     if preset == "auto":
         plan.fit_to_budget(command, resolved, device, budget, {"force": True})
     report = plan.plan_run(command, resolved, device, budget)
+    report.update(_data_record(command, resolved, options.data), data=str(options.data) if options.data else None)
     report["earlier_runs"] = earlier_checks(Path(options.out), command.name, resolved.record(), device)
     return report
+
+
+def _data_record(command: Command, resolved: Resolved, data: Path | None) -> dict[str, Any]:
+    """What config.json and the plan say of the data on disk (its layout), where the command describes it."""
+    if command.describe_data is None:
+        return {}
+    return command.describe_data(resolved.config, Path(data) if data is not None else None)
 
 
 def plan_text(report: dict[str, Any]) -> str:
@@ -192,7 +201,11 @@ def plan_text(report: dict[str, Any]) -> str:
     from fewshot_cli import plan
     from fewshot_cli.runner.plancheck import render_earlier
 
-    return plan.render(report) + render_earlier(report["earlier_runs"])
+    data = f"  data on disk: {report['data']}, layout {report.get('data_format')}" if report.get("data") else ""
+    if report.get("test_data_format"):
+        data += f"; test data layout {report['test_data_format']}"
+    data += "\n" if data else ""
+    return plan.render(report) + data + render_earlier(report["earlier_runs"])
 
 
 def _device_preset_name(device: torch.device) -> str:
