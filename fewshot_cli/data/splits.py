@@ -149,7 +149,7 @@ def open_splits(root: Path, image_size: int, image_root: str | Path | None = Non
         test_format, test_classes = read_layout(Path(test_root), "--test-data", ("test",), ("test",), image_root,
                                                 notes)
         classes += test_classes
-    elif image_root is not None and data_format in (FOLDERS, OMNIGLOT):
+    if image_root is not None and not {data_format, test_format} & {FILELISTS, SPLIT_CSV, EASYFSL}:
         raise BadInput(f"--image-root applies to the layouts that list their images (file lists, split files, "
                        f"specs); --data {root} holds {LAYOUT_NAMES[data_format]}, read where they are.")
     return FewShotSplits(classes, image_size, data_format, test_format, notes)
@@ -212,10 +212,12 @@ def _folders(places: dict[str, Path], image_root: Path | None, notes: list[str])
 
 def _images_under(folder: Path) -> list[str]:
     """Image files at any depth under `folder`, in the order of their paths' parts (as `Path`s sort)."""
-    found = []
-    for parent, _, files in os.walk(folder):
-        found += [os.path.join(parent, f) for f in files if os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES]
-    return sorted(found, key=lambda p: p.split(os.sep))
+    found, nested = [], False
+    for parent, folders, files in os.walk(folder):
+        nested = nested or bool(folders)
+        prefix = parent + os.sep
+        found += [prefix + f for f in files if os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES]
+    return sorted(found, key=lambda p: p.split(os.sep)) if nested else sorted(found)
 
 
 def _filelists(places: dict[str, Path], image_root: Path | None, notes: list[str]) -> list[ClassFiles]:
