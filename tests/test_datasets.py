@@ -194,10 +194,7 @@ def test_malformed_file_lists_are_refused_naming_the_file_and_the_entry(tmp_path
     ({"train": ["x.png,a"], "test": ["z.png,a"]}, "share a"),
 ])
 def test_malformed_split_files_are_refused_naming_the_line(tmp_path: Path, rows, needle: str) -> None:
-    for split, lines in rows.items():
-        (tmp_path / f"{split}.csv").write_text("\n".join(["filename,label", *lines]) + "\n")
-        for line in lines:
-            _png(tmp_path / "images" / line.split(",")[0])
+    _split_csv(tmp_path, rows)
     with pytest.raises(BadInput) as err:
         open_splits(tmp_path, 8)
     assert needle in str(err.value)

@@ -1,5 +1,7 @@
-"""Few-shot classification data read where researchers keep it: folders, CloserLookFewShot file lists, Ravi and
-Larochelle's split files, easyfsl specs or torchvision's Omniglot, recognised from what the folder holds."""
+"""Few-shot classification datasets read in place, in the layout their codebase wrote, recognised by their names.
+
+The layouts: split folders, CloserLookFewShot file lists, Ravi and Larochelle's split files, easyfsl specs and
+torchvision's Omniglot (docs/datasets.md). An index keeps one string of paths and an array of labels."""
 
 from __future__ import annotations
 
