@@ -259,3 +259,26 @@ def test_bad_data_through_the_cli_is_exit_2_and_writes_nothing(tmp_path: Path, r
 def test_test_data_without_data_is_refused(digits: Path, runs: Path) -> None:
     _refused(fewshot("mahalanobis-train", *SMALL, "--test-data", digits / "filelists", "--out", runs), runs,
              "--test-data and --image-root read datasets on disk: give --data too.")
+
+
+def test_feats_split_folder_beside_images_is_read_as_split_files(tmp_path: Path) -> None:
+    _split_csv(tmp_path, {"train": ["x.png,a", "y.png,b"], "test": ["z.png,c"]})
+    (tmp_path / "split").mkdir()
+    for name in ("train.csv", "test.csv"):
+        (tmp_path / name).rename(tmp_path / "split" / name)
+    data = open_splits(tmp_path, 8)
+    assert (data.data_format, data.class_names) == ("split-csv", ["train/a", "train/b", "test/c"])
+
+
+def test_easyfsl_roots_relative_to_its_repository_are_read_from_there(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    specs = tmp_path / "data" / "CUB"
+    for name in ("a", "b"):
+        _png(specs / "images" / name / "0.png")
+    for split, name in (("train", "a"), ("test", "b")):
+        (specs / f"{split}.json").parent.mkdir(parents=True, exist_ok=True)
+        (specs / f"{split}.json").write_text(json.dumps({"class_names": [name],
+                                                         "class_roots": [f"./data/CUB/images/{name}"]}))
+    monkeypatch.chdir(tmp_path)  # easyfsl writes its specs' roots relative to its repository's root
+    assert open_splits(specs, 8).describe() == {"train": {"classes": 1, "images": 1},
+                                                "test": {"classes": 1, "images": 1}}

@@ -238,7 +238,7 @@ def _filelists(places: dict[str, Path], image_root: Path | None, notes: list[str
     for split, spec in lists.items():
         path, names = places[split], spec["label_names"]
         labels = _labels(path, spec["image_labels"], len(names))
-        files = np.asarray(_resolve(spec["image_names"], path, "image_names", image_root, prefix), dtype=object)
+        files = np.asarray(_resolve(spec["image_names"], path, image_root, prefix), dtype=object)
         _check_exist(files, path, "image_names", image_root, prefix)
         order = np.argsort(labels, kind="stable")
         present, starts = np.unique(labels[order], return_index=True)
@@ -291,7 +291,7 @@ def _easyfsl(places: dict[str, Path], image_root: Path | None, notes: list[str])
     classes = []
     for split, spec in specs.items():
         path = places[split]
-        roots = _resolve(spec["class_roots"], path, "class_roots", image_root, prefix)
+        roots = _resolve(spec["class_roots"], path, image_root, prefix)
         for i, (name, root) in enumerate(zip(spec["class_names"], roots, strict=True)):
             if not os.path.isdir(root):
                 raise BadInput(f"{path}: class_roots entry {i} ({spec['class_roots'][i]}) is not a folder here"
@@ -368,7 +368,7 @@ def _common_folder(paths: list[str]) -> str:
     return prefix[:prefix.rfind("/") + 1]
 
 
-def _resolve(names: list[str], list_file: Path, key: str, image_root: Path | None, prefix: str) -> list[str]:
+def _resolve(names: list[str], list_file: Path, image_root: Path | None, prefix: str) -> list[str]:
     """Listed paths as this machine reads them. With `image_root`, the folder the listed paths have in common is
     replaced by it; else a relative path is relative to the list's folder, or, where the first is not found
     there, to the current directory (easyfsl's specs are written relative to its repository's root)."""
@@ -379,7 +379,7 @@ def _resolve(names: list[str], list_file: Path, key: str, image_root: Path | Non
         return list(names)
     here = str(list_file.parent) + os.sep
     if not os.path.exists(here + names[0]) and os.path.exists(names[0]):
-        return list(names)
+        here = os.getcwd() + os.sep
     return [n if os.path.isabs(n) else here + n for n in names]
 
 
