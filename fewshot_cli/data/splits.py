@@ -234,12 +234,13 @@ def _filelists(places: dict[str, Path], image_root: Path | None, notes: list[str
             raise BadInput(f"{places[split]} has {len(spec['image_names'])} image_names but "
                            f"{len(spec['image_labels'])} image_labels; it needs one label per image.")
     prefix = _common_folder([n for spec in lists.values() for n in spec["image_names"]])
-    classes = []
+    classes, listings = [], {}
     for split, spec in lists.items():
         path, names = places[split], spec["label_names"]
         labels = _labels(path, spec["image_labels"], len(names))
-        files = np.asarray(_resolve(spec["image_names"], path, image_root, prefix), dtype=object)
-        _check_exist(files, path, "image_names", image_root, prefix)
+        resolved = _resolve(spec["image_names"], path, image_root, prefix)
+        _check_exist(resolved, path, "image_names", image_root, prefix, listings)
+        files = np.asarray(resolved, dtype=object)
         order = np.argsort(labels, kind="stable")
         present, starts = np.unique(labels[order], return_index=True)
         for label, group in zip(present.tolist(), np.split(order, starts[1:]), strict=True):
@@ -254,7 +255,7 @@ def _split_csv(places: dict[str, Path], image_root: Path | None, notes: list[str
     if not images.is_dir():
         raise BadInput(f"The split files in {first} read their images from {images}, which is not a folder; pass "
                        f"--image-root DIR, the folder that holds them.")
-    classes = []
+    classes, listings = [], {}
     for split, path in places.items():
         by_label: dict[str, list[str]] = {}
         with _opened(path) as handle:
@@ -271,8 +272,7 @@ def _split_csv(places: dict[str, Path], image_root: Path | None, notes: list[str
                 by_label.setdefault(row[1].strip(), []).append(row[0].strip())
         prefix = str(images) + os.sep
         listed = [ClassFiles(split, label, [prefix + n for n in names]) for label, names in by_label.items()]
-        _check_exist(np.asarray([p for c in listed for p in c.paths], dtype=object), path, "filename", image_root,
-                     prefix)
+        _check_exist([p for c in listed for p in c.paths], path, "filename", image_root, prefix, listings)
         classes += listed
     return classes
 
@@ -383,11 +383,12 @@ def _resolve(names: list[str], list_file: Path, image_root: Path | None, prefix:
     return [n if os.path.isabs(n) else here + n for n in names]
 
 
-def _check_exist(files: np.ndarray, list_file: Path, key: str, image_root: Path | None, prefix: str) -> None:
-    """Every listed file exists: one directory listing per folder, no file opened."""
-    listings: dict[str, frozenset[str]] = {}
-    for i, path in enumerate(files.tolist()):
-        folder, name = os.path.split(path)
+def _check_exist(files: list[str], list_file: Path, key: str, image_root: Path | None, prefix: str,
+                 listings: dict[str, frozenset[str]]) -> None:
+    """Every listed file exists: one directory listing per folder (`listings`, shared by a dataset's lists), no
+    file opened."""
+    for i, path in enumerate(files):
+        folder, _, name = path.rpartition(os.sep)
         listing = listings.get(folder)
         if listing is None:
             try:
