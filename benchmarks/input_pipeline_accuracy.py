@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from input_pipeline import K_SHOT, LR, N_QUERY, N_WAY, make_folder
 
-from fewshot_cli.data.folders import ImageFolderSplits
 from fewshot_cli.data.images import IMAGENET_MEAN, IMAGENET_STD
+from fewshot_cli.data.splits import open_splits
 from fewshot_cli.episodes import EpisodeSampler
 from fewshot_cli.models.backbones import build_backbone
 from fewshot_cli.models.heads import prototypes
@@ -80,7 +80,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        data = ImageFolderSplits(make_folder(Path(tmp), 16, 30), args.image_size)
+        data = open_splits(make_folder(Path(tmp), 16, 30), args.image_size)
         samplers = {s: EpisodeSampler(data.items_by_class(s), n_way=N_WAY, k_shot=K_SHOT, n_query=N_QUERY, seed=0,
                                       split=s) for s in ("train", "test")}
         train = [samplers["train"].episode(i + 1) for i in range(args.episodes)]

@@ -11,10 +11,10 @@ from conftest import fewshot
 from PIL import Image
 
 from fewshot_cli.data import gpu_decode
-from fewshot_cli.data.folders import ImageFolderSplits
 from fewshot_cli.data.gpu_decode import Decoder, encoded_or_read, gather
 from fewshot_cli.data.images import read_image
 from fewshot_cli.data.loader import ItemReader, Loaders
+from fewshot_cli.data.splits import FewShotSplits, open_splits
 
 SIZE = 12
 
@@ -32,7 +32,7 @@ def _rotated(path: Path) -> Path:
     return _save(path, (20, 12), exif=exif)
 
 
-def _folder(root: Path) -> ImageFolderSplits:
+def _folder(root: Path) -> FewShotSplits:
     """Two classes in train and test: baseline JPEGs of two sizes, a grey JPEG, a PNG, a CMYK and a rotated JPEG."""
     for split in ("train", "test"):
         for c in range(2):
@@ -43,7 +43,7 @@ def _folder(root: Path) -> ImageFolderSplits:
             _save(folder / "d.png", (25, 25), seed=c + 6)
             _save(folder / "e.jpg", (30, 40), "CMYK", seed=c + 8)
             _rotated(folder / "f.jpg")
-    return ImageFolderSplits(root, SIZE)
+    return open_splits(root, SIZE)
 
 
 def test_baseline_jpegs_travel_as_bytes_and_the_rest_as_decoded_images(tmp_path: Path) -> None:

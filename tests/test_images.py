@@ -66,10 +66,10 @@ def test_a_file_that_is_no_image_raises_a_read_error(tmp_path: Path, content: by
 
 
 def test_an_unreadable_image_in_a_folder_is_bad_input(tmp_path: Path) -> None:
-    from fewshot_cli.data.folders import ImageFolderSplits
+    from fewshot_cli.data.splits import open_splits
 
     for split in ("train", "test"):
         (tmp_path / split / f"{split}-a").mkdir(parents=True)
         (tmp_path / split / f"{split}-a" / "x.jpg").write_bytes(b"\xff\xd8\xff broken")
     with pytest.raises(BadInput, match="Cannot read image"):
-        ImageFolderSplits(tmp_path, 8)[0]
+        open_splits(tmp_path, 8)[0]

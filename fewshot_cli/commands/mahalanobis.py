@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,7 +18,6 @@ from torch.utils.checkpoint import checkpoint
 from fewshot_cli.commands.mahalanobis_config import COMMAND as COMMAND
 from fewshot_cli.commands.mahalanobis_config import PRESETS as PRESETS
 from fewshot_cli.commands.mahalanobis_config import MahalanobisConfig
-from fewshot_cli.data.folders import ImageFolderSplits
 from fewshot_cli.data.gpu_decode import Decoder, gather
 from fewshot_cli.data.images import IMAGENET_MEAN, IMAGENET_STD, to_float
 from fewshot_cli.data.loader import (
@@ -30,6 +30,7 @@ from fewshot_cli.data.loader import (
     loader_bytes,
     stack_images,
 )
+from fewshot_cli.data.splits import FewShotSplits, open_splits
 from fewshot_cli.data.synthetic import SyntheticImages
 from fewshot_cli.episodes import Episode, EpisodeSampler, steps_hash
 from fewshot_cli.errors import BadInput
@@ -106,12 +107,8 @@ class MahalanobisTask(Task):
         if cfg.flatten and cfg.backbone not in ("resnet18", "resnet34", "resnet50"):
             raise BadInput("--flatten applies to the torchvision ResNets (resnet18, resnet34, resnet50) only.")
         load_libraries()  # for `finish`'s reports, while the address space is not yet filled by the run
-        if ctx.data is None:
-            self.data = SyntheticImages(cfg.image_size, seed=ctx.seed)
-            splits = ("train", "val", "test")
-        else:
-            self.data = ImageFolderSplits(ctx.data, cfg.image_size)
-            splits = tuple(s for s in ("train", "val", "test") if self.data.has_split(s))
+        self.data = self._open_data(cfg, ctx)
+        splits = tuple(s for s in ("train", "val", "test") if self.data.has_split(s))
         shape = {"n_way": cfg.n_way, "k_shot": cfg.k_shot, "n_query": cfg.n_query, "seed": ctx.seed}
         self.samplers = {s: EpisodeSampler(self.data.items_by_class(s), split=s, **shape) for s in splits}
         self.model = FewShotTransformer(cfg, lambda **f: ctx.emit("covariance_fallback", **f))
@@ -136,12 +133,28 @@ class MahalanobisTask(Task):
         # fake tensors, and its image cache would keep the traced images that plan_extra_bytes counts already
         self._planning = False
 
+    @staticmethod
+    def _open_data(cfg: MahalanobisConfig, ctx: RunContext) -> SyntheticImages | FewShotSplits:
+        """The built-in data, or --data in whichever layout it holds (its test split --test-data's, if given);
+        what was read goes to the log."""
+        if ctx.data is None:  # the planner's trace, too: shapes come from the config, not the data
+            return SyntheticImages(cfg.image_size, seed=ctx.seed)
+        test_root = Path(cfg.test_data) if cfg.test_data is not None else None
+        if test_root is not None and not test_root.exists():
+            raise BadInput(f"--test-data {test_root} does not exist.")
+        data = open_splits(Path(ctx.data), cfg.image_size, cfg.image_root, test_root)
+        for note in data.notes:
+            ctx.emit("data_warning", message=note)
+            print(f"warning: {note}", file=sys.stderr)
+        ctx.emit("dataset", data_format=data.data_format, test_data_format=data.test_format, splits=data.describe())
+        return data
+
     def _loaders(self, cfg: MahalanobisConfig, device: torch.device) -> Loaders:
         """The loaders of the data's images: decoded in the workers (image files' pixels travel and are cached as
         uint8, made float on the device), or with --decode-device cuda and image files, JPEGs read as bytes there
         and decoded on the GPU (the cache then holds their bytes)."""
         cache_bytes = cache_share(cfg.image_cache_mb, cfg.workers)
-        if cfg.decode_device == "cuda" and isinstance(self.data, ImageFolderSplits):
+        if cfg.decode_device == "cuda" and isinstance(self.data, FewShotSplits):
             return Loaders(ItemReader(self.data, "encoded", cache_bytes), gather, cfg.workers, device,
                            finish=Decoder(cfg.image_size, device))
         return Loaders(ItemReader(self.data, cache_bytes=cache_bytes), stack_images, cfg.workers, device,

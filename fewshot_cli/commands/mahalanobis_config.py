@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fewshot_cli.errors import BadInput
@@ -37,6 +38,11 @@ class MahalanobisConfig(EpisodicConfig):
     variant: str = knob("cosine", "the transformer's attention metric", choices=VARIANTS)
     checkpoint_activations: bool = knob(False, "recompute backbone activations in backward to save memory")
     amp: bool = knob(False, AMP_HELP + " (the backbone; the head's statistics stay float32)")
+    test_data: str | None = knob(None, "test on this dataset (any layout --data reads; its test split is enough): "
+                                 "training and validation read --data, which then needs no test split", panel=DATA)
+    image_root: str | None = knob(None, "where the images of file lists, split files or specs are now, when their "
+                                  "listed paths are not: the folder that holds what the listed paths share",
+                                  panel=DATA, result_neutral=True)
     decode_device: str = knob("cpu", "decode --data's JPEGs in the loader workers (cpu) or batched on the GPU with "
                               "nvjpeg (cuda; its pixels differ slightly from libjpeg's)", choices=names.DECODE_DEVICES,
                               panel=DATA)
@@ -69,12 +75,27 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def describe_data(cfg: MahalanobisConfig, data: Path | None) -> dict[str, Any]:
+    """The layout of --data and of --test-data, as config.json and `fewshot plan` record them."""
+    from fewshot_cli.data.splits import detect  # imports torch: only once a run or a plan is under way
+
+    if data is None:
+        if cfg.test_data is not None or cfg.image_root is not None:
+            raise BadInput("--test-data and --image-root read datasets on disk: give --data too.")
+        return {}
+    record = {"data_format": detect(data)}
+    if cfg.test_data is not None:
+        record["test_data_format"] = detect(Path(cfg.test_data), "--test-data")
+    return record
+
+
 COMMAND = Command(
     name="mahalanobis-train",
     help="Episodic few-shot classification: set-to-set adaptation and a Mahalanobis / cosine / euclidean head.",
     config=MahalanobisConfig, presets=PRESETS, primary_metric="accuracy",
     task_path="fewshot_cli.commands.mahalanobis:MahalanobisTask",
     plan_knobs=("n_query", "image_size"),
+    describe_data=describe_data,
     demo={"episodes": 200, "test_episodes": 300, "val_every": 100, "val_episodes": 20},
     example="fewshot mahalanobis-train --data ~/data/miniImageNet --preset t4",
     docs="docs/commands/mahalanobis-train.md")

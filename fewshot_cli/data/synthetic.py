@@ -131,6 +131,9 @@ class SyntheticImages:
     def __getitem__(self, item: int) -> tuple[torch.Tensor, int]:
         return to_tensor(self.image(item)), self.label(item)
 
+    def has_split(self, split: str) -> bool:
+        return split in self.splits
+
     def items_by_class(self, split: str) -> dict[int, list[int]]:
         a, b = self.splits[split]
         return {c: list(range(c * self.per_class, (c + 1) * self.per_class)) for c in range(a, b)}

@@ -18,7 +18,7 @@ from fewshot_cli.reports.runs import is_number, load_run
 
 #: metrics read from the log rather than metrics.json; they depend on the machine
 LOG_METRICS = ("peak_rss_mb", "peak_cuda_allocated_mb", "episodes_per_s", "wall_s", "plan_error")
-META_KEYS = ("command", "preset", "seed", "device", "data")
+META_KEYS = ("command", "preset", "seed", "device", "data", "data_format", "test_data_format")
 #: bookkeeping, not a result: left out of the default columns
 NOT_RESULTS = ("test_episodes",)
 

@@ -6,6 +6,7 @@ import dataclasses
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fewshot_cli.runner.config import TRAINING_KNOBS
@@ -31,6 +32,9 @@ class Command:
     demo: dict[str, Any] = field(default_factory=dict)
     #: called with the command-line knob values before torch touches the device (e.g. MPS environment)
     prepare: Callable[[dict[str, Any]], None] | None = None
+    #: called with the resolved config and `--data` (None: the built-in data): what config.json and `fewshot plan`
+    #: record of the data on disk (`{"data_format": ...}`), found without reading a dataset through
+    describe_data: Callable[[Any, Path | None], dict[str, Any]] | None = None
     #: runs data-parallel under torchrun (its task builds each step's gradient with `Task.accumulate`)
     data_parallel: bool = True
     #: no training: its task is a `runner.evaluation.EvaluationTask`, evaluated once, in one process; its config

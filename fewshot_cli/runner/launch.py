@@ -133,6 +133,7 @@ def _new(command: Command, knobs: dict[str, Any], options: LaunchOptions, group:
     resolved.sources.update(dict.fromkeys(copied, "config"))  # fixed: the planner leaves them alone
     if group is not None:
         device = group.place(device)
+    extra.update(_data_record(command, resolved, options.data))
     limit = held_to(device, budget, group)
     extra["memory_limit"] = limit.record()
     extra["plan"] = plan.fit(command, resolved, device, limit, force=options.force)
@@ -206,8 +207,16 @@ def plan_report(command: Command, knobs: dict[str, Any], options: LaunchOptions)
     if preset == "auto":
         plan.fit(command, resolved, device, limit, force=True)
     report = plan.plan_run(command, resolved, device, limit.bytes, limit.text)
+    report.update(_data_record(command, resolved, options.data), data=str(options.data) if options.data else None)
     report["earlier_runs"] = earlier_checks(Path(options.out), command.name, resolved.record(), device)
     return report
+
+
+def _data_record(command: Command, resolved: Resolved, data: Path | None) -> dict[str, Any]:
+    """What config.json and the plan say of the data on disk (its layout), where the command describes it."""
+    if command.describe_data is None:
+        return {}
+    return command.describe_data(resolved.config, Path(data) if data is not None else None)
 
 
 def plan_text(report: dict[str, Any]) -> str:
@@ -215,7 +224,11 @@ def plan_text(report: dict[str, Any]) -> str:
     from fewshot_cli import plan
     from fewshot_cli.runner.plancheck import render_earlier
 
-    return plan.render(report) + render_earlier(report["earlier_runs"])
+    data = f"  data on disk: {report['data']}, layout {report.get('data_format')}" if report.get("data") else ""
+    if report.get("test_data_format"):
+        data += f"; test data layout {report['test_data_format']}"
+    data += "\n" if data else ""
+    return plan.render(report) + data + render_earlier(report["earlier_runs"])
 
 
 def _device_preset_name(device: torch.device) -> str:
