@@ -41,6 +41,9 @@ CUDA_ALLOCATOR = 0.161
 #: copies and the optimizer state of later steps are planned; that gap does not grow with the configuration
 #: (ResNet-12 at 84 px: a real step's peak is the traced one plus the copies to within 0.3%)
 CPU_RUNTIME = {"training": int(29.5 * MiB), "inference": 13 * MiB}
+#: what an evaluation in bf16 autocast after bf16 training adds on the CPU beyond its tensors (oneDNN's bf16
+#: kernels and their scratch): read from the two `--amp` rows of results/plan_accuracy.md, 9.8 and 14.5 MiB
+CPU_BF16_EVALUATION = 12 * MiB
 MPS_OVERHEAD = 1.15  # the MPS allocator's heaps round up; measured overhead factor
 #: plan lines a command declares for memory the host holds whatever the device (batches its loader's workers
 #: prefetch, caches of decoded frames): on CUDA or MPS they are the machine's memory, not the device's
@@ -179,7 +182,7 @@ def target(preset: str, device_name: str) -> tuple[torch.device, int | None]:
 
 
 def device_terms(device: torch.device, components: dict[str, int], baseline: int = 0,
-                 training: bool = True) -> dict[str, int]:
+                 training: bool = True, bf16_evaluation: bool = False) -> dict[str, int]:
     """The plan lines that tracing cannot see, for the device the plan is for."""
     traced = sum(v for k, v in components.items() if device.type == "cpu" or k not in HOST_LINES)
     if device.type == "cuda":
@@ -187,7 +190,8 @@ def device_terms(device: torch.device, components: dict[str, int], baseline: int
                 "cuda_allocator": int((traced + CUDA_WORKSPACES) * CUDA_ALLOCATOR)}
     if device.type == "mps":
         return {"mps_allocator": int(traced * (MPS_OVERHEAD - 1))}
-    terms = {"cpu_runtime": CPU_RUNTIME["training" if training else "inference"]}
+    terms = {"cpu_runtime": CPU_RUNTIME["training" if training else "inference"]
+             + (CPU_BF16_EVALUATION if bf16_evaluation else 0)}
     return {**terms, "startup_baseline": baseline} if baseline else terms
 
 
@@ -201,8 +205,8 @@ TERM_NOTES = {
     "onednn_copies": "oneDNN's layout copies around a convolution, from its shapes: measured, "
                      "fewshot_cli/onednn_copies.py",
     "startup_baseline": "this process's resident set before any model: interpreter, torch, libraries",
-    "cpu_runtime": "kernels, thread pools and autograd's engine a run's first steps load: measured, "
-                   "results/plan_accuracy.md",
+    "cpu_runtime": "kernels, thread pools and autograd's engine a run's first steps load (and with --amp, "
+                   "bf16 evaluation's kernels): measured, results/plan_accuracy.md",
 }
 
 
@@ -224,7 +228,9 @@ def plan_run(command: Command, resolved: Resolved, device: torch.device, budget:
     traced = trace(command, resolved.config)
     for phase, components in traced.items():
         components = {k: v for k, v in components.items() if device.type == "cpu" or k not in CPU_LINES}
-        components = {**components, **device_terms(device, components, baseline, "train" in traced)}
+        bf16_evaluation = "train" in traced and phase != "train" and bool(getattr(resolved.config, "amp", False))
+        components = {**components, **device_terms(device, components, baseline, "train" in traced,
+                                                   bf16_evaluation)}
         phases[phase] = {"peak_bytes": sum(components.values()), "components": components}
     peak = max((p["peak_bytes"] for p in phases.values()), default=0)
     return {"command": command.name, "device": str(device), "budget_bytes": budget, "peak_bytes": peak,

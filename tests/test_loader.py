@@ -153,6 +153,17 @@ def test_a_cached_item_is_read_once() -> None:
     assert ItemReader(Squares(), cache_bytes=cache_share(4, 2)).cache.max_bytes == 2 * 1024 * 1024
 
 
+def test_a_dropped_cache_holds_nothing_and_reads_again() -> None:
+    data = Squares()
+    loaders = Loaders(ItemReader(data, cache_bytes=cache_share(1, 0)), stack_images, 0, torch.device("cpu"))
+    list(loaders.fixed("train", [[1, 2]]))
+    assert loaders.reader.cache.bytes > 0
+    loaders.drop_cache()
+    assert loaders.reader.cache.bytes == 0
+    list(loaders.fixed("train", [[1, 2]]))
+    assert data.reads == [1, 2, 1, 2]
+
+
 def test_the_image_cache_does_not_change_results(tmp_path: Path) -> None:
     cached = _run("mahalanobis-train", SMALL, 0, tmp_path / "cached")
     uncached = _run("mahalanobis-train", [*SMALL, "--image-cache-mb", "0"], 0, tmp_path / "uncached")

@@ -359,6 +359,16 @@ def test_splits_that_share_a_class_are_refused(tmp_path: Path) -> None:
 def test_the_plan_command_reports_each_phase_as_json() -> None:
     result = fewshot("plan", "mahalanobis-train", "--preset", "cpu", "--json")
     report = json.loads(result.stdout)
-    assert set(report["phases"]) == {"train", "test"}
+    assert set(report["phases"]) == {"train", "val", "test"}  # the cpu preset validates
     assert report["fits"] is True and report["phases"]["train"]["peak_bytes"] > 0
     assert COMMAND.name == report["command"]
+
+
+def test_validation_is_planned_as_its_own_phase_when_its_episodes_fill_less_than_a_feature_batch() -> None:
+    def plan(*options: str) -> dict:
+        return json.loads(fewshot("plan", "mahalanobis-train", "--preset", "cpu", "--json", *options).stdout)
+
+    assert set(plan("--val-every", "0")["phases"]) == {"train", "test"}
+    phases = plan("--val-every", "5", "--val-episodes", "1", "--test-episodes", "50")["phases"]
+    # one validation episode's activations are below the test's full feature batch
+    assert phases["val"]["components"]["activations"] < phases["test"]["components"]["activations"]

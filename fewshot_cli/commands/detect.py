@@ -179,8 +179,9 @@ class DetectTask(Task):
         annotations: list[dict[str, Any]] = []
         detections: list[dict[str, Any]] = []
         dropped = BoxCounts()
-        if phase == "test":
+        if phase == "test":  # training's reads are over: its cache goes, as the plan of the test assumes
             self.feed.close()
+            self.loaders["train"].drop_cache()
             self.loaders["test"].release("val")
         chosen = [sampler.episode(index) for index in range(episodes)]
         batches = self.loaders["test"].fixed(phase, [_episode_items(e) for e in chosen])
@@ -295,21 +296,27 @@ class DetectTask(Task):
         supports = cfg.n_way * cfg.k_shot
         support = supports * (3 * cfg.image_size**2 + cfg.embedding_dim * (cfg.image_size // stride) ** 2) * FLOAT
         image = 3 * cfg.image_size**2 * FLOAT
-        items, episode = len(self.train_data) + len(self.test_data), cfg.n_way * (cfg.k_shot + cfg.n_query) * image
+        episode = cfg.n_way * (cfg.k_shot + cfg.n_query) * image
         # the episode the loader delivered stays whole while its step or evaluation runs (the stand-ins trace
         # their own query copy of it); evaluation also keeps the previous episode's query batch until the next
         # detection returns. A training step's support pass ends before its query pass and below its peak
         # (measured: the support stack is freed once the micro-steps are built); evaluation keeps it
         loaded = {"loaded_episode": episode}
         queries = min(cfg.eval_batch_size or images, images) * image if cfg.test_episodes > 1 else 0
-        # host memory: the image cache (what the run has read by then) and prefetched episodes; training
-        # validates with a loader of its own
+        # host memory: each data's loader caches what it has read by then and holds prefetched episodes; the
+        # training data's loader is read by training only (its cache is dropped when the test begins), the test
+        # data's by validation and the test
         reads = episode_reads(cfg)
         pixels = image_bytes(self.train_data, cfg.image_size)
         held = cfg.n_way * (cfg.k_shot + cfg.n_query) * pixels
-        train = loader_bytes(cfg.image_cache_mb, items, pixels, cfg.workers, held, 2 if cfg.val_every else 1,
-                             reads["train"])
-        test = loader_bytes(cfg.image_cache_mb, items, pixels, cfg.workers, held, reads=reads["test"])
+        trained = cfg.episodes * cfg.n_way * (cfg.k_shot + cfg.n_query)
+        train = loader_bytes(cfg.image_cache_mb, len(self.train_data), pixels, cfg.workers, held, reads=trained)
+        if cfg.val_every:
+            validation = loader_bytes(cfg.image_cache_mb, len(self.test_data), pixels, cfg.workers, held,
+                                      reads=reads["train"] - trained)
+            train = {k: train.get(k, 0) + validation.get(k, 0) for k in {*train, *validation}}
+        test = loader_bytes(cfg.image_cache_mb, len(self.test_data), pixels, cfg.workers, held,
+                            reads=reads["test"] - trained)
         return {"train": {"proposal_grid": grid, "proposal_ranking": ranking, **loaded, **train},
                 "test": {"proposal_grid": grid, "proposal_ranking": ranking, "nms_inputs": nms,
                          "support_pass": support, **loaded, "previous_queries": queries, **test}}

@@ -286,12 +286,20 @@ class MahalanobisTask(Task):
         return metrics
 
     def plan_phases(self) -> dict[str, Any]:
-        """A training step, and an evaluation over enough test episodes to fill one feature batch (its largest
-        activations), as many as the test has."""
-        sampler, cfg = self.samplers["test"], self.cfg
-        episodes = min(cfg.test_episodes, math.ceil(cfg.batch_size / (cfg.n_way * (cfg.k_shot + cfg.n_query))))
-        return {"train": self._planned(lambda: self.train_step(1)),
-                "test": self._planned(lambda: self._evaluate("test", [sampler.episode(i) for i in range(episodes)]))}
+        """A training step, and each evaluation over enough of its episodes to fill one feature batch (its largest
+        activations), as many as it has: validation's own where it runs, since its few episodes may fill less."""
+        cfg = self.cfg
+        per_batch = math.ceil(cfg.batch_size / (cfg.n_way * (cfg.k_shot + cfg.n_query)))
+
+        def evaluation(phase: str, count: int) -> Callable[[], Any]:
+            episodes = min(count, per_batch)
+            return self._planned(lambda: self._evaluate(phase, [self.samplers[phase].episode(i)
+                                                                for i in range(episodes)]))
+
+        phases = {"train": self._planned(lambda: self.train_step(1))}
+        if cfg.val_every and "val" in self.samplers:
+            phases["val"] = evaluation("val", cfg.val_episodes)
+        return {**phases, "test": evaluation("test", cfg.test_episodes)}
 
     def _planned(self, phase: Callable[[], Any]) -> Callable[[], Any]:
         def run() -> Any:
@@ -306,8 +314,6 @@ class MahalanobisTask(Task):
         """Evaluation keeps every image's features of its episodes at once; planning traces one episode only. The
         loader's image cache and prefetched batches are host memory; training validates with a loader of its own."""
         cfg = self.cfg
-        split_items = sum(len(v) for v in self.samplers["test"].items.values())
-        images = min(split_items, cfg.test_episodes * cfg.n_way * (cfg.k_shot + cfg.n_query))
         items = sum(len(v) for sampler in self.samplers.values() for v in sampler.items.values())
         image = image_bytes(self.data, cfg.image_size)
         episode = cfg.n_way * (cfg.k_shot + cfg.n_query) * image
@@ -316,4 +322,10 @@ class MahalanobisTask(Task):
                              reads["train"])
         test = loader_bytes(cfg.image_cache_mb, items, image, cfg.workers, cfg.batch_size * image,
                             reads=reads["test"])
-        return {"train": train, "test": {"evaluation_features": images * self.model.embedding_dim * 4, **test}}
+        features = {phase: min(sum(len(v) for v in self.samplers[phase].items.values()),
+                                episodes * cfg.n_way * (cfg.k_shot + cfg.n_query)) * self.model.embedding_dim * 4
+                    for phase, episodes in (("val", cfg.val_episodes), ("test", cfg.test_episodes))
+                    if phase in self.samplers}
+        # validation runs beside training's loaders, which its own counts already
+        return {"train": train, "val": {"evaluation_features": features.get("val", 0), **train},
+                "test": {"evaluation_features": features["test"], **test}}

@@ -50,6 +50,10 @@ class ImageCache:
         self._items[item] = (value, size)
         self.bytes += size
 
+    def clear(self) -> None:
+        self._items.clear()
+        self.bytes = 0
+
 
 def tensor_bytes(value: Any) -> int:
     """Bytes of the tensors in a value (a tensor, or tuples, lists and dataclasses of them)."""
@@ -179,6 +183,12 @@ class Loaders:
     def release(self, name: str) -> None:
         """Let a phase's workers go (the test runs once)."""
         self._fixed.pop(name, None)
+
+    def drop_cache(self) -> None:
+        """Empty this process's image cache: nothing will read these images again (training is over)."""
+        cache = getattr(self.reader, "cache", None)
+        if cache is not None:
+            cache.clear()
 
 
 class _Batches:
