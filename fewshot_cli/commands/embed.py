@@ -130,6 +130,9 @@ class EmbedTask(EvaluationTask):
         prefetch = self.cfg.workers * 2 * self.cfg.batch_size * 3 * side * side * 4
         return {"test": {"loader_prefetch": prefetch}} if prefetch else {}
 
+    def plan_notes(self) -> dict[str, dict[str, str]]:
+        return {"test": {"loader_prefetch": f"{self.cfg.workers} workers x 2 batches"}}
+
     def _work_dir(self) -> Path:
         if self.ctx.run_dir is not None:
             return Path(self.ctx.run_dir)
