@@ -366,6 +366,11 @@ def advice(command: Command, resolved: Resolved, device: torch.device, limit: Li
                 f"--{_option(k)} {_value(getattr(trial.config, k))}" for k in changed))
         elif not chosen["fits"]:
             parts.append("--preset auto finds no configuration that fits")
+    elif resolved.preset == "auto":
+        chosen = [f"--{_option(k)} {_value(getattr(resolved.config, k))}" for k in command.plan_knobs
+                  if resolved.sources.get(k) == "planner"]
+        if chosen:
+            parts.append(f"--preset auto went down to {' '.join(chosen)}")
     for switch in SAVING_SWITCHES:
         if getattr(resolved.config, switch, True) is False:
             trial = copy.deepcopy(resolved)
