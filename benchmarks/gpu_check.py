@@ -80,7 +80,9 @@ def plan_components(command: str, knobs: dict[str, Any]) -> dict[str, dict[str, 
 
     cmd = load_commands()[command]
     report = plan_run(cmd, resolve(cmd.config, cmd.presets, "t4", dict(knobs)), torch.device("cuda"), 15 * 1024**3)
-    return {phase: entry["components"] for phase, entry in report["phases"].items()}
+    # the device's lines and the host's loader lines (a section of their own, with this process's resident set)
+    return {phase: {**entry["components"], **{k: v for k, v in entry["host"]["components"].items() if k in HOST_LINES}}
+            for phase, entry in report["phases"].items()}
 
 
 def check_plans(out: Path, md: list[str]) -> bool:

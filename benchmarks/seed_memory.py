@@ -54,9 +54,9 @@ def main() -> None:
         resolved = resolve(commands[name].config, commands[name].presets, preset, knobs)
         report = plan_run(commands[name], resolved, torch.device(kind), budget)
         phase = max(report["phases"], key=lambda p: report["phases"][p]["peak_bytes"])
-        peak = report["peak_bytes"] / GiB
+        peak = report["peak_bytes"] / GiB  # the device's; the host's lines are a section of their own
         lines.append(f"| {seed} | {label} | {preset} {kind} ({budget / GiB:.2f} GiB) | {peak:,.2f} "
-                     f"| {phase} | {'yes' if report['fits'] else 'no'} | {says} |")
+                     f"| {phase} | {'yes' if report['sections']['device']['fits'] else 'no'} | {says} |")
         print(lines[-1], flush=True)
     cov = ["", "The Mahalanobis covariance term alone (5 classes, float32, the d x d matrices only):", "",
            "| d | dense covariances | exact low-rank factors (25 support images) |", "|---|---|---|"]

@@ -70,6 +70,8 @@ SHARED = [
      "write live TensorBoard curves to DIR/RUN_NAME (needs fewshot[tensorboard])"),
 ]
 PLAN_SHARED = {"preset", "device", "data", "seed", "memory_budget", "json_out", "debug", "out"}
+#: options of `fewshot plan` alone, handed to its handler (not to `LaunchOptions`)
+PLAN_ONLY = [("verbose", bool, False, ("--verbose",), "", "show under each plan line where its figure comes from")]
 #: what a shared option means under `fewshot plan`, where it differs
 PLAN_HELP = {
     "preset": "one of {choices} (default: auto, the largest configuration that fits this device)",
@@ -105,11 +107,11 @@ def _choices(name: str, values: tuple[str, ...]) -> type[enum.Enum]:
 
 
 def _shared_parameters(command: Command, names: set[str] | None = None,
-                       helps: dict[str, str] | None = None) -> list[inspect.Parameter]:
+                       helps: dict[str, str] | None = None, own: list[tuple] = ()) -> list[inspect.Parameter]:
     params = []
     choices = ", ".join(preset_choices(command.presets))
-    for name, kind, default, flags, placeholder, help_text in SHARED:
-        if names is None or name in names:
+    for name, kind, default, flags, placeholder, help_text in [*SHARED, *own]:
+        if names is None or name in names or any(name == o[0] for o in own):
             help_text = (helps or {}).get(name, help_text)
             option = typer.Option(default, *flags, help=help_text.format(choices=choices),
                                   metavar=placeholder or None, rich_help_panel=option_panel(name))
@@ -117,18 +119,22 @@ def _shared_parameters(command: Command, names: set[str] | None = None,
     return params
 
 
-def _make(command: Command, handler, shared: set[str] | None = None, helps: dict[str, str] | None = None):
+def _make(command: Command, handler, shared: set[str] | None = None, helps: dict[str, str] | None = None,
+          own: list[tuple] = ()):
+    """The Typer entry of `command`: its knobs, the shared options (`shared`: those named, with `helps`), and the
+    handler's `own` options, which it is given by name."""
     knob_names = [f.name for f in config_fields(command.config)]
 
     def entry(ctx: typer.Context, **kwargs: Any) -> None:
         knobs = {name: _plain(kwargs.pop(name)) for name in knob_names}
         json_out, debug = kwargs.pop("json_out", False), kwargs.pop("debug", False)
+        flags = {o[0]: kwargs.pop(o[0]) for o in own}
         # which shared options were typed, as opposed to defaulted: --resume and --config compare those
         given = {n for n in kwargs if getattr(ctx.get_parameter_source(n), "name", "") == "COMMANDLINE"}
         options = LaunchOptions(**kwargs, given=frozenset(given))
-        _guarded(debug, lambda: handler(command, knobs, options, json_out))
+        _guarded(debug, lambda: handler(command, knobs, options, json_out, **flags))
 
-    params = _shared_parameters(command, shared, helps) + _knob_parameters(command)
+    params = _shared_parameters(command, shared, helps, own) + _knob_parameters(command)
     params.sort(key=lambda p: panel_rank(p.default.rich_help_panel))  # stable: each panel keeps its order
     context = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
     entry.__signature__ = inspect.Signature([context] + params)
@@ -171,9 +177,13 @@ def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-def _plan_command(command: Command, knobs: dict[str, Any], options: LaunchOptions, json_out: bool) -> None:
+def _plan_command(command: Command, knobs: dict[str, Any], options: LaunchOptions, json_out: bool,
+                  verbose: bool = False) -> None:
+    """Print the plan; one over its limit is then exit 2 with the sentence saying what would make it fit."""
     report = plan_report(command, knobs, options)
-    typer.echo(json.dumps(report, sort_keys=True) if json_out else plan_text(report))
+    typer.echo(json.dumps(report, sort_keys=True) if json_out else plan_text(report, verbose))
+    if not report["fits"]:
+        raise BadInput(report["advice"])
 
 
 for _command in COMMANDS.values():
@@ -182,7 +192,7 @@ for _command in COMMANDS.values():
     plan_app.command(_command.name,
                      cls=readable(_command, f"fewshot plan {_command.name} --preset t4", "docs/memory.md"),
                      help=f"Predict the peak memory of each phase of this {_command.name} run, without running "
-                          f"it.")(_make(_command, _plan_command, PLAN_SHARED, PLAN_HELP))
+                          f"it.")(_make(_command, _plan_command, PLAN_SHARED, PLAN_HELP, PLAN_ONLY))
 
 
 @app.command("env", cls=readable(example="fewshot env --json", docs="docs/runs.md"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import textwrap
 from collections.abc import Callable
 from contextlib import ExitStack, nullcontext
 from typing import Any
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 from fewshot_cli.errors import BadInput
-from fewshot_cli.memory.limits import Limit, size_text
+from fewshot_cli.memory.limits import Limit, host_limits, size_text, tightest
 from fewshot_cli.onednn_copies import ConvCopies
 from fewshot_cli.runner import faults
 from fewshot_cli.runner.config import Resolved
@@ -114,9 +115,12 @@ def _fake() -> ExitStack:
 
 
 def trace(command: Command, config: Any, seed: int = 0, fake: bool = True,
-          observe: Callable[[str, str], None] | None = None) -> dict[str, dict[str, int]]:
+          observe: Callable[[str, str], None] | None = None, notes: dict[str, Any] | None = None
+          ) -> dict[str, dict[str, int]]:
     """Per phase, the bytes of each kind at that phase's peak: with `fake`, nothing is allocated for real; without,
-    the same steps run for real on the CPU under the same tracker (to check the prediction)."""
+    the same steps run for real on the CPU under the same tracker (to check the prediction). `notes`, where given,
+    receives the task's `plan_notes` (`lines`) and what a model built without its weights came from
+    (`planned_from`)."""
     cfg = copy.deepcopy(config)
     for name in ("weights", "init"):  # the values of the weights change no tensor's size: trace none
         if hasattr(cfg, name):
@@ -125,8 +129,11 @@ def trace(command: Command, config: Any, seed: int = 0, fake: bool = True,
     task_class = command.task  # imported before fake mode: a module's own tensors (constants) must be real
     with _fake() if fake else ExitStack(), patch.object(faults, "in_micro_step", lambda cfg: None):
         torch.manual_seed(seed)
-        task = task_class(cfg, RunContext(device=torch.device("cpu"), seed=seed, run_dir=None))
+        task = task_class(cfg, RunContext(device=torch.device("cpu"), seed=seed, run_dir=None, planning=True))
         extra = task.plan_extra_bytes()
+        if notes is not None:
+            notes["lines"] = task.plan_notes() if hasattr(task, "plan_notes") else {}
+            notes["planned_from"] = getattr(task.model, "planned_from", None)
         for phase, step in task.plan_phases().items():
             tracker = StepTracker()
             tracker.track_external(*(m for m in (task.model, getattr(task, "optimizer", None)) if m is not None))
@@ -195,7 +202,7 @@ def device_terms(device: torch.device, components: dict[str, int], baseline: int
     return {**terms, "startup_baseline": baseline} if baseline else terms
 
 
-#: where each of the device's own plan lines comes from, printed beside it
+#: where each of the device's own plan lines comes from: shown in full under `fewshot plan --verbose`
 TERM_NOTES = {
     "cuda_context": "context and loaded kernels, outside the allocator: measured on an H100, results/gpu_check.md",
     "cuda_workspaces": "cuBLAS/cuDNN workspaces: peak allocated less traced, measured, results/gpu_check.md",
@@ -208,6 +215,38 @@ TERM_NOTES = {
     "cpu_runtime": "kernels, thread pools and autograd's engine a run's first steps load (and with --amp, "
                    "bf16 evaluation's kernels): measured, results/plan_accuracy.md",
 }
+#: the same in a few words, printed beside each line (a plan's lines fit 80 columns)
+TERM_TAGS = {
+    "cuda_context": "measured, H100",
+    "cuda_workspaces": "measured, H100",
+    "cuda_allocator": f"{CUDA_ALLOCATOR:.1%} of traced, measured, H100",
+    "mps_allocator": f"{MPS_OVERHEAD - 1:.0%}, not yet measured",
+    "onednn_copies": "from the convolutions' shapes",
+    "startup_baseline": "this process, measured now",
+    "cpu_runtime": "measured, glibc",
+}
+#: where the other lines come from, shown under --verbose
+LINE_SOURCES = {
+    "parameters": "traced: the model's parameters",
+    "buffers": "traced: the model's buffers (batch-norm statistics, constants)",
+    "gradients": "traced: the parameters' gradients",
+    "optimizer_state": "traced: the optimizer's state (Adam's two moments), live from the second step on",
+    "activations": "traced: what the step keeps for backward or holds at its peak, under fake tensors",
+    "temporaries": "traced: tensors the step frees before it ends",
+    "image_cache": "decoded images a loader keeps for reuse: --image-cache-mb per loader, split among its "
+                   "--workers, bounded by the images the run has read by then; training validates with a loader "
+                   "of its own, so its phase holds two caches (the command's plan_extra_bytes)",
+    "loader_prefetch": "batches the loaders' --workers hold ready, the prefetch factor per worker "
+                       "(fewshot_cli/data/loader.py)",
+    "evaluation_features": "features an evaluation keeps across its episodes (the command's plan_extra_bytes)",
+}
+#: knobs besides a command's `plan_knobs` that decide a peak: a plan's header names those the command has
+HEADER_KNOBS = ("backbone", "model", "image_size", "n_way", "k_shot", "n_query", "batch_size",
+                "triplet_batch_size", "proposals_top_k", "amp", "checkpoint_activations", "workers", "image_cache_mb")
+#: switches that lower a peak: a plan over its limit says whether each alone would fit
+SAVING_SWITCHES = ("amp", "checkpoint_activations")
+_SOURCES = {"cli": "given", "config": "--config", "planner": "planner"}
+WIDTH = 80  # a plan's lines fit a terminal of 80 columns
 
 
 def startup_baseline(device: torch.device) -> int:
@@ -217,25 +256,65 @@ def startup_baseline(device: torch.device) -> int:
 
 
 def plan_run(command: Command, resolved: Resolved, device: torch.device, budget: int | None,
-             limit_text: str | None = None) -> dict[str, Any]:
-    """The contract's plan report: per phase its components and peak, the budget (the limit the run is held to,
-    named by `limit_text`), and whether it fits."""
+             limit_text: str | None = None, host: Limit | None = None) -> dict[str, Any]:
+    """The contract's plan report: per phase its lines and peak, the limit the run is held to (`budget`, named by
+    `limit_text`) and whether it fits. On CUDA and MPS the host's lines (loaders' caches and batches, this process)
+    are a section of their own against the host's limit (`host`; default: the tightest of `host_limits`):
+    `phases[P]` holds the device's lines and `phases[P]["host"]` the host's. On the CPU there is one section, the
+    host's. `fits`: every section does."""
     budget = budget or device_memory_bytes(device)
     for name in getattr(command.task, "plan_libraries", ()):  # loaded lazily by a phase: the baseline counts them
         importlib.import_module(name)
     baseline = startup_baseline(device)  # before tracing, which loads more of torch
+    host_baseline = psutil.Process().memory_info().rss if device.type != "cpu" else 0
+    notes: dict[str, Any] = {}
+    traced = trace(command, resolved.config, notes=notes)
     phases = {}
-    traced = trace(command, resolved.config)
     for phase, components in traced.items():
         components = {k: v for k, v in components.items() if device.type == "cpu" or k not in CPU_LINES}
         bf16_evaluation = "train" in traced and phase != "train" and bool(getattr(resolved.config, "amp", False))
         components = {**components, **device_terms(device, components, baseline, "train" in traced,
                                                    bf16_evaluation)}
-        phases[phase] = {"peak_bytes": sum(components.values()), "components": components}
-    peak = max((p["peak_bytes"] for p in phases.values()), default=0)
-    return {"command": command.name, "device": str(device), "budget_bytes": budget, "peak_bytes": peak,
-            "limit": limit_text or "the device's memory", "usable_bytes": int(budget * (1 - MARGIN)),
-            "phases": phases, "fits": peak <= budget * (1 - MARGIN)}
+        phases[phase] = _split(device, components, host_baseline)
+    main = "host" if device.type == "cpu" else "device"
+    sections = {main: _verdict(phases, budget, limit_text or "the device's memory")}
+    if device.type != "cpu":
+        host = host or tightest(host_limits())
+        sections["host"] = _verdict({p: e["host"] for p, e in phases.items()}, host.bytes, host.text)
+    first = sections[main]
+    return {"command": command.name, "device": str(device), "preset": resolved.preset,
+            "knobs": header_knobs(command, resolved), "planned_from": notes.get("planned_from"),
+            "notes": notes.get("lines", {}), "budget_bytes": budget, "peak_bytes": first["peak_bytes"],
+            "limit": first["limit"], "usable_bytes": first["usable_bytes"], "phases": phases, "sections": sections,
+            "fits": all(section["fits"] for section in sections.values())}
+
+
+def _split(device: torch.device, components: dict[str, int], host_baseline: int) -> dict[str, Any]:
+    """One phase's lines: on the CPU all in one; elsewhere the device's, with the host's under `host`."""
+    if device.type == "cpu":
+        return {"peak_bytes": sum(components.values()), "components": components}
+    on_host = {k: v for k, v in components.items() if k in HOST_LINES}
+    on_host["startup_baseline"] = host_baseline
+    on_device = {k: v for k, v in components.items() if k not in HOST_LINES}
+    return {"peak_bytes": sum(on_device.values()), "components": on_device,
+            "host": {"peak_bytes": sum(on_host.values()), "components": on_host}}
+
+
+def _verdict(phases: dict[str, dict[str, Any]], budget: int, limit_text: str) -> dict[str, Any]:
+    """A section's peak over its phases against its limit, with the planner's margin kept free."""
+    phase = max(phases, key=lambda p: phases[p]["peak_bytes"]) if phases else None
+    peak = phases[phase]["peak_bytes"] if phase else 0
+    usable = int(budget * (1 - MARGIN))
+    return {"limit": limit_text, "budget_bytes": budget, "usable_bytes": usable, "peak_bytes": peak,
+            "peak_phase": phase, "fits": peak <= usable}
+
+
+def header_knobs(command: Command, resolved: Resolved) -> dict[str, dict[str, Any]]:
+    """The knobs that decide the peak, in the order a header names them, each with its value and source."""
+    names = [*command.plan_knobs, *(k for k in HEADER_KNOBS if k not in command.plan_knobs)]
+    cfg = resolved.config
+    return {k: {"value": getattr(cfg, k), "source": resolved.sources.get(k, "default")}
+            for k in names if hasattr(cfg, k)}
 
 
 def fit(command: Command, resolved: Resolved, device: torch.device, limit: Limit, force: bool = False
@@ -268,12 +347,72 @@ def checked_record(command: Command, resolved: Resolved, device: torch.device) -
 
 def refusal(command: Command, resolved: Resolved, report: dict[str, Any], limit: Limit) -> str:
     """The one sentence a plan over its limit is refused with: the limit, its source, the need, what to lower."""
-    phase = max(report["phases"], key=lambda p: report["phases"][p]["peak_bytes"])
+    name, section = _failing(report)
+    on_host = name == "host" and len(report["sections"]) > 1
+    text, size = (section["limit"], section["budget_bytes"]) if on_host else (limit.text, limit.bytes)
     knobs = [k for k in command.plan_knobs if resolved.sources.get(k) != "planner"] or list(command.plan_knobs)
-    lower = ", ".join(f"--{k.replace('_', '-')}" for k in knobs) or "the configuration"
-    return (f"The plan does not fit: {limit.text} is {size_text(limit.bytes)}, and the plan needs "
-            f"{size_text(report['peak_bytes'])} at its peak ({phase}) with {MARGIN:.0%} kept free; lower {lower} "
-            f"(--preset auto picks what fits), or pass --force to run anyway and back off.")
+    lower = ", ".join(f"--{_option(k)}" for k in knobs) or "the configuration"
+    return (f"The plan does not fit: {'host memory: ' if on_host else ''}{text} is {size_text(size)}, and the plan "
+            f"needs {size_text(section['peak_bytes'])} at its peak ({section['peak_phase']}) with {MARGIN:.0%} kept "
+            f"free; lower {lower} (--preset auto picks what fits), or pass --force to run anyway and back off.")
+
+
+def advice(command: Command, resolved: Resolved, device: torch.device, limit: Limit, report: dict[str, Any]
+           ) -> str:
+    """The one sentence a plan over its limit ends with: what it needs of what, the knobs `--preset auto` would
+    choose (planned on a copy: `resolved` is left as it is), and whether each of `SAVING_SWITCHES` alone fits."""
+    parts = [_shortfall(report)]
+    if resolved.preset != "auto" and command.plan_knobs:
+        trial = copy.deepcopy(resolved)
+        trial.preset = "auto"
+        chosen = _choose(command, trial, device, limit)
+        changed = [k for k in command.plan_knobs if getattr(trial.config, k) != getattr(resolved.config, k)]
+        if chosen["fits"] and changed:
+            parts.append("--preset auto would run with " + " ".join(
+                f"--{_option(k)} {_value(getattr(trial.config, k))}" for k in changed))
+        elif not chosen["fits"]:
+            parts.append("--preset auto finds no configuration that fits")
+    elif resolved.preset == "auto":
+        chosen = [f"--{_option(k)} {_value(getattr(resolved.config, k))}" for k in command.plan_knobs
+                  if resolved.sources.get(k) == "planner"]
+        if chosen:
+            parts.append(f"--preset auto went down to {' '.join(chosen)}")
+    for switch in SAVING_SWITCHES:
+        if getattr(resolved.config, switch, True) is False:
+            trial = copy.deepcopy(resolved)
+            trial.set(switch, True, "cli")
+            tried = plan_run(command, trial, device, limit.bytes, limit.text)
+            _, worst = _failing(tried)
+            verdict = "fits" if tried["fits"] else "does not fit"
+            parts.append(f"--{_option(switch)} alone {verdict} ({size_text(worst['peak_bytes'])} at its peak)")
+    return "; ".join(parts) + "."
+
+
+def _failing(report: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The section furthest over (or least under) its usable memory, and its name."""
+    return max(report["sections"].items(), key=lambda kv: kv[1]["peak_bytes"] / max(1, kv[1]["usable_bytes"]))
+
+
+def _shortfall(report: dict[str, Any]) -> str:
+    """`The plan does not fit: needs X at its peak (train) of Y usable (LIMIT less 10%)`, per section over."""
+    said = []
+    for name, section in report["sections"].items():
+        if not section["fits"]:
+            where = "host memory " if name == "host" and len(report["sections"]) > 1 else ""
+            said.append(f"{where}needs {size_text(section['peak_bytes'])} at its peak ({section['peak_phase']}) of "
+                        f"{size_text(section['usable_bytes'])} usable ({section['limit']} less {MARGIN:.0%})")
+    return "The plan does not fit: " + ", and ".join(said)
+
+
+def _option(knob: str) -> str:
+    return knob.replace("_", "-")
+
+
+def _value(value: Any) -> str:
+    """A knob's value as a command line writes it."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return "none" if value is None else str(value)
 
 
 def record(report: dict[str, Any]) -> dict[str, Any]:
@@ -306,19 +445,69 @@ def _choose(command: Command, resolved: Resolved, device: torch.device, limit: L
     return report
 
 
-def render(report: dict[str, Any]) -> str:
-    """The plan as a text table, one block per phase."""
-    lines = [f"plan for {report['command']} on {report['device']}"]
-    for phase, entry in report["phases"].items():
-        lines.append(f"  {phase}")
-        for name, size in sorted(entry["components"].items(), key=lambda kv: -kv[1]):
-            note = f"  ({TERM_NOTES[name]})" if name in TERM_NOTES else ""
-            lines.append(f"    {name:<22}{size / MiB:>14,.1f} MiB{note}")
-        lines.append(f"    {'peak':<22}{entry['peak_bytes'] / MiB:>14,.1f} MiB")
-    usable, peak = report["usable_bytes"], report["peak_bytes"]
-    verdict = "fits" if report["fits"] else "does NOT fit"
-    lines.append(f"  limit: {report.get('limit', 'the budget')}")
-    lines.append(f"  budget {report['budget_bytes'] / MiB:,.0f} MiB (usable {usable / MiB:,.0f} MiB): {verdict}, "
-                 f"{abs(usable - peak) / MiB:,.0f} MiB {'to spare' if report['fits'] else 'over'}")
+def render(report: dict[str, Any], verbose: bool = False) -> str:
+    """The plan as text of at most 80 columns: a header (command, device, preset, the knobs that decide the peak),
+    then one section per memory (the device's, and on CUDA and MPS the host's), each its phases' lines against its
+    own limit and its verdict. `verbose` adds each line's source under it."""
+    lines = _header(report)
+    sections = report["sections"]
+    for name, section in sections.items():
+        on_host = name == "host" and len(sections) > 1
+        title = "host memory" if name == "host" else f"device memory ({report['device']})"
+        lines += _wrap(f"{title}: {section['limit']}, {size_text(section['budget_bytes'])}, {MARGIN:.0%} kept free",
+                       "", "  ")
+        for phase, entry in report["phases"].items():
+            part = entry["host"] if on_host else entry
+            notes = report.get("notes", {}).get(phase, {})
+            lines.append(f"  {phase}")
+            for line, size in sorted(part["components"].items(), key=lambda kv: -kv[1]):
+                lines.append(_line(line, size, notes.get(line) or TERM_TAGS.get(line, "")))
+                source = TERM_NOTES.get(line) or LINE_SOURCES.get(line)
+                if verbose and source:
+                    lines += _wrap(f"source: {source}", "      ", "        ")
+            lines.append(f"    {'peak':<20}{part['peak_bytes'] / MiB:>12,.1f} MiB")
+        lines += _wrap(_section_verdict(section), "  ", "    ")
     return "\n".join(lines) + "\n"
 
+
+def _header(report: dict[str, Any]) -> list[str]:
+    """What the plan is for: command, device, preset and the knobs that decide its peak, with their sources."""
+    lines = [f"plan for {report['command']} on {report['device']}, preset {report.get('preset')}"]
+    preset = report.get("preset")
+    sources = {**_SOURCES, "preset": preset if preset and preset != "auto" else "preset"}
+    items = [f"--{_option(k)} {_value(v['value'])} ({sources.get(v['source'], v['source'])})"
+             for k, v in report.get("knobs", {}).items()]
+    row = "  knobs:"
+    for i, item in enumerate(items):
+        item += "," if i < len(items) - 1 else ""
+        if len(row) + 1 + len(item) > WIDTH:
+            lines.append(row)
+            row = "        "
+        row += " " + item
+    lines.append(row)
+    if report.get("planned_from"):
+        lines += _wrap(f"model: planned from {report['planned_from']}", "  ", "    ")
+    return lines
+
+
+def _line(name: str, size: int, tag: str) -> str:
+    """One plan line, its tag cut to fit 80 columns."""
+    text = f"    {name:<20}{size / MiB:>12,.1f} MiB"
+    if tag:
+        room = WIDTH - len(text) - 2
+        text += "  " + (tag if len(tag) <= room else tag[:room - 3] + "...")
+    return text
+
+
+def _section_verdict(section: dict[str, Any]) -> str:
+    usable, peak = section["usable_bytes"], section["peak_bytes"]
+    if section["fits"]:
+        return (f"fits: peak {size_text(peak)} ({section['peak_phase']}) of {size_text(usable)} usable, "
+                f"{size_text(usable - peak)} to spare")
+    return (f"does NOT fit: peak {size_text(peak)} ({section['peak_phase']}) of {size_text(usable)} usable, "
+            f"{size_text(peak - usable)} over")
+
+
+def _wrap(text: str, first: str, rest: str) -> list[str]:
+    return textwrap.wrap(text, WIDTH, initial_indent=first, subsequent_indent=rest, break_on_hyphens=False,
+                         break_long_words=False) or [first]

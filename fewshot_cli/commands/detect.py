@@ -31,6 +31,7 @@ from fewshot_cli.data.loader import (
     episode_reads,
     image_bytes,
     loader_bytes,
+    loader_notes,
 )
 from fewshot_cli.episodes import Episode, EpisodeSampler
 from fewshot_cli.errors import BadInput
@@ -320,6 +321,15 @@ class DetectTask(Task):
         return {"train": {"proposal_grid": grid, "proposal_ranking": ranking, **loaded, **train},
                 "test": {"proposal_grid": grid, "proposal_ranking": ranking, "nms_inputs": nms,
                          "support_pass": support, **loaded, "previous_queries": queries, **test}}
+
+    def plan_notes(self) -> dict[str, dict[str, str]]:
+        """What the image cache and prefetch lines hold: training validates with a loader of its own."""
+        cfg = self.cfg
+        items, pixels = len(self.train_data) + len(self.test_data), image_bytes(self.train_data, cfg.image_size)
+        reads = episode_reads(cfg)
+        return {"train": loader_notes(cfg.image_cache_mb, items, pixels, cfg.workers, 2 if cfg.val_every else 1,
+                                      reads["train"]),
+                "test": loader_notes(cfg.image_cache_mb, items, pixels, cfg.workers, reads=reads["test"])}
 
     # ------------------------------------------------------------------ episodes
 

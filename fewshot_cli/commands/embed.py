@@ -106,7 +106,7 @@ class EmbedTask(EvaluationTask):
         self.threshold = parse_threshold(cfg.threshold)
         self.data: EmbedData | None = scan(Path(ctx.data)) if ctx.data else None
         self.model = build_embedder(cfg.backbone, cfg.weights, cfg.model, cfg.image_size, ctx.emit,
-                                    cfg.weights_strict).to(ctx.device)
+                                    cfg.weights_strict, planning=ctx.planning).to(ctx.device)
         self.loaded_weights = (self.model.loaded,) if self.model.loaded else ()
         self.model.eval()
         self._scratch: tempfile.TemporaryDirectory | None = None
@@ -129,6 +129,9 @@ class EmbedTask(EvaluationTask):
         side = self.model.preprocess(Image.new("RGB", (self.cfg.image_size,) * 2)).shape[-1]
         prefetch = self.cfg.workers * 2 * self.cfg.batch_size * 3 * side * side * 4
         return {"test": {"loader_prefetch": prefetch}} if prefetch else {}
+
+    def plan_notes(self) -> dict[str, dict[str, str]]:
+        return {"test": {"loader_prefetch": f"{self.cfg.workers} workers x 2 batches"}}
 
     def _work_dir(self) -> Path:
         if self.ctx.run_dir is not None:

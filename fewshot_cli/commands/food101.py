@@ -305,3 +305,7 @@ class Food101Task(Task):
         prefetch = self.cfg.workers * PREFETCH_FACTOR * batch_bytes
         loader = {"loader_prefetch": prefetch} if prefetch else {}
         return {"train": loader, "test": {**loader, "kept_train_batch": batch_bytes}}
+
+    def plan_notes(self) -> dict[str, dict[str, str]]:
+        prefetch = {"loader_prefetch": f"{self.cfg.workers} workers x {PREFETCH_FACTOR} batches"}
+        return {"train": prefetch, "test": {**prefetch, "kept_train_batch": "for an OOM retry of its step"}}

@@ -28,6 +28,7 @@ from fewshot_cli.data.loader import (
     episode_reads,
     image_bytes,
     loader_bytes,
+    loader_notes,
     stack_images,
 )
 from fewshot_cli.data.splits import FewShotSplits, open_splits
@@ -329,3 +330,12 @@ class MahalanobisTask(Task):
         # validation runs beside training's loaders, which its own counts already
         return {"train": train, "val": {"evaluation_features": features.get("val", 0), **train},
                 "test": {"evaluation_features": features["test"], **test}}
+
+    def plan_notes(self) -> dict[str, dict[str, str]]:
+        """What the image cache and prefetch lines hold: training validates with a loader of its own."""
+        cfg = self.cfg
+        items = sum(len(v) for sampler in self.samplers.values() for v in sampler.items.values())
+        image, reads = image_bytes(self.data, cfg.image_size), episode_reads(cfg)
+        train = loader_notes(cfg.image_cache_mb, items, image, cfg.workers, 2 if cfg.val_every else 1, reads["train"])
+        return {"train": train, "val": train,
+                "test": loader_notes(cfg.image_cache_mb, items, image, cfg.workers, reads=reads["test"])}

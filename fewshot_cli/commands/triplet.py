@@ -391,6 +391,12 @@ class TripletTask(Task):
             train["prefetched_episodes"] = prefetched
         return {"train": train}
 
+    def plan_notes(self) -> dict[str, dict[str, str]]:
+        cfg = self.cfg
+        return {"train": {"frame_cache": f"{cfg.frame_cache_size} frames or {cfg.frame_cache_mb} MiB at most",
+                          "episode_uint8": "the episode being trained on",
+                          "prefetched_episodes": f"{cfg.workers} workers x 2 episodes"}}
+
 
 def baseline_boxes(gt: np.ndarray, image_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Trivial per-frame predictions for a clip: a centred box of the clip's mean true box size (an oracle size,

@@ -103,6 +103,19 @@ def loader_bytes(cache_mb: int, items: int, item_bytes: int, workers: int, batch
     return out
 
 
+def loader_notes(cache_mb: int, items: int, item_bytes: int, workers: int, loaders: int = 1,
+                 reads: int | None = None) -> dict[str, str]:
+    """What `loader_bytes`' lines hold, in a few words for the plan: how many caches, and what bounds each."""
+    copies = loaders if workers else 1
+    held = min(items, reads) if reads is not None else items
+    each = f"{cache_mb} MiB" if cache_mb * MiB <= held * item_bytes else f"{held:,} images"
+    caches = {1: "one cache", 2: "train and val caches"}.get(copies, f"{copies} caches")
+    notes = {"image_cache": f"{caches}, {copies} x {each}" if copies > 1 else f"{caches} of {each}"}
+    if workers:
+        notes["loader_prefetch"] = f"{loaders * workers} workers x {PREFETCH_FACTOR} batches"
+    return notes
+
+
 def image_bytes(data: Any, image_size: int) -> int:
     """One image's bytes as a loader holds, caches and sends it: 3 x size x size of the data's `pixel_dtype`
     (uint8 for image files, float32 for the built-in data)."""

@@ -16,7 +16,7 @@ from torchvision.models import resnet50
 
 from fewshot_cli.data.images import IMAGENET_MEAN, IMAGENET_STD
 from fewshot_cli.errors import BadInput
-from fewshot_cli.models.hub import HF_BACKBONES, hf_model
+from fewshot_cli.models.hub import HF_BACKBONES, HF_MODELS, hf_local, hf_model
 from fewshot_cli.models.names import EMBEDDER_BACKBONES
 from fewshot_cli.models.weights import load_pretrained
 
@@ -98,12 +98,25 @@ class ResNet50(Embedder):
         return self.net(pixels)
 
 
+#: the configuration and image processor of each Hugging Face backbone's default model (`HF_MODELS`), as
+#: transformers' defaults give them (CLIPConfig(): ViT-B/32 at 224 px with its text tower, as
+#: openai/clip-vit-base-patch32; Dinov2Config(): ViT-B/14, as facebook/dinov2-base, at the processor's 224 px):
+#: a plan is made from them where the model is not at hand
+KNOWN_CONFIGS = {"clip": ("CLIPConfig", "CLIPModel", "CLIPImageProcessor", "ViT-B/32, 224 px"),
+                 "dinov2": ("Dinov2Config", "Dinov2Model", "BitImageProcessor", "ViT-B/14, 224 px")}
+
+
 class HFEmbedder(Embedder):
     """CLIP (image tower + projection), DINOv2 or any `AutoModel` image encoder (pooled output) from a Hugging Face
-    id through the HF cache, or a local directory; preprocessed by the model's own image processor."""
+    id through the HF cache, or a local directory; preprocessed by the model's own image processor. With
+    `planning`, built from its configuration with random weights (the planner needs shapes only): the cached or
+    local config.json, else the default model's known configuration; nothing is downloaded."""
 
-    def __init__(self, kind: str, model: str | None, emit: Callable[..., None] = lambda event, **fields: None
-                 ) -> None:
+    #: what a planned model was built from, for the plan's header (None: its weights were read)
+    planned_from: str | None = None
+
+    def __init__(self, kind: str, model: str | None, emit: Callable[..., None] = lambda event, **fields: None,
+                 planning: bool = False) -> None:
         super().__init__()
         try:
             import transformers
@@ -111,6 +124,10 @@ class HFEmbedder(Embedder):
             raise BadInput(f"--backbone {kind} needs the transformers package: pip install 'fewshot[hf]'.") from None
         transformers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
+        self.kind = kind
+        if planning:
+            self._plan_from_config(transformers, kind, model)
+            return
         path, self.loaded = hf_model(kind, model)
         model_type = json.loads((path / "config.json").read_text()).get("model_type")
         expected = {"clip": "clip", "dinov2": "dinov2"}.get(kind)
@@ -126,10 +143,32 @@ class HFEmbedder(Embedder):
         except (OSError, ValueError) as err:
             raise BadInput(f"--model {model} ({path}) could not be loaded: {str(err).splitlines()[0]}") from None
         self.net = self.net.float()
-        self.kind = kind
         self.requires_grad_(False)
         self.identity = {"backbone": kind, "model": directory_digest(path)}
         emit("weights_loaded", **self.loaded, module=kind)
+
+    def _plan_from_config(self, transformers: Any, kind: str, model: str | None) -> None:
+        """The network of `--model` with random weights, from its config.json where it is here, else from the
+        known configuration of the backbone's default model."""
+        path, name = hf_local(kind, model)
+        if path is not None:
+            config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+            self.net = (transformers.CLIPModel(config) if kind == "clip" else
+                        transformers.AutoModel.from_config(config))
+            self.processor = transformers.AutoImageProcessor.from_pretrained(path, local_files_only=True)
+            self.planned_from = f"{name}'s config.json, random weights"
+        elif kind in KNOWN_CONFIGS and name == HF_MODELS[kind]:
+            config, net, processor, what = KNOWN_CONFIGS[kind]
+            self.net = getattr(transformers, net)(getattr(transformers, config)())
+            self.processor = getattr(transformers, processor)()
+            self.planned_from = f"the known configuration of {name} ({what}), random weights"
+        else:
+            raise BadInput(f"--backbone {kind} is planned from its model's config.json, and --model {name or '(none)'}"
+                           f" is neither a local directory nor in the Hugging Face cache.")
+        if any(p.dtype != torch.float32 for p in self.net.parameters()):  # under fake tensors, only if needed
+            self.net = self.net.float()
+        self.requires_grad_(False)
+        self.identity = {"backbone": kind, "model": "planned"}
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         pixels = self.processor(images=image, return_tensors="pt")["pixel_values"][0]
@@ -146,14 +185,16 @@ class HFEmbedder(Embedder):
 
 
 def build_embedder(backbone: str, weights: str | None = None, model: str | None = None, image_size: int = 32,
-                   emit: Callable[..., None] = lambda event, **fields: None, strict: bool = True) -> Embedder:
-    """The named backbone, its weights resolved (`--weights` for resnet50, `--model` for Hugging Face ones)."""
+                   emit: Callable[..., None] = lambda event, **fields: None, strict: bool = True,
+                   planning: bool = False) -> Embedder:
+    """The named backbone, its weights resolved (`--weights` for resnet50, `--model` for Hugging Face ones); with
+    `planning`, a Hugging Face backbone from its configuration alone (`HFEmbedder`)."""
     if backbone == "small":
         return SmallConvNet(image_size)
     if backbone == "resnet50":
         return ResNet50(weights, emit, strict)
     if backbone in HF_BACKBONES:
-        return HFEmbedder(backbone, model, emit)
+        return HFEmbedder(backbone, model, emit, planning)
     raise BadInput(f"--backbone must be one of {', '.join(EMBEDDER_BACKBONES)}, not {backbone!r}.")
 
 

@@ -42,6 +42,22 @@ def hf_model(kind: str, spec: str | None) -> tuple[Path, dict[str, Any]]:
     return path, record
 
 
+def hf_local(kind: str, spec: str | None) -> tuple[Path | None, str]:
+    """For planning: the local directory of `--model` (a directory, or an id's snapshot already in the HF cache)
+    and the id or path it stands for; None where it is not here. Never downloads, never opens a socket: no
+    `--model` (or `DEFAULT`) stands for the backbone's default id."""
+    if not spec or spec == PRETRAINED:
+        spec = HF_MODELS.get(kind)
+    if not spec:
+        return None, ""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return (path if (path / "config.json").is_file() else None), str(path)
+    if spec.count("/") != 1 or spec.startswith((".", "/", "~")):
+        return None, spec
+    return _cached(spec), spec
+
+
 def _snapshot(repo: str) -> Path:
     """The cached snapshot of `repo`, downloaded first when absent and the hub can be reached."""
     from huggingface_hub import constants

@@ -186,7 +186,8 @@ def _settle_weights(resolved: Resolved, data: Path | None) -> None:
 
 def plan_report(command: Command, knobs: dict[str, Any], options: LaunchOptions) -> dict[str, Any]:
     """`fewshot plan`: each phase's predicted peak for these knobs and options, and the earlier runs' checks. A plan
-    needs no device: `--preset t4` on a laptop plans for a T4."""
+    needs no device: `--preset t4` on a laptop plans for a T4. A plan over its limit carries `advice`, the sentence
+    saying what would make it fit."""
     from fewshot_cli import plan
     from fewshot_cli.memory.limits import Limit
     from fewshot_cli.runner.device import memory_limit, parse_size
@@ -207,6 +208,8 @@ def plan_report(command: Command, knobs: dict[str, Any], options: LaunchOptions)
     if preset == "auto":
         plan.fit(command, resolved, device, limit, force=True)
     report = plan.plan_run(command, resolved, device, limit.bytes, limit.text)
+    if not report["fits"]:
+        report["advice"] = plan.advice(command, resolved, device, limit, report)
     report.update(_data_record(command, resolved, options.data), data=str(options.data) if options.data else None)
     report["earlier_runs"] = earlier_checks(Path(options.out), command.name, resolved.record(), device)
     return report
@@ -219,8 +222,8 @@ def _data_record(command: Command, resolved: Resolved, data: Path | None) -> dic
     return command.describe_data(resolved.config, Path(data) if data is not None else None)
 
 
-def plan_text(report: dict[str, Any]) -> str:
-    """A plan report as `fewshot plan` prints it."""
+def plan_text(report: dict[str, Any], verbose: bool = False) -> str:
+    """A plan report as `fewshot plan` prints it; `verbose` adds each line's source."""
     from fewshot_cli import plan
     from fewshot_cli.runner.plancheck import render_earlier
 
@@ -228,7 +231,7 @@ def plan_text(report: dict[str, Any]) -> str:
     if report.get("test_data_format"):
         data += f"; test data layout {report['test_data_format']}"
     data += "\n" if data else ""
-    return plan.render(report) + data + render_earlier(report["earlier_runs"])
+    return plan.render(report, verbose) + data + render_earlier(report["earlier_runs"])
 
 
 def _device_preset_name(device: torch.device) -> str:

@@ -48,6 +48,8 @@ class RunContext:
     distributed: Any = None
     #: a `memory.guard.MemoryGuard` where the run is held to a limit the kernel enforces by killing, else None
     guard: MemoryGuard | None = None
+    #: the planner builds this task to trace it: weights that are not at hand may be left random (shapes decide)
+    planning: bool = False
 
 
 class Task(ABC):
@@ -145,6 +147,11 @@ class Task(ABC):
 
     def plan_extra_bytes(self) -> dict[str, dict[str, int]]:
         """The command's own memory terms that tracing does not see, per phase: {phase: {name: bytes}}."""
+        return {}
+
+    def plan_notes(self) -> dict[str, dict[str, str]]:
+        """Per phase, a few words on what a plan line holds: {phase: {name: note}} (`train and val caches, 2 x 256
+        MiB`). A model the planner built without reading its weights says so in its `planned_from`."""
         return {}
 
     # ------------------------------------------------------------------ what a command calls
