@@ -63,7 +63,7 @@ class PlanCheck:
             peak["device_used_mb"] = (total - free) / MiB
         error = (predicted - peak["measured_mb"]) / peak["measured_mb"]  # before rounding: a peak may round to 0.0
         fields = {"phase": phase, "predicted_mb": round(predicted, 1), **{k: round(v, 1) for k, v in peak.items()}}
-        if self.device.type == "cpu":  # the plan assumes freed tensors go back to the system (under a budget)
+        if self.device.type == "cpu":  # the plan assumes freed tensors go back to the system
             fields["freed_returned"] = freed_memory_returned()
         return {**fields, "error": round(error, 4)}
 
