@@ -17,7 +17,6 @@ from torch import nn
 from fewshot_cli.errors import BadInput
 from fewshot_cli.memory.limits import Limit, host_limits, size_text, tightest
 from fewshot_cli.onednn_copies import ConvCopies
-from fewshot_cli.runner import faults
 from fewshot_cli.runner.config import Resolved
 from fewshot_cli.runner.device import device_memory_bytes
 from fewshot_cli.runner.task import Command, RunContext
@@ -127,7 +126,7 @@ def trace(command: Command, config: Any, seed: int = 0, fake: bool = True,
             setattr(cfg, name, None)
     phases: dict[str, dict[str, int]] = {}
     task_class = command.task  # imported before fake mode: a module's own tensors (constants) must be real
-    with _fake() if fake else ExitStack(), patch.object(faults, "in_micro_step", lambda cfg: None):
+    with _fake() if fake else ExitStack():
         torch.manual_seed(seed)
         task = task_class(cfg, RunContext(device=torch.device("cpu"), seed=seed, run_dir=None, planning=True))
         extra = task.plan_extra_bytes()

@@ -103,7 +103,7 @@ class DetectTask(Task):
         self.dropped_seen = BoxCounts()
         self.test_files: tuple[dict[str, Any], list[dict[str, Any]]] | None = None
         share = cache_share(cfg.image_cache_mb, cfg.workers)
-        self.loaders = {name: Loaders(ItemReader(data, "item", share), _collate, cfg.workers, ctx.device,
+        self.loaders = {name: Loaders(ItemReader(data, "item", share, ctx.faults), _collate, cfg.workers, ctx.device,
                                       received=lambda batch, data=data: _count_dropped(data, batch), finish=_floats)
                         for name, data in (("train", self.train_data), ("test", self.test_data))}
         self.feed = Feed(self.loaders["train"], self._schedule)

@@ -154,11 +154,11 @@ class MahalanobisTask(Task):
         """The loaders of the data's images: decoded in the workers (image files' pixels travel and are cached as
         uint8, made float on the device), or with --decode-device cuda and image files, JPEGs read as bytes there
         and decoded on the GPU (the cache then holds their bytes)."""
-        cache_bytes = cache_share(cfg.image_cache_mb, cfg.workers)
+        cache_bytes, faults = cache_share(cfg.image_cache_mb, cfg.workers), self.ctx.faults
         if cfg.decode_device == "cuda" and isinstance(self.data, FewShotSplits):
-            return Loaders(ItemReader(self.data, "encoded", cache_bytes), gather, cfg.workers, device,
+            return Loaders(ItemReader(self.data, "encoded", cache_bytes, faults), gather, cfg.workers, device,
                            finish=Decoder(cfg.image_size, device))
-        return Loaders(ItemReader(self.data, cache_bytes=cache_bytes), stack_images, cfg.workers, device,
+        return Loaders(ItemReader(self.data, cache_bytes=cache_bytes, faults=faults), stack_images, cfg.workers, device,
                        finish=to_float)
 
     def total_steps(self) -> int:

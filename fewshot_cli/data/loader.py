@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from fewshot_cli.runner import faults
+from fewshot_cli.runner.faults import Faults
 
 #: batches each worker holds ready; an episode's images are a few MB at 84 px, so 4 ahead cost little
 PREFETCH_FACTOR = 4
@@ -70,14 +70,16 @@ class ItemReader(Dataset):
     """Item id -> what the dataset reads for it (`data[i]`, or `data.<method>(i)`), in whichever process asks,
     through a cache of `cache_bytes` in each process that reads (a worker's copy starts empty)."""
 
-    def __init__(self, data: Any, method: str = "__getitem__", cache_bytes: int = 0) -> None:
-        self.data, self.method = data, method
+    def __init__(self, data: Any, method: str = "__getitem__", cache_bytes: int = 0, faults: Faults | None = None
+                 ) -> None:
+        self.data, self.method, self.faults = data, method, faults
         self.cache = ImageCache(cache_bytes)
 
     def __getitem__(self, item: int) -> Any:
         value = self.cache.get(item)
         if value is None:
-            faults.in_read()
+            if self.faults is not None:
+                self.faults.read()
             value = getattr(self.data, self.method)(item)
             self.cache.put(item, value)
         return value

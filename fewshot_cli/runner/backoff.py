@@ -6,7 +6,6 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from fewshot_cli.errors import RunFailed
-from fewshot_cli.runner import faults
 from fewshot_cli.runner.config import option_name
 from fewshot_cli.runner.memory import is_oom, release
 
@@ -25,7 +24,8 @@ def evaluation_part(task: Any, phase: str, step: int, knob: str, part: Callable[
     fails with one sentence naming the phase and the knob; the training checkpoint stays for `--resume`."""
     while True:
         try:
-            faults.in_evaluation(task.cfg, phase)
+            if task.ctx.faults is not None:
+                task.ctx.faults.oom(phase)
             if task.ctx.guard is not None:
                 task.ctx.guard.check(phase, EVAL_PHASES.get(phase, phase))
             return part()

@@ -7,6 +7,7 @@ imports no torch: `--help` stays fast."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -73,10 +74,12 @@ def _run(command: Command, knobs: dict[str, Any], options: LaunchOptions, group:
          ) -> dict[str, float]:
     from fewshot_cli.runner.device import cap_memory
     from fewshot_cli.runner.distributed import agreed
+    from fewshot_cli.runner.faults import Faults
     from fewshot_cli.runner.loop import run
 
     extra: dict[str, Any] = {}  # what config.json records of the launch beside the knobs
     resolved, opts = agreed(group, lambda: _prepare(command, knobs, options, group, extra))
+    opts.faults = Faults.requested(os.environ, resolved.config, group.rank if group is not None else 0)
     if opts.budget_bytes:
         cap_memory(opts.device, opts.budget_bytes)
     return run(command, resolved, opts, extra_config=extra)

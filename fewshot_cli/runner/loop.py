@@ -21,11 +21,12 @@ import fewshot_cli
 from fewshot_cli.errors import BadInput, CannotWrite, Interrupted, RunFailed
 from fewshot_cli.memory.guard import MemoryGuard
 from fewshot_cli.memory.limits import Limit
-from fewshot_cli.runner import faults, plancheck, rundir
+from fewshot_cli.runner import plancheck, rundir
 from fewshot_cli.runner.checkpoint import load_checkpoint, save_checkpoint, save_json
 from fewshot_cli.runner.config import Resolved
 from fewshot_cli.runner.distributed import Distributed, StepFailedElsewhere, agreed
 from fewshot_cli.runner.evaluation import EvaluationTask
+from fewshot_cli.runner.faults import Faults
 from fewshot_cli.runner.input_wait import InputWait
 from fewshot_cli.runner.leaks import LeakDetector
 from fewshot_cli.runner.log import RunLog, read_log
@@ -54,6 +55,8 @@ class RunOptions:
     distributed: Distributed | None = None
     #: the limit the run is held to (`runner.device.memory_limit`); a killing one is guarded
     limit: Limit | None = None
+    #: the faults a test asked for (`runner.faults.Faults.requested`, read at launch); None in a normal run
+    faults: Faults | None = None
 
 
 def versions() -> dict[str, str]:
@@ -102,7 +105,7 @@ def build_task(command: Command, resolved: Resolved, opts: RunOptions, emit: Cal
     if guard is not None and plan:
         guard.follow_plan(plan["predicted_mb"], None if plan["fits"] else _planner(command, resolved, opts.device))
     ctx = RunContext(device=opts.device, seed=opts.seed, run_dir=None, data=opts.data, emit=emit,
-                     distributed=opts.distributed, guard=guard)
+                     distributed=opts.distributed, guard=guard, faults=opts.faults)
     return command.task(resolved.config, ctx)
 
 
@@ -352,7 +355,8 @@ def _step_with_backoff(task: Task, step: int, log: RunLog | _NoLog, knobs_change
     Data-parallel, every rank backs off together: `Task.accumulate` tells the others at the gradient sum."""
     while True:
         try:
-            faults.before_step(task.cfg, task.ctx.device)
+            if task.ctx.faults is not None:
+                task.ctx.faults.leak(task.ctx.device)
             return task.train_step(step)
         except StepFailedElsewhere as err:
             oom_message = str(err)

@@ -11,8 +11,8 @@ from torch import nn
 
 from fewshot_cli.errors import RunFailed
 from fewshot_cli.memory.guard import MemoryGuard
-from fewshot_cli.runner import faults
 from fewshot_cli.runner.distributed import StepFailedElsewhere
+from fewshot_cli.runner.faults import Faults
 from fewshot_cli.runner.memory import is_oom
 
 S = TypeVar("S")
@@ -37,10 +37,10 @@ class Accumulation:
     still meets the all-reduce, and then every rank raises StepFailedElsewhere, so all of them back off together.
     The `with` block sees every exception of the loop's body, so this holds wherever in the step memory runs out."""
 
-    def __init__(self, model: nn.Module, cfg: Any, step: int, seed: int, parts: int, group: Any, ddp: Any,
-                 guard: MemoryGuard | None = None) -> None:
-        self.model, self.cfg, self.step, self.seed, self.n_parts = model, cfg, step, seed, parts
-        self.group, self.ddp, self.guard = group, ddp, guard
+    def __init__(self, model: nn.Module, step: int, seed: int, parts: int, group: Any, ddp: Any,
+                 guard: MemoryGuard | None = None, faults: Faults | None = None) -> None:
+        self.model, self.step, self.seed, self.n_parts = model, step, seed, parts
+        self.group, self.ddp, self.guard, self.faults = group, ddp, guard, faults
         self.mine = list(range(parts)) if group is None else list(range(parts))[group.rank::group.world_size]
         self.stats = _RunningStats(model) if parts > 1 or group is not None else None
         #: figures given to `backward`, summed over this rank's micro-steps (and over the ranks once the step ends)
@@ -66,7 +66,8 @@ class Accumulation:
         """A part's slices, one micro-step each: the last slice of this rank's last part syncs the gradients."""
         for k, piece in enumerate(slices):
             self._last = self._last_part and k == len(slices) - 1
-            faults.in_micro_step(self.cfg)
+            if self.faults is not None:
+                self.faults.oom("train")
             if self.guard is not None:
                 self.guard.check("train", "training")
             yield piece

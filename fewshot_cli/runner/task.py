@@ -14,6 +14,7 @@ from torch import nn
 
 from fewshot_cli.memory.guard import MemoryGuard
 from fewshot_cli.runner.command import Command as Command  # declared without torch; imported here as before
+from fewshot_cli.runner.faults import Faults
 from fewshot_cli.runner.micro import Accumulation
 
 if TYPE_CHECKING:
@@ -50,6 +51,8 @@ class RunContext:
     guard: MemoryGuard | None = None
     #: the planner builds this task to trace it: weights that are not at hand may be left random (shapes decide)
     planning: bool = False
+    #: the faults a test asked for (`runner.faults.Faults`), read once at launch; None in a normal run
+    faults: Faults | None = None
 
 
 class Task(ABC):
@@ -160,8 +163,8 @@ class Task(ABC):
         """Step `step`'s gradient over its `parts` parts, for the command's own loop: `with self.accumulate(step,
         parts) as grads: for j in grads.parts(): for piece in grads.micro_steps(pieces): ... grads.backward(loss,
         **figures)`; `grads.sums` then holds the figures summed over the step (see `runner.micro.Accumulation`)."""
-        return Accumulation(self.model, self.cfg, step, step_seed(self.ctx.seed, step), parts, self.ctx.distributed,
-                            self._ddp, self.ctx.guard)
+        return Accumulation(self.model, step, step_seed(self.ctx.seed, step), parts, self.ctx.distributed, self._ddp,
+                            self.ctx.guard, self.ctx.faults)
 
     def my_share(self, items: list[Any]) -> list[Any]:
         """This rank's share of a list (items rank, rank + N, ...); the whole list in one process."""
