@@ -185,3 +185,43 @@ def test_a_command_pages_preset_table_gives_the_presets_values(name: str) -> Non
         knob = cells[0].strip("`").removeprefix("--").replace("-", "_")
         expected = [_shown(command.presets.get(p, {}).get(knob, defaults[knob])) for p in presets]
         assert cells[1:] == expected, f"docs/commands/{name}.md: {cells[0]} is {expected} at {presets}"
+
+
+def _section(page: str, heading: str) -> str:
+    text = (ROOT / page).read_text()
+    start = text.index(heading)
+    end = text.find("\n#", start + len(heading))
+    return text[start:end if end != -1 else len(text)]
+
+
+def test_the_device_lines_planning_md_names_are_the_planners() -> None:
+    import torch
+
+    from fewshot_cli import plan
+
+    named = set(re.findall(r"`([a-z]+(?:_[a-z0-9]+)+)`", _section("docs/internals/planning.md",
+                                                                  "## The device's own lines")))
+    made = {name for device in ("cuda", "mps", "cpu")
+            for name in plan.device_terms(torch.device(device), {}, baseline=1)}
+    assert named == made
+
+
+def test_the_host_lines_planning_md_lists_are_the_planners() -> None:
+    from fewshot_cli import plan
+
+    text = (ROOT / "docs/internals/planning.md").read_text()
+    listed = re.search(r"`plan\.HOST_LINES` \(([^)]*)\)", text).group(1)
+    assert set(re.findall(r"`([a-z_0-9]+)`", listed)) == set(plan.HOST_LINES)
+
+
+def test_the_training_step_writing_a_command_shows_is_mahalanobis_trains() -> None:
+    """Each line of the page's step, but for elisions and comments, is a line of the command's `train_step`."""
+    import inspect
+
+    from fewshot_cli.commands.mahalanobis import MahalanobisTask
+
+    block = _section("docs/internals/writing-a-command.md", "## A training step").split("```python\n", 1)[1]
+    source = {line.strip() for line in inspect.getsource(MahalanobisTask.train_step).splitlines()}
+    shown = [line.split("  #")[0].strip() for line in block.split("```", 1)[0].splitlines()]
+    missing = [line for line in shown if line and "..." not in line and line not in source]
+    assert not missing
