@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import embed_run, read_csv
+from conftest import embed_run, evaluate, read_csv
 from PIL import Image
 
 from fewshot_cli.commands.embed import EmbedConfig, EmbedTask, leave_one_out_threshold
@@ -116,8 +116,7 @@ def test_corrupt_file_is_skipped_counted_and_listed(tmp_path):
     run_dir.mkdir()
     task = EmbedTask(cfg, RunContext(device=CPU, seed=0, run_dir=run_dir, data=data,
                                      emit=lambda event, **f: events.append((event, f))))
-    with torch.inference_mode():
-        metrics = task.finish(task.evaluate("test", 0))
+    metrics = task.finish(evaluate(task, "test", 0))
     assert metrics["unreadable_images"] == 1
     assert str(bad.resolve()) in (run_dir / "unreadable.txt").read_text()
     assert all(row["path"] != "category-00/6.preprocessed/broken.png" for row in read_csv(run_dir / "predictions.csv"))
