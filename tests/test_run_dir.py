@@ -41,7 +41,8 @@ def _tmpfs(where: Path, options: str) -> Iterator[Path]:
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True,
                           text=True)
     if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (mounting needs CAP_SYS_ADMIN): {done.stderr.strip()}")
+        pytest.skip("cannot mount a tmpfs here (mounting needs CAP_SYS_ADMIN): "
+                    f"{(done.stderr.strip().splitlines() or ['mount failed'])[0]}")
     try:
         yield where
     finally:
