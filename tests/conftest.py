@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fewshot_cli.runner.loop import _evaluate as evaluate
 from fewshot_cli.runner.task import RunContext, Task
 
 # A mahalanobis-train run of a few seconds: tiny images, few episodes, a short test.
@@ -61,9 +62,7 @@ def embed_run(run_dir: Path, data: Path | None = None, **knobs) -> tuple:
         setattr(cfg, name, value)
     run_dir.mkdir(parents=True, exist_ok=True)
     task = EmbedTask(cfg, RunContext(device=torch.device("cpu"), seed=0, run_dir=run_dir, data=data))
-    with torch.inference_mode():
-        metrics = task.evaluate("test", 0)
-    return task, task.finish(metrics)
+    return task, task.finish(evaluate(task, "test", 0))  # as a run evaluates: eval mode, under inference_mode
 
 
 class ToyTask(Task):

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from conftest import SMALL, events, fewshot
 
+from fewshot_cli.runner.checkpoint import load_checkpoint
+
 
 def test_a_run_writes_config_log_metrics_and_checkpoint(runs: Path) -> None:
     result = fewshot("mahalanobis-train", *SMALL, "--out", runs, "--name", "r", "--json")
@@ -88,15 +90,31 @@ def test_sigterm_checkpoints_and_resume_ends_with_the_uninterrupted_metrics(runs
     assert steps[-1] == 40 and sorted(set(steps)) == list(range(1, 41))
 
 
-def test_kill_9_loses_at_most_the_line_being_written(runs: Path) -> None:
-    proc = _start(["mahalanobis-train", *SMALL, "--episodes", "200", "--out", runs, "--name", "k"])
-    _wait_for_step(runs / "k", 4)
-    proc.kill()
-    proc.wait()
-    lines = (runs / "k" / "log.jsonl").read_text().splitlines()
-    parsed = [json.loads(line) for line in lines[:-1]]
-    assert parsed[0]["event"] == "run_start"
-    assert len([e for e in parsed if e["event"] == "step"]) >= 3
+def test_kill_9_keeps_every_step_logged_before_it(runs: Path) -> None:
+    args = ["mahalanobis-train", *SMALL, "--episodes", "40", "--out", runs]
+    assert fewshot(*args, "--name", "whole").returncode == 0
+    proc = _start([*args, "--name", "k"])
+    checkpoint = runs / "k" / "checkpoint.pt"
+    deadline = time.time() + 120
+    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    # the checkpoint is written after its step's event: stopped now, the log must already hold that step on disk,
+    # whatever the process still has in memory; the kill then loses nothing that was logged
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        assert checkpoint.exists(), "no checkpoint before the run ended"
+        saved_at = load_checkpoint(checkpoint)["step"]
+    finally:
+        proc.kill()
+        proc.wait()
+    text = (runs / "k" / "log.jsonl").read_text()
+    assert text.endswith("\n"), "the last logged event is cut: not flushed when written"
+    logged = [json.loads(line) for line in text.splitlines()]
+    assert logged[0]["event"] == "run_start"
+    steps = [(s["step"], s["loss"], s["episode_hash"]) for s in logged if s["event"] == "step"]
+    assert len(steps) >= saved_at >= 2
+    whole = [(s["step"], s["loss"], s["episode_hash"]) for s in events(runs / "whole", "step")]
+    assert steps == whole[:len(steps)]
 
 
 def test_a_simulated_oom_backs_off_with_gradient_accumulation_and_finishes(runs: Path) -> None:

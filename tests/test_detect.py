@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import evaluate
 from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -155,9 +156,7 @@ def test_nms_and_focal_loss_are_torchvisions(monkeypatch: pytest.MonkeyPatch) ->
     task = tiny_task(score_threshold=0.0)
     task.train_step(1)
     assert calls["focal"] > 0
-    task.model.eval()
-    with torch.inference_mode():
-        task.evaluate("val", 1)
+    evaluate(task, "val", 1)
     assert calls["nms"] > 0
 
 
@@ -197,9 +196,7 @@ def test_a_tiny_coco_dataset_trains_and_is_scored_by_pycocotools_from_the_writte
     task = tiny_task(run_dir, data=data, novel_classes="thing4,thing5", score_threshold=0.0)
     for step in (1, 2):
         assert math.isfinite(task.train_step(step)["loss"])
-    task.model.eval()
-    with torch.inference_mode():
-        metrics = task.finish(task.evaluate("test", 2))
+    metrics = task.finish(evaluate(task, "test", 2))
     gt = COCO(str(run_dir / "gt.json"))
     assert {c["name"] for c in gt.dataset["categories"]} == {"thing4", "thing5"}
     assert len(gt.getAnnIds()) > 0

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import evaluate as runner_evaluate
 from conftest import events, fewshot
 from PIL import Image
 
@@ -63,11 +64,7 @@ def run_steps(task: Food101Task, first: int, last: int) -> None:
 
 
 def evaluate(task: Food101Task) -> dict[str, float]:
-    task.model.eval()
-    with torch.inference_mode():
-        metrics = task.evaluate("test", task.total_steps())
-    task.model.train()
-    return metrics
+    return runner_evaluate(task, "test", task.total_steps())
 
 
 def test_trains_on_a_tree_in_the_food101_layout(tmp_path):

@@ -264,7 +264,10 @@ def test_an_on_disk_train_test_folder_trains_and_is_scored(tmp_path: Path) -> No
                      tmp_path / "runs", "--name", "disk", "--json")
     assert result.returncode == 0, result.stderr
     metrics = json.loads(result.stdout)
-    assert metrics["test_episodes"] == 10 and 0.0 <= metrics["accuracy"] <= 1.0
+    assert metrics["test_episodes"] == 10
+    # each test class is one colour: even a few steps tell them apart far better than chance
+    n_way = json.loads((tmp_path / "runs" / "disk" / "config.json").read_text())["knobs"]["n_way"]["value"]
+    assert metrics["accuracy"] >= 1 / n_way + 0.5, metrics
 
 
 def test_image_files_travel_as_uint8_and_reach_the_step_as_the_readers_floats(tmp_path: Path) -> None:

@@ -32,14 +32,17 @@ def _one_sentence(result: subprocess.CompletedProcess, code: int, *needles: str)
 
 @contextmanager
 def _tmpfs(where: Path, options: str) -> Iterator[Path]:
-    """A small filesystem of its own at `where` (root only): full or read-only without touching the real disk."""
+    """A small filesystem of its own at `where`, full or read-only without touching the real disk. Mounting needs
+    CAP_SYS_ADMIN (root in a container usually lacks it; a user namespace's root may have it): the mount is tried,
+    and the test skipped with mount's own answer when it is refused."""
     where.mkdir(parents=True, exist_ok=True)
     if shutil.which("mount") is None:
         pytest.skip("no mount command here to make a small tmpfs")
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True,
                           text=True)
     if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
+        pytest.skip("cannot mount a tmpfs here (mounting needs CAP_SYS_ADMIN): "
+                    f"{(done.stderr.strip().splitlines() or ['mount failed'])[0]}")
     try:
         yield where
     finally:

@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import fewshot
+from torch import nn
 
 from fewshot_cli.episodes import EpisodeSampler
 from fewshot_cli.errors import BadInput
+from fewshot_cli.runner.command import Command
+from fewshot_cli.runner.config import EvaluationConfig
+from fewshot_cli.runner.config import resolve as resolve_config
 from fewshot_cli.runner.device import parse_size, resolve_device
+from fewshot_cli.runner.evaluation import EvaluationTask
 from fewshot_cli.runner.leaks import LeakDetector
 from fewshot_cli.runner.log import RunLog, read_log
+from fewshot_cli.runner.loop import RunOptions, run
 from fewshot_cli.runner.metrics import RunningMean
+from fewshot_cli.runner.task import RunContext
 
 ITEMS = {c: list(range(c * 30, (c + 1) * 30)) for c in range(10)}
 
@@ -90,9 +99,10 @@ def test_sizes_parse(text: str, size: int) -> None:
     assert parse_size(text) == size
 
 
-def test_auto_device_is_cpu_here_and_cpu_is_always_there() -> None:
+def test_auto_device_picks_the_accelerator_there_is_and_cpu_without_one() -> None:
+    expected = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
     assert resolve_device("cpu").type == "cpu"
-    assert resolve_device("auto").type in ("cpu", "cuda", "mps")
 
 
 def test_presets_list_every_preset_for_every_command() -> None:
@@ -121,3 +131,32 @@ def test_one_jump_in_a_short_run_is_not_a_leak() -> None:
 def test_a_leak_in_a_short_run_is_still_flagged() -> None:
     detector = LeakDetector.for_run(45)
     assert [v for s in range(1, 46) for v in detector.observe(s, {"rss_mb": 800 + 8.0 * s})]
+
+
+@dataclass
+class _ProbeConfig(EvaluationConfig):
+    pass
+
+
+class InferenceProbe(EvaluationTask):
+    """An evaluation-only task that reports how the runner called its `evaluate`."""
+
+    def __init__(self, cfg: _ProbeConfig, ctx: RunContext) -> None:
+        super().__init__(cfg, ctx)
+        self.model = nn.Linear(2, 2)
+
+    def evaluate(self, phase: str, step: int) -> dict[str, float]:
+        made = self.model(torch.ones(1, 2))
+        return {"inference_mode": float(torch.is_inference_mode_enabled()), "tensor_is_inference":
+                float(made.is_inference()), "grad": float(made.requires_grad), "training": float(self.model.training)}
+
+    def plan_phases(self) -> dict:
+        return {"test": lambda: self.model(torch.ones(1, 2))}
+
+
+def test_the_runner_evaluates_under_inference_mode_in_eval_mode(tmp_path: Path) -> None:
+    command = Command(name="probe", help="", config=_ProbeConfig, presets={}, task_path=f"{__name__}:InferenceProbe",
+                      primary_metric="inference_mode", evaluation_only=True)
+    resolved = resolve_config(_ProbeConfig, {}, "cpu", {})
+    metrics = run(command, resolved, RunOptions(device=torch.device("cpu"), out=tmp_path, name="p", quiet=True))
+    assert metrics == {"inference_mode": 1.0, "tensor_is_inference": 1.0, "grad": 0.0, "training": 0.0}

@@ -10,6 +10,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import evaluate
 from PIL import Image
 
 from fewshot_cli.commands.triplet import (
@@ -186,9 +187,7 @@ def test_a_validation_run_twice_leaves_no_retained_objects() -> None:
 
 def test_validation_returns_plain_floats() -> None:
     task = tiny_task()
-    task.model.eval()
-    with torch.inference_mode():
-        metrics = task.evaluate("test", 1)
+    metrics = evaluate(task, "test", 1)
     assert {"st_iou", "box_ap50", "test_episodes", "st_iou_centre_box", "st_iou_whole_frame"} <= set(metrics)
     assert all(type(v) is float for v in metrics.values())
     assert metrics["test_episodes"] == 2.0

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import threading
 import time
 from pathlib import Path
 
@@ -15,7 +17,15 @@ from conftest import SMALL, events, fewshot
 
 from fewshot_cli.errors import BadInput
 from fewshot_cli.models.backbones import build_backbone
-from fewshot_cli.models.weights import cache_path, load_into, read_state_dict, resolve, sha256, torchvision_weights
+from fewshot_cli.models.weights import (
+    cache_path,
+    download,
+    load_into,
+    read_state_dict,
+    resolve,
+    sha256,
+    torchvision_weights,
+)
 
 CLIP_ID = "openai/clip-vit-base-patch32"
 
@@ -154,6 +164,27 @@ def test_missing_torchvision_weights_exit_2_naming_the_cache_path_within_seconds
     assert str(expected) in result.stderr and "Traceback" not in result.stderr
     assert "get_weight('ResNet18_Weights.IMAGENET1K_V1')" in result.stderr
     assert not list(runs.glob("*/log.jsonl"))
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_a_server_that_never_answers_fails_the_download_at_its_timeout(tmp_path, scheme) -> None:
+    # a real listening socket: the kernel accepts the connection, and nothing ever reads the request or replies
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        # a download that would wait for ever is cut off at 5 s by a reset, so the test fails instead of hanging
+        cut_off = threading.Timer(5.0, silent.close)
+        cut_off.start()
+        url = f"{scheme}://127.0.0.1:{silent.getsockname()[1]}/resnet18-f37072fd.pth"
+        path = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+        started = time.monotonic()
+        with pytest.raises(BadInput) as refused:
+            download(url, path, "--weights DEFAULT", timeout_s=0.5)
+        waited = time.monotonic() - started
+        cut_off.cancel()
+    assert 0.5 <= waited < 5  # gave up because of the timeout: not at once, and not hanging
+    message = str(refused.value)
+    assert message == (f"--weights DEFAULT: {url} sent nothing for 0.5 s, so downloading it to {path} was given up; "
+                       "copy the file there by hand.")
+    assert list(path.parent.iterdir()) == []  # no partial file left where the cache is read
 
 
 def test_weights_names_are_checked_against_the_architecture() -> None:

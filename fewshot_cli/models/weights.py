@@ -22,6 +22,8 @@ from fewshot_cli.errors import BadInput
 
 #: seconds a download may wait to connect: an offline machine gives up at once instead of hanging
 CONNECT_TIMEOUT_S = 3.0
+#: seconds a download may wait for the server's next bytes once connected: a stalled transfer gives up
+TRANSFER_TIMEOUT_S = 30.0
 FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 #: torchvision ResNets' top-level children in order; our Sequential trunks name them by index
 RESNET_CHILDREN = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
@@ -102,13 +104,23 @@ def _download(weights: Any, path: Path, option: str, spec: str) -> None:
             f"reached; looked for {path}: copy {path.name} there from a connected machine, where "
             f"`python -c \"import torchvision; torchvision.models.get_weight('{full}').get_state_dict()\"` puts it "
             f"in ~/.cache/torch/hub/checkpoints/ (or pass --weights none).") from None
+    download(weights.url, path, f"{option} {spec}")
+
+
+def download(url: str, path: Path, what: str, timeout_s: float = TRANSFER_TIMEOUT_S) -> None:
+    """Fetch `url` into `path`. A server that sends nothing for `timeout_s` seconds, like any failed transfer, is a
+    BadInput that names `what` (the option and its value), not a hang; no file is left behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
     previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(30.0)  # a stalled transfer fails instead of hanging the run before its first step
+    socket.setdefaulttimeout(timeout_s)  # a stalled transfer fails instead of hanging the run before its first step
     try:
-        torch.hub.download_url_to_file(weights.url, str(path), progress=False)
+        torch.hub.download_url_to_file(url, str(path), progress=False)
     except Exception as err:  # noqa: BLE001 - urllib raises several kinds; none leaves a file behind
-        raise BadInput(f"{option} {spec}: downloading {weights.url} to {path} failed ({type(err).__name__}); "
+        # urllib wraps a stall while connecting or in the TLS handshake in a URLError; one in the reply it does not
+        if isinstance(err, TimeoutError) or isinstance(getattr(err, "reason", None), TimeoutError):
+            raise BadInput(f"{what}: {url} sent nothing for {timeout_s:g} s, so downloading it to {path} was given "
+                           "up; copy the file there by hand.") from None
+        raise BadInput(f"{what}: downloading {url} to {path} failed ({type(err).__name__}); "
                        "copy the file there by hand.") from None
     finally:
         socket.setdefaulttimeout(previous)
