@@ -91,10 +91,14 @@ def _without(args: list[str], *options: str) -> list[str]:
 
 
 def test_preset_auto_records_what_the_planner_chose(tmp_path: Path) -> None:
-    # room for the run at its smaller sizes but not at the presets' largest: the planner has to shrink a knob (the
-    # child's start-up is larger than this process's, whose is only the yardstick)
-    budget = int((startup_baseline(CPU) + 0.8 * 1024**3) / 0.9)
+    # a budget whose usable 90% is short of the plan at the presets' largest sizes, as a process like the run's
+    # plans it: the planner has to shrink a knob
     args = _without(SMALL, "--preset", "--image-size", "--n-query")
+    largest = {k: max(p[k] for p in COMMAND.presets.values() if k in p) for k in COMMAND.plan_knobs}
+    sizes = [str(x) for k, v in largest.items() for x in (f"--{k.replace('_', '-')}", v)]
+    options = [a for a in args if a != "--quiet"]
+    planned = json.loads(fewshot("plan", "mahalanobis-train", *options, "--preset", "cpu", *sizes, "--json").stdout)
+    budget = int(planned["peak_bytes"] * 0.97)
     result = fewshot("mahalanobis-train", *args, "--preset", "auto", "--memory-budget", str(budget),
                      "--out", tmp_path, "--name", "a")
     assert result.returncode == 0, result.stderr
