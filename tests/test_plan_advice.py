@@ -154,3 +154,16 @@ def test_clip_is_planned_from_its_known_configuration_with_an_empty_cache_and_no
     run = fewshot("embed-classify", "--preset", "t4", "--backbone", "clip", "--device", "cpu", "--out",
                   tmp_path / "runs", "--quiet", env=env)
     assert run.returncode == 2 and "needs --model" in run.stderr
+
+
+def test_detect_trains_cache_notes_say_what_its_plan_counts() -> None:
+    """Training reads the training data's loader, validation the test data's: two caches, each what it read."""
+    report = json.loads(fewshot("plan", "detect-train", "--preset", "cpu", "--episodes", "4", "--val-every", "2",
+                                "--val-episodes", "1", "--test-episodes", "3", "--json").stdout)
+    image = 3 * report["knobs"]["image_size"]["value"] ** 2 * 4  # the built-in data's float32 pixels
+    per_episode = report["knobs"]["n_way"]["value"] * (report["knobs"]["k_shot"]["value"]
+                                                       + report["knobs"]["n_query"]["value"])
+    trained, validated = 4 * per_episode, 1 * per_episode  # one validation, after step 2
+    assert report["notes"]["train"]["image_cache"] == f"train cache {trained:,} images, val cache {validated:,} images"
+    assert report["phases"]["train"]["components"]["image_cache"] == (trained + validated) * image
+    assert report["notes"]["test"]["image_cache"] == f"one cache of {validated + 3 * per_episode:,} images"

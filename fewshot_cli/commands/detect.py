@@ -27,6 +27,7 @@ from fewshot_cli.data.loader import (
     Feed,
     ItemReader,
     Loaders,
+    cache_bound,
     cache_share,
     episode_reads,
     image_bytes,
@@ -304,32 +305,40 @@ class DetectTask(Task):
         # (measured: the support stack is freed once the micro-steps are built); evaluation keeps it
         loaded = {"loaded_episode": episode}
         queries = min(cfg.eval_batch_size or images, images) * image if cfg.test_episodes > 1 else 0
-        # host memory: each data's loader caches what it has read by then and holds prefetched episodes; the
-        # training data's loader is read by training only (its cache is dropped when the test begins), the test
-        # data's by validation and the test
-        reads = episode_reads(cfg)
-        pixels = image_bytes(self.train_data, cfg.image_size)
-        held = cfg.n_way * (cfg.k_shot + cfg.n_query) * pixels
-        trained = cfg.episodes * cfg.n_way * (cfg.k_shot + cfg.n_query)
-        train = loader_bytes(cfg.image_cache_mb, len(self.train_data), pixels, cfg.workers, held, reads=trained)
-        if cfg.val_every:
-            validation = loader_bytes(cfg.image_cache_mb, len(self.test_data), pixels, cfg.workers, held,
-                                      reads=reads["train"] - trained)
-            train = {k: train.get(k, 0) + validation.get(k, 0) for k in {*train, *validation}}
-        test = loader_bytes(cfg.image_cache_mb, len(self.test_data), pixels, cfg.workers, held,
-                            reads=reads["test"] - trained)
+        train, test = (self._host_lines(lines=True)[phase] for phase in ("train", "test"))
         return {"train": {"proposal_grid": grid, "proposal_ranking": ranking, **loaded, **train},
                 "test": {"proposal_grid": grid, "proposal_ranking": ranking, "nms_inputs": nms,
                          "support_pass": support, **loaded, "previous_queries": queries, **test}}
 
     def plan_notes(self) -> dict[str, dict[str, str]]:
-        """What the image cache and prefetch lines hold: training validates with a loader of its own."""
+        return self._host_lines(lines=False)
+
+    def _host_lines(self, lines: bool) -> dict[str, dict[str, Any]]:
+        """Per phase, the loaders' host lines (`lines`: their bytes, else their notes). Each data's loader caches
+        what it has read by then and holds prefetched episodes; the training data's is read by training only (its
+        cache is dropped when the test begins), the test data's by validation and the test."""
         cfg = self.cfg
-        items, pixels = len(self.train_data) + len(self.test_data), image_bytes(self.train_data, cfg.image_size)
         reads = episode_reads(cfg)
-        return {"train": loader_notes(cfg.image_cache_mb, items, pixels, cfg.workers, 2 if cfg.val_every else 1,
-                                      reads["train"]),
-                "test": loader_notes(cfg.image_cache_mb, items, pixels, cfg.workers, reads=reads["test"])}
+        pixels = image_bytes(self.train_data, cfg.image_size)
+        held = cfg.n_way * (cfg.k_shot + cfg.n_query) * pixels
+        trained = cfg.episodes * cfg.n_way * (cfg.k_shot + cfg.n_query)
+
+        def loader(data: Any, read: int, loaders: int = 1) -> dict[str, Any]:
+            if lines:
+                return loader_bytes(cfg.image_cache_mb, len(data), pixels, cfg.workers, held, loaders, read)
+            return loader_notes(cfg.image_cache_mb, len(data), pixels, cfg.workers, loaders, read)
+
+        train = loader(self.train_data, trained)
+        if cfg.val_every:
+            validation = loader(self.test_data, reads["train"] - trained)
+            if lines:
+                train = {k: train.get(k, 0) + validation.get(k, 0) for k in {*train, *validation}}
+            else:
+                bound = [cache_bound(cfg.image_cache_mb, len(data), pixels, read)
+                         for data, read in ((self.train_data, trained), (self.test_data, reads["train"] - trained))]
+                train = {**loader(self.train_data, trained, 2), "image_cache": f"train cache {bound[0]}, val cache "
+                                                                               f"{bound[1]}"}
+        return {"train": train, "test": loader(self.test_data, reads["test"] - trained)}
 
     # ------------------------------------------------------------------ episodes
 

@@ -98,8 +98,7 @@ def loader_bytes(cache_mb: int, items: int, item_bytes: int, workers: int, batch
     read) and the batches their workers hold ready. With no workers every loader reads through the one cache of
     the main process."""
     copies = loaders if workers else 1
-    held = min(items, reads) if reads is not None else items
-    out = {"image_cache": copies * min(cache_mb * MiB, held * item_bytes)}
+    out = {"image_cache": copies * min(cache_mb * MiB, _held(items, reads) * item_bytes)}
     if workers:
         out["loader_prefetch"] = loaders * workers * PREFETCH_FACTOR * batch_bytes
     return out
@@ -109,13 +108,23 @@ def loader_notes(cache_mb: int, items: int, item_bytes: int, workers: int, loade
                  reads: int | None = None) -> dict[str, str]:
     """What `loader_bytes`' lines hold, in a few words for the plan: how many caches, and what bounds each."""
     copies = loaders if workers else 1
-    held = min(items, reads) if reads is not None else items
-    each = f"{cache_mb} MiB" if cache_mb * MiB <= held * item_bytes else f"{held:,} images"
+    each = cache_bound(cache_mb, items, item_bytes, reads)
     caches = {1: "one cache", 2: "train and val caches"}.get(copies, f"{copies} caches")
     notes = {"image_cache": f"{caches}, {copies} x {each}" if copies > 1 else f"{caches} of {each}"}
     if workers:
         notes["loader_prefetch"] = f"{loaders * workers} workers x {PREFETCH_FACTOR} batches"
     return notes
+
+
+def cache_bound(cache_mb: int, items: int, item_bytes: int, reads: int | None = None) -> str:
+    """What bounds one image cache, in words: its `--image-cache-mb`, or the images read by then."""
+    held = _held(items, reads)
+    return f"{cache_mb} MiB" if cache_mb * MiB <= held * item_bytes else f"{held:,} images"
+
+
+def _held(items: int, reads: int | None) -> int:
+    """The images a cache can hold by then: those read, no more than the data has."""
+    return min(items, reads) if reads is not None else items
 
 
 def image_bytes(data: Any, image_size: int) -> int:
