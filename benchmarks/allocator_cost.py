@@ -1,5 +1,5 @@
 """What returning freed tensors to the system costs a CPU run: training steps with glibc's default allocator and with
-`mallopt(M_MMAP_THRESHOLD, 128 KiB)` (what every CPU run does, `runner.memory.return_freed_memory`), side by side.
+`mallopt(M_MMAP_THRESHOLD, 128 KiB)` (what every CPU run does, `memory.measure.return_freed_memory`), side by side.
 
 Each measurement is a fresh process (one intra-op thread) that builds `mahalanobis-train`'s task, runs two steps to
 warm up, then times the next ones; the two modes alternate round by round, so a busy machine slows both alike. The
@@ -31,8 +31,8 @@ def child(knobs: dict, returned: bool, steps: int) -> None:
     import torch
 
     from fewshot_cli.commands.mahalanobis import COMMAND
+    from fewshot_cli.memory.measure import return_freed_memory
     from fewshot_cli.runner.config import resolve
-    from fewshot_cli.runner.memory import return_freed_memory
     from fewshot_cli.runner.task import RunContext, step_seed
 
     if returned:

@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from fewshot_cli.runner.device import parse_size
+from fewshot_cli.memory.limits import parse_size
 
 V1 = Path("/sys/fs/cgroup/memory")
 MiB = 1024**2

@@ -31,7 +31,7 @@ def config(which: str, n_way: int, backbone: str) -> DetectConfig:
 
 
 def traced_peak(cfg: DetectConfig) -> int:
-    from fewshot_cli.plan import trace
+    from fewshot_cli.memory.plan import trace
 
     return sum(trace(COMMAND, cfg)["train"].values())
 

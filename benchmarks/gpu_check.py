@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torchvision
 
-from fewshot_cli.plan import HOST_LINES
+from fewshot_cli.memory.terms import CUDA_ALLOCATOR, CUDA_CONTEXT, CUDA_WORKSPACES, HOST_LINES
 
 MiB = 1024**2
 T4 = ["--preset", "t4", "--memory-budget", "15GiB", "--device", "cuda", "--quiet", "--json"]
@@ -75,7 +75,7 @@ def cli(args: list[str]) -> str:
 def plan_components(command: str, knobs: dict[str, Any]) -> dict[str, dict[str, int]]:
     """The t4 plan's lines per phase, made in this process as `fewshot plan` makes them."""
     from fewshot_cli.commands import load_commands
-    from fewshot_cli.plan import plan_run
+    from fewshot_cli.memory.plan import plan_run
     from fewshot_cli.runner.config import resolve
 
     cmd = load_commands()[command]
@@ -129,8 +129,6 @@ def check_plans(out: Path, md: list[str]) -> bool:
 
 def cuda_terms(terms: list[tuple[str, str, float, float, float, float]]) -> list[str]:
     """The figures the plan's CUDA terms are read from: each command's largest phase, and their medians."""
-    from fewshot_cli import plan
-
     md = ["### CUDA terms", "",
           "What the plan's CUDA lines stand for, measured in the runs above (each command's phase with the largest "
           "allocated peak): the caching allocator's overhead (peak reserved over peak allocated), the workspaces "
@@ -147,13 +145,13 @@ def cuda_terms(terms: list[tuple[str, str, float, float, float, float]]) -> list
     if terms:
         md.append(f"| median | | {statistics.median(ratios):.3f} | {statistics.median(unseen):+,.0f} | "
                   f"{statistics.median(context):,.0f} |")
-    md += [f"| in the plan (fewshot_cli/plan.py) | | {1 + plan.CUDA_ALLOCATOR:.3f} (`cuda_allocator`) | "
-           f"{plan.CUDA_WORKSPACES / MiB:+,.0f} (`cuda_workspaces`) | {plan.CUDA_CONTEXT / MiB:,.0f} "
+    md += [f"| in the plan (fewshot_cli/memory/terms.py) | | {1 + CUDA_ALLOCATOR:.3f} (`cuda_allocator`) | "
+           f"{CUDA_WORKSPACES / MiB:+,.0f} (`cuda_workspaces`) | {CUDA_CONTEXT / MiB:,.0f} "
            "(`cuda_context`) |", ""]
     return md
 
 
-#: plan lines that are not tensors on the GPU: the device's own terms, and what the host holds (fewshot_cli.plan)
+#: plan lines that are not tensors on the GPU: the device's own terms, and what the host holds (fewshot_cli.memory.plan)
 DEVICE_LINES = ("cuda_context", "cuda_allocator", "cuda_workspaces", *HOST_LINES)
 
 

@@ -16,9 +16,9 @@ import time
 
 import torch
 
+from fewshot_cli.memory.plan import StepTracker
 from fewshot_cli.models.heads import MahalanobisHead, covariance_bytes
 from fewshot_cli.models.names import ESTIMATORS
-from fewshot_cli.plan import StepTracker
 
 N_WAY, K_SHOT, QUERIES = 5, 5, 40
 

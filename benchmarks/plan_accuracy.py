@@ -116,7 +116,7 @@ Notes on the terms behind these errors:
 
 - `onednn_copies`: a CPU convolution through oneDNN copies its input and weights into a blocked layout, or its
   output out of one, in memory no tensor holds (forward max(input + weights, output), backward gradient + input +
-  weights; `fewshot_cli/onednn_copies.py`). Without it embed-classify with ResNet-50 was 5% under.
+  weights; `fewshot_cli/memory/onednn.py`). Without it embed-classify with ResNet-50 was 5% under.
 - The optimizer's state is live through every training step after the first (planned when a run has more than one
   step); with it and the copies, a real ResNet-12 step's peak is the traced one to within 0.3%, and the gap left is
   a constant (`cpu_runtime`), so the former proportional `cpu_allocator` term is gone.

@@ -13,8 +13,8 @@ import argparse
 import torch
 
 from fewshot_cli.commands import load_commands
+from fewshot_cli.memory.plan import PRESET_DEVICES, plan_run
 from fewshot_cli.models.heads import covariance_bytes
-from fewshot_cli.plan import PRESET_DEVICES, plan_run
 from fewshot_cli.runner.config import resolve
 
 GiB = 1024**3

@@ -287,7 +287,7 @@ def test_plan_extra_bytes_grow_with_proposal_density() -> None:
 
 
 def test_the_planner_can_trace_both_phases_under_fake_tensors() -> None:
-    plan = pytest.importorskip("fewshot_cli.plan")
+    plan = pytest.importorskip("fewshot_cli.memory.plan")
     phases = plan.trace(detect.COMMAND, DetectConfig(**TINY))
     assert set(phases) == {"train", "test"}
     assert phases["train"]["proposal_grid"] > 0 and phases["train"].get("activations", 0) > 0

@@ -197,21 +197,21 @@ def _section(page: str, heading: str) -> str:
 def test_the_device_lines_planning_md_names_are_the_planners() -> None:
     import torch
 
-    from fewshot_cli import plan
+    from fewshot_cli.memory import terms
 
     named = set(re.findall(r"`([a-z]+(?:_[a-z0-9]+)+)`", _section("docs/internals/planning.md",
                                                                   "## The device's own lines")))
     made = {name for device in ("cuda", "mps", "cpu")
-            for name in plan.device_terms(torch.device(device), {}, baseline=1)}
+            for name in terms.device_terms(torch.device(device), {}, baseline=1)}
     assert named == made
 
 
 def test_the_host_lines_planning_md_lists_are_the_planners() -> None:
-    from fewshot_cli import plan
+    from fewshot_cli.memory import terms
 
     text = (ROOT / "docs/internals/planning.md").read_text()
-    listed = re.search(r"`plan\.HOST_LINES` \(([^)]*)\)", text).group(1)
-    assert set(re.findall(r"`([a-z_0-9]+)`", listed)) == set(plan.HOST_LINES)
+    listed = re.search(r"`terms\.HOST_LINES` \(([^)]*)\)", text).group(1)
+    assert set(re.findall(r"`([a-z_0-9]+)`", listed)) == set(terms.HOST_LINES)
 
 
 def test_the_training_step_writing_a_command_shows_is_mahalanobis_trains() -> None:

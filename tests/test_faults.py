@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import ToyTask
 
+from fewshot_cli.memory.measure import is_oom
 from fewshot_cli.runner.faults import Faults
-from fewshot_cli.runner.memory import is_oom
 from fewshot_cli.runner.task import RunContext
 
 

@@ -216,7 +216,7 @@ def test_cli_run_on_the_food101_tree_writes_top1_top5_and_the_best_model(tmp_pat
 
 def test_the_plan_traces_the_batch_a_split_smaller_than_a_batch_makes():
     from fewshot_cli.commands.food101 import COMMAND
-    from fewshot_cli.plan import trace
+    from fewshot_cli.memory.plan import trace
 
     def planned(batch_size):  # 6 classes x 2 dev samples: every training batch holds the 12 images there are
         return trace(COMMAND, Food101Config(image_size=32, batch_size=batch_size, dev_samples=2, synthetic_classes=6,

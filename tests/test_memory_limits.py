@@ -27,7 +27,7 @@ SHARE = 0.5
 CHILD = """
 import json, os, resource, sys
 import fewshot_cli.cli as cli
-import fewshot_cli.plan as plan
+import fewshot_cli.memory.plan as plan
 import fewshot_cli.runner.loop as loop
 
 PHASE, SHARE = os.environ["CAP_PHASE"], float(os.environ["CAP_SHARE"])
@@ -229,7 +229,7 @@ def test_classify_food101_backs_off_for_real_in_its_test(runs: Path) -> None:
 ONEDNN = """
 import json, mmap, resource, sys
 import torch
-from fewshot_cli.runner.memory import is_oom
+from fewshot_cli.memory.measure import is_oom
 
 SOFT, HARD = resource.getrlimit(resource.RLIMIT_AS)
 conv, x = torch.nn.Conv2d(72, 72, 3, padding=1), torch.randn(2, 72, 8, 8)
@@ -283,7 +283,7 @@ def test_onednn_failing_to_build_a_kernel_for_want_of_memory_is_oom_and_the_next
 
 
 def test_onednn_failing_to_build_a_kernel_with_memory_to_spare_is_not_oom() -> None:
-    from fewshot_cli.runner.memory import is_oom, memory_headroom
+    from fewshot_cli.memory.measure import is_oom, memory_headroom
 
     assert memory_headroom() > 2**30  # this test process runs with no address-space limit
     assert not is_oom(RuntimeError("could not create a primitive"))

@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from fewshot_cli.onednn_copies import ConvCopies, copies_bytes, in_use
-from fewshot_cli.plan import StepTracker
+from fewshot_cli.memory.onednn import ConvCopies, copies_bytes, in_use
+from fewshot_cli.memory.plan import StepTracker
 
 MiB = 1024**2
 aten = torch.ops.aten
@@ -49,7 +49,7 @@ def test_a_convolution_raises_the_traced_peak_by_its_copies() -> None:
 
 MEASURE = """
 import ctypes, json, sys, torch
-from fewshot_cli.runner.memory import rss_peak_bytes
+from fewshot_cli.memory.measure import rss_peak_bytes
 ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # freed tensors go back to the system, as under a budget
 import psutil
 proc, out = psutil.Process(), {}

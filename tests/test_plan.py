@@ -10,7 +10,7 @@ from conftest import SMALL, fewshot
 
 from fewshot_cli.commands.mahalanobis import COMMAND
 from fewshot_cli.memory.limits import Limit
-from fewshot_cli.plan import fit, plan_run, startup_baseline, trace
+from fewshot_cli.memory.plan import fit, plan_run, startup_baseline, trace
 from fewshot_cli.runner.config import resolve
 
 CPU = torch.device("cpu")
@@ -128,7 +128,7 @@ def test_the_image_cache_line_holds_what_the_run_has_read_by_then_up_to_its_boun
 
 
 def test_a_plan_names_the_limit_it_is_held_to() -> None:
-    from fewshot_cli.plan import render
+    from fewshot_cli.memory.plan import render
 
     text = render(plan_run(COMMAND, _config(), CPU, 2**31, "this container's memory limit (cgroup memory.max)"))
     flat = " ".join(text.split())  # the section's title wraps at 80 columns
@@ -139,7 +139,8 @@ def test_a_commands_lazily_loaded_libraries_are_in_the_start_up_baseline() -> No
     import subprocess
     import sys
 
-    code = ("import sys, torch; from fewshot_cli.commands.embed import COMMAND; from fewshot_cli.plan import plan_run;"
+    code = ("import sys, torch; from fewshot_cli.commands.embed import COMMAND;"
+            "from fewshot_cli.memory.plan import plan_run;"
             "from fewshot_cli.runner.config import resolve;"
             "assert 'sklearn.metrics' not in sys.modules;"
             "plan_run(COMMAND, resolve(COMMAND.config, COMMAND.presets, 'cpu', {}), torch.device('cpu'), None);"

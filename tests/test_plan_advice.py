@@ -16,7 +16,7 @@ from test_weights import SITECUSTOMIZE
 
 from fewshot_cli.commands.mahalanobis import COMMAND
 from fewshot_cli.memory.limits import Limit
-from fewshot_cli.plan import HOST_LINES, PRESET_DEVICES, TERM_NOTES, plan_run, render
+from fewshot_cli.memory.plan import HOST_LINES, PRESET_DEVICES, TERM_NOTES, plan_run, render
 from fewshot_cli.runner.config import resolve
 
 COLUMNS = {"COLUMNS": "80"}

@@ -15,9 +15,9 @@ import torch
 from conftest import SMALL, events, fewshot
 
 from fewshot_cli.commands.mahalanobis import COMMAND
-from fewshot_cli.plan import plan_run
+from fewshot_cli.memory.check import PlanCheck, predicted_mb
+from fewshot_cli.memory.plan import plan_run
 from fewshot_cli.runner.config import resolve
-from fewshot_cli.runner.plancheck import PlanCheck, predicted_mb
 
 ROOT = Path(__file__).resolve().parents[1]
 PLAN_KNOBS = [a for a in SMALL if a != "--quiet"]

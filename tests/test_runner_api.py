@@ -13,10 +13,11 @@ from torch import nn
 
 from fewshot_cli.episodes import EpisodeSampler
 from fewshot_cli.errors import BadInput
+from fewshot_cli.memory.limits import parse_size
 from fewshot_cli.runner.command import Command
 from fewshot_cli.runner.config import EvaluationConfig
 from fewshot_cli.runner.config import resolve as resolve_config
-from fewshot_cli.runner.device import parse_size, resolve_device
+from fewshot_cli.runner.device import resolve_device
 from fewshot_cli.runner.evaluation import EvaluationTask
 from fewshot_cli.runner.leaks import LeakDetector
 from fewshot_cli.runner.log import RunLog, read_log

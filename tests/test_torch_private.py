@@ -1,12 +1,12 @@
-"""torch's private parts fewshot uses are where fewshot_cli/torch_private.py says; a moved one is named plainly."""
+"""torch's private parts fewshot uses are where fewshot_cli/memory/torch_private.py says; a moved one is named."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from fewshot_cli import torch_private
-from fewshot_cli.torch_private import MEM_TRACKER_HOOKS, PRIVATE, TorchMoved, load
+from fewshot_cli.memory import torch_private
+from fewshot_cli.memory.torch_private import MEM_TRACKER_HOOKS, PRIVATE, TorchMoved, load
 
 
 @pytest.mark.parametrize("name", sorted(PRIVATE))
@@ -19,7 +19,7 @@ def test_every_private_symbol_is_where_the_adapter_looks(name: str) -> None:
 
 
 def test_the_memory_trackers_hooks_and_kinds_the_planner_relies_on_exist() -> None:
-    from fewshot_cli.plan import _KINDS
+    from fewshot_cli.memory.plan import _KINDS
 
     tracker = torch_private.MemTracker
     missing = [hook for hook in MEM_TRACKER_HOOKS if not callable(getattr(tracker, hook, None))]
@@ -36,7 +36,7 @@ def test_a_moved_symbol_fails_in_one_sentence_naming_it(monkeypatch: pytest.Monk
         torch_private.Gone  # noqa: B018 - the attribute access is the import
     monkeypatch.setitem(PRIVATE, "GoneModule", ("torch._no_such_module", "FakeTensor"))
     with pytest.raises(TorchMoved, match=r"torch\._no_such_module\.FakeTensor"):
-        from fewshot_cli.torch_private import GoneModule  # noqa: F401
+        from fewshot_cli.memory.torch_private import GoneModule  # noqa: F401
 
 
 def test_the_planner_and_the_models_import_no_private_torch_module_themselves() -> None:
@@ -50,4 +50,4 @@ def test_the_planner_and_the_models_import_no_private_torch_module_themselves() 
     offenders = [f"{path.relative_to(root)}:{number}" for path in sorted(root.rglob("*.py"))
                  if path.name != "torch_private.py"
                  for number, line in enumerate(path.read_text().splitlines(), 1) if private.search(line)]
-    assert not offenders, f"private torch used outside fewshot_cli/torch_private.py: {', '.join(offenders)}"
+    assert not offenders, f"private torch used outside fewshot_cli/memory/torch_private.py: {', '.join(offenders)}"

@@ -21,6 +21,7 @@ from fewshot_cli.commands.embed_config import EmbedConfig
 from fewshot_cli.data.embed_layout import UNKNOWN, EmbedData, ImageRef, scan, write_synthetic
 from fewshot_cli.data.embedding_store import EmbeddingStore, FileKey, extract
 from fewshot_cli.errors import BadInput, RunFailed
+from fewshot_cli.memory.measure import probe
 from fewshot_cli.models.embedders import build_embedder
 from fewshot_cli.models.frozen_heads import FrozenHead, build_frozen_head, l2_normalise, prototypes
 from fewshot_cli.reports.embedding import MAX_POINTS
@@ -29,7 +30,6 @@ from fewshot_cli.reports.open_set import OpenSetScores, unknown_auroc
 from fewshot_cli.runner.backoff import evaluation_part
 from fewshot_cli.runner.checkpoint import atomic_write_bytes
 from fewshot_cli.runner.evaluation import EvaluationTask
-from fewshot_cli.runner.memory import probe
 from fewshot_cli.runner.metrics import RunningMean
 from fewshot_cli.runner.task import RunContext
 

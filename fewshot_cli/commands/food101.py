@@ -32,10 +32,10 @@ from fewshot_cli.data.food101 import (
     train_transform,
 )
 from fewshot_cli.errors import BadInput
+from fewshot_cli.memory.measure import empty_cache
 from fewshot_cli.models.classifiers import build_classifier, head_first_groups
 from fewshot_cli.runner.backoff import evaluation_part
 from fewshot_cli.runner.checkpoint import atomic_write_bytes, atomic_write_file
-from fewshot_cli.runner.memory import empty_cache
 from fewshot_cli.runner.precision import autocast, autocast_dtype, grad_scaler
 from fewshot_cli.runner.schedule import warmup_cosine
 from fewshot_cli.runner.task import BackoffKnob, RunContext, Task

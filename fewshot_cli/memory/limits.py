@@ -4,15 +4,18 @@ card's free memory and `--memory-budget`, each with where it comes from. Reads /
 from __future__ import annotations
 
 import os
+import re
 import resource
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import psutil
 
+from fewshot_cli.errors import BadInput
+
 GiB = 1024**3
 #: what a run maps beyond its resident set from its start to its end under an address-space limit (with glibc's
-#: arenas capped at two, `runner.memory.return_freed_memory`): thread stacks, arenas, libraries loaded late;
+#: arenas capped at two, `memory.measure.return_freed_memory`): thread stacks, arenas, libraries loaded late;
 #: VmSize's growth less VmRSS's over a mahalanobis-train run (resnet18 at 64 px), measured
 ADDRESS_SPACE_RESERVE = 432 * 1024**2
 #: cgroup v1 writes this (a page-rounded 2**63 - 1) for "no limit"; v2 writes "max"
@@ -192,3 +195,18 @@ def tightest(limits: list[Limit]) -> Limit:
 
 def size_text(size: float) -> str:
     return f"{size / GiB:.2f} GiB" if size >= GiB else f"{size / 1024**2:,.0f} MiB"
+
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+          "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
+
+
+def parse_size(text: str) -> int:
+    """'15GiB', '512MiB', '16GB', '1.5e9' to bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise BadInput(f"--memory-budget {text!r} is not a size; write it like 15GiB, 512MiB or 16GB.")
+    value = float(match.group(1)) * _UNITS[match.group(2).lower()]
+    if value <= 0:
+        raise BadInput(f"--memory-budget must be positive, not {text!r}.")
+    return int(value)

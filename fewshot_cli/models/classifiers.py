@@ -9,9 +9,9 @@ import torchvision
 from torch import nn
 
 from fewshot_cli.errors import BadInput
+from fewshot_cli.memory.torch_private import BatchNorm
 from fewshot_cli.models.names import CLASSIFIERS
 from fewshot_cli.models.weights import Pretrained, load_pretrained
-from fewshot_cli.torch_private import BatchNorm
 
 #: each network's head module (trained when the backbone is frozen) and, inside it, the layer sized to the classes
 HEADS = {

@@ -7,8 +7,8 @@ from typing import Any
 import psutil
 import torch
 
+from fewshot_cli.memory.devices import memory_limit, memory_limits
 from fewshot_cli.memory.limits import size_text
-from fewshot_cli.runner.device import memory_limit, memory_limits
 from fewshot_cli.runner.loop import versions
 
 

@@ -7,7 +7,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from fewshot_cli.postmortem import killed
+from fewshot_cli.reports.postmortem import killed
 from fewshot_cli.reports.runs import is_number, read_run_log
 from fewshot_cli.runner.input_wait import from_steps
 from fewshot_cli.runner.leaks import LeakDetector

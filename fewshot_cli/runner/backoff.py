@@ -6,8 +6,8 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from fewshot_cli.errors import RunFailed
+from fewshot_cli.memory.measure import is_oom, release
 from fewshot_cli.runner.config import option_name
-from fewshot_cli.runner.memory import is_oom, release
 
 T = TypeVar("T")
 

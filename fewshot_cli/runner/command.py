@@ -56,3 +56,11 @@ class Command:
         """The command's Task class; importing it imports torch and the command's model code."""
         module, _, name = self.task_path.partition(":")
         return getattr(importlib.import_module(module), name)
+
+    def traced_task(self, cfg: Any, seed: int) -> Any:
+        """The command's Task as the planner builds it to trace a step: on the CPU, with no run directory."""
+        import torch  # noqa: I001 - both load torch: this module stays importable without it
+
+        from fewshot_cli.runner.task import RunContext
+
+        return self.task(cfg, RunContext(device=torch.device("cpu"), seed=seed, run_dir=None, planning=True))

@@ -72,7 +72,7 @@ def launch(command: Command, knobs: dict[str, Any], options: LaunchOptions) -> d
 
 def _run(command: Command, knobs: dict[str, Any], options: LaunchOptions, group: Distributed | None
          ) -> dict[str, float]:
-    from fewshot_cli.runner.device import cap_memory
+    from fewshot_cli.memory.devices import cap_memory
     from fewshot_cli.runner.distributed import agreed
     from fewshot_cli.runner.faults import Faults
     from fewshot_cli.runner.loop import run
@@ -108,7 +108,7 @@ def _prepare(command: Command, knobs: dict[str, Any], options: LaunchOptions, gr
 
 def _resumed(command: Command, knobs: dict[str, Any], options: LaunchOptions) -> tuple[Resolved, RunOptions]:
     """The recorded run, on its own device type unless `--device` names another."""
-    from fewshot_cli import rerun
+    from fewshot_cli.runner import rerun
     from fewshot_cli.runner.device import resolve_device
     from fewshot_cli.runner.loop import RunOptions
 
@@ -125,7 +125,8 @@ def _resumed(command: Command, knobs: dict[str, Any], options: LaunchOptions) ->
 def _new(command: Command, knobs: dict[str, Any], options: LaunchOptions, group: Distributed | None,
          extra: dict[str, Any]) -> tuple[Resolved, RunOptions]:
     """A new run (from `--config`'s record where given), its plan fitted to the budget or checked."""
-    from fewshot_cli import plan, rerun
+    from fewshot_cli.memory import plan
+    from fewshot_cli.runner import rerun
     from fewshot_cli.runner.loop import RunOptions
 
     copied: set[str] = set()
@@ -146,11 +147,11 @@ def _new(command: Command, knobs: dict[str, Any], options: LaunchOptions, group:
 
 
 def held_to(device: torch.device, budget: int | None, group: Distributed | None = None) -> Limit:
-    """The limit a run is held to (`runner.device.memory_limit`); under torchrun the ranks on one machine share the
+    """The limit a run is held to (`memory.devices.memory_limit`); under torchrun the ranks on one machine share the
     host's memory, so on the CPU each rank is held to its share."""
     from dataclasses import replace
 
-    from fewshot_cli.runner.device import memory_limit
+    from fewshot_cli.memory.devices import memory_limit
 
     limit, _ = memory_limit(device, budget)
     ranks = group.local_world_size if group is not None else 1
@@ -162,7 +163,8 @@ def held_to(device: torch.device, budget: int | None, group: Distributed | None 
 def resolve_new(command: Command, knobs: dict[str, Any], options: LaunchOptions
                 ) -> tuple[torch.device, Resolved, int | None]:
     """Device, preset and config of a new run, all checked before anything is written."""
-    from fewshot_cli.runner.device import device_preset, parse_size, resolve_device
+    from fewshot_cli.memory.limits import parse_size
+    from fewshot_cli.runner.device import device_preset, resolve_device
 
     if command.prepare is not None:
         command.prepare(knobs)
@@ -191,13 +193,13 @@ def plan_report(command: Command, knobs: dict[str, Any], options: LaunchOptions)
     """`fewshot plan`: each phase's predicted peak for these knobs and options, and the earlier runs' checks. A plan
     needs no device: `--preset t4` on a laptop plans for a T4. A plan over its limit carries `advice`, the sentence
     saying what would make it fit."""
-    from fewshot_cli import plan
-    from fewshot_cli.memory.limits import Limit
-    from fewshot_cli.runner.device import memory_limit, parse_size
-    from fewshot_cli.runner.plancheck import earlier_checks
+    from fewshot_cli.memory import plan
+    from fewshot_cli.memory.check import earlier_checks
+    from fewshot_cli.memory.devices import memory_limit
+    from fewshot_cli.memory.limits import Limit, parse_size
 
     preset = options.preset or "auto"
-    device, nominal = plan.target(preset, options.device)
+    device, nominal = _plan_target(preset, options.device)
     budget = parse_size(options.memory_budget) if options.memory_budget else None
     if nominal is None:  # a device of this machine: the limit a run here would be held to
         limit, _ = memory_limit(device, budget)
@@ -227,8 +229,8 @@ def _data_record(command: Command, resolved: Resolved, data: Path | None) -> dic
 
 def plan_text(report: dict[str, Any], verbose: bool = False) -> str:
     """A plan report as `fewshot plan` prints it; `verbose` adds each line's source."""
-    from fewshot_cli import plan
-    from fewshot_cli.runner.plancheck import render_earlier
+    from fewshot_cli.memory import plan
+    from fewshot_cli.memory.check import render_earlier
 
     data = f"  data on disk: {report['data']}, layout {report.get('data_format')}" if report.get("data") else ""
     if report.get("test_data_format"):
@@ -244,3 +246,25 @@ def _device_preset_name(device: torch.device) -> str:
     from fewshot_cli.runner.device import device_preset
 
     return device_preset(device) if device.type != "cuda" or torch.cuda.is_available() else "t4"
+
+
+def _plan_target(preset: str, device_name: str) -> tuple[torch.device, int | None]:
+    """The device a plan is for and its nominal memory: an explicit --device if it is here (None: its memory is
+    what `memory.devices.memory_limit` finds), else the preset's device."""
+    import torch  # torch only once a plan is asked for: --help stays torch-free
+
+    from fewshot_cli.memory.plan import PRESET_DEVICES
+    from fewshot_cli.runner.device import resolve_device
+
+    name = (device_name or "auto").lower()
+    if name == "auto" and preset in PRESET_DEVICES:
+        kind, memory = PRESET_DEVICES[preset]
+        return torch.device(kind), memory
+    try:
+        device = resolve_device(name)
+    except BadInput:
+        if name.split(":")[0] not in ("cuda", "mps"):
+            raise
+        device = torch.device(name)  # planning for a device that is not on this machine
+        return device, PRESET_DEVICES.get(preset, PRESET_DEVICES["t4" if device.type == "cuda" else "mps"])[1]
+    return device, None

@@ -19,9 +19,12 @@ import torchvision
 
 import fewshot_cli
 from fewshot_cli.errors import BadInput, CannotWrite, Interrupted, RunFailed
+from fewshot_cli.memory import check as plancheck
+from fewshot_cli.memory.check import CheckedLog, PlanCheck
 from fewshot_cli.memory.guard import MemoryGuard
 from fewshot_cli.memory.limits import Limit
-from fewshot_cli.runner import plancheck, rundir
+from fewshot_cli.memory.measure import MiB, is_oom, probe, release
+from fewshot_cli.runner import rundir
 from fewshot_cli.runner.checkpoint import load_checkpoint, save_checkpoint, save_json
 from fewshot_cli.runner.config import Resolved
 from fewshot_cli.runner.distributed import Distributed, StepFailedElsewhere, agreed
@@ -30,8 +33,6 @@ from fewshot_cli.runner.faults import Faults
 from fewshot_cli.runner.input_wait import InputWait
 from fewshot_cli.runner.leaks import LeakDetector
 from fewshot_cli.runner.log import RunLog, read_log
-from fewshot_cli.runner.memory import MiB, is_oom, probe, release
-from fewshot_cli.runner.plancheck import CheckedLog, for_run
 from fewshot_cli.runner.progress import Progress
 from fewshot_cli.runner.task import Command, RunContext, Task, step_seed
 from fewshot_cli.runner.tensorboard import TensorBoardLog
@@ -53,7 +54,7 @@ class RunOptions:
     tensorboard: Path | None = None
     #: set under torchrun with several processes: only rank 0 writes the run directory
     distributed: Distributed | None = None
-    #: the limit the run is held to (`runner.device.memory_limit`); a killing one is guarded
+    #: the limit the run is held to (`memory.devices.memory_limit`); a killing one is guarded
     limit: Limit | None = None
     #: the faults a test asked for (`runner.faults.Faults.requested`, read at launch); None in a normal run
     faults: Faults | None = None
@@ -113,7 +114,7 @@ def _planner(command: Command, resolved: Resolved, device: torch.device) -> Call
     """A phase's plan (MiB) for the run's configuration as it is now, for the guard of a run forced over its limit.
     Training's back-offs split an episode into micro-steps without changing it: an evaluation is planned with their
     knobs as the run began. The tracing leaves the run's random state and autograd mode as they were."""
-    from fewshot_cli import plan  # the planner's tracing machinery: loaded only for a forced run
+    from fewshot_cli.memory import plan  # the planner's tracing machinery: loaded only for a forced run
 
     began = copy.deepcopy(resolved.config)
 
@@ -127,6 +128,18 @@ def _planner(command: Command, resolved: Resolved, device: torch.device) -> Call
             return plan.record(plan.plan_run(command, now, device, None))["predicted_mb"][phase]
 
     return predict
+
+
+def _recorded_plan(command: Command, resolved: Resolved, device: torch.device, run_dir: Path,
+                   extra_config: dict[str, Any] | None) -> dict[str, Any]:
+    """The plan a run was started with (config.json's on resume), or, for a run started without one, a plan made
+    now ({} where none can be made)."""
+    record = plancheck.recorded(run_dir, extra_config)
+    if record is None:
+        from fewshot_cli.memory import plan  # the planner's tracing machinery: only for a run launched unplanned
+
+        record = plan.checked_record(command, resolved, device)
+    return record or {}
 
 
 def prepare_run_dir(opts: RunOptions, command: Command) -> Path:
@@ -194,7 +207,8 @@ def run(command: Command, resolved: Resolved, opts: RunOptions, extra_config: di
             return metrics
 
     task.ctx.run_dir = run_dir
-    check = for_run(command, resolved, opts.device, run_dir, extra_config, baseline_mb)
+    check = PlanCheck(opts.device, _recorded_plan(command, resolved, opts.device, run_dir, extra_config)
+                      .get("predicted_mb", {}), baseline_mb)
     try:  # before the first step, a run directory that cannot be written is bad input
         log = CheckedLog(RunLog(run_dir / "log.jsonl", elapsed_offset), check)
         if opts.tensorboard is not None:

@@ -11,9 +11,9 @@ from torch import nn
 
 from fewshot_cli.errors import RunFailed
 from fewshot_cli.memory.guard import MemoryGuard
+from fewshot_cli.memory.measure import is_oom
 from fewshot_cli.runner.distributed import StepFailedElsewhere
 from fewshot_cli.runner.faults import Faults
-from fewshot_cli.runner.memory import is_oom
 
 S = TypeVar("S")
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from fewshot_cli.torch_private import TorchDispatchMode, tree_leaves
+from fewshot_cli.memory.torch_private import TorchDispatchMode, tree_leaves
 
 aten = torch.ops.aten
 #: the convolutions as a dispatch mode sees them: `convolution` under autograd, `convN` under inference mode

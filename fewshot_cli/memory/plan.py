@@ -7,7 +7,7 @@ import importlib
 import textwrap
 from collections.abc import Callable
 from contextlib import ExitStack, nullcontext
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from unittest.mock import patch
 
 import psutil
@@ -15,46 +15,20 @@ import torch
 from torch import nn
 
 from fewshot_cli.errors import BadInput
+from fewshot_cli.memory.check import predicted_mb
+from fewshot_cli.memory.devices import device_memory_bytes
 from fewshot_cli.memory.limits import Limit, host_limits, size_text, tightest
-from fewshot_cli.onednn_copies import ConvCopies
-from fewshot_cli.runner.config import Resolved
-from fewshot_cli.runner.device import device_memory_bytes
-from fewshot_cli.runner.task import Command, RunContext
-from fewshot_cli.torch_private import FakeTensor, FakeTensorMode, MemTracker
+from fewshot_cli.memory.measure import MiB
+from fewshot_cli.memory.onednn import ConvCopies
+from fewshot_cli.memory.terms import CPU_LINES, HOST_LINES, TERM_NOTES, TERM_TAGS, device_terms
+from fewshot_cli.memory.torch_private import FakeTensor, FakeTensorMode, MemTracker
 
-MiB = 1024**2
+if TYPE_CHECKING:
+    from fewshot_cli.runner.command import Command
+    from fewshot_cli.runner.config import Resolved
+
 MARGIN = 0.10  # the planner keeps 10% of the budget free
-#: the device's own terms that tracing the program cannot see. The CUDA ones are read from real runs of the five
-#: commands at `--preset t4 --memory-budget 15GiB` (benchmarks/gpu_check.py on an H100, torch 2.11, CUDA 13; its
-#: "CUDA terms" table in results/gpu_check.md lists each command's figures), medians across the commands:
-#: the context and the kernels and libraries loaded, outside the caching allocator (device in use less reserved)
-CUDA_CONTEXT = 771 * MiB
-#: cuBLAS/cuDNN workspaces and other allocations the trace does not see (peak allocated less traced): the median
-#: over the five commands' t4 runs on an H100 once host-side lines were no longer counted as traced
-CUDA_WORKSPACES = 118 * MiB
-#: the caching allocator's rounding and split blocks: peak reserved over peak allocated, less one
-CUDA_ALLOCATOR = 0.161
-#: the CPU's term, read from the short runs of benchmarks/plan_accuracy.py (results/plan_accuracy.md) on Linux,
-#: glibc, with freed tensors returned to the system (`runner.memory.return_freed_memory`, every CPU run): what
-#: a run's first steps add to the process besides tensors (oneDNN/MKL kernels and thread pools; with training,
-#: autograd's engine and its threads), the gap left at the first ten configurations once oneDNN's convolution
-#: copies and the optimizer state of later steps are planned; that gap does not grow with the configuration
-#: (ResNet-12 at 84 px: a real step's peak is the traced one plus the copies to within 0.3%)
-CPU_RUNTIME = {"training": int(29.5 * MiB), "inference": 13 * MiB}
-#: what an evaluation in bf16 autocast after bf16 training adds on the CPU beyond its tensors (oneDNN's bf16
-#: kernels and their scratch): read from the two `--amp` rows of results/plan_accuracy.md, 9.8 and 14.5 MiB
-CPU_BF16_EVALUATION = 12 * MiB
-MPS_OVERHEAD = 1.15  # the MPS allocator's heaps round up; measured overhead factor
-#: plan lines a command declares for memory the host holds whatever the device (batches its loader's workers
-#: prefetch, caches of decoded frames): on CUDA or MPS they are the machine's memory, not the device's
-HOST_LINES = ("loader_prefetch", "prefetched_episodes", "frame_cache", "episode_uint8", "image_cache",
-              "kept_train_batch")
-#: traced lines of the CPU's own libraries: oneDNN's copies around a convolution (CUDA's are in its workspaces)
-CPU_LINES = ("onednn_copies",)
-#: per device type, plan lines that a run's own measure of its phases does not see: the CUDA context lies outside
-#: the caching allocator, host lines outside any device's allocator, and the CPU's start-up resident set is there
-#: before the run builds its model (the check subtracts it)
-OUTSIDE_THE_MEASURE = {"cpu": ("startup_baseline",), "cuda": ("cuda_context", *HOST_LINES), "mps": HOST_LINES}
+
 #: the device each preset is made for and its memory, so a plan for it can be made from any machine
 PRESET_DEVICES = {"t4": ("cuda", int(15.89 * 1024**3)), "a100": ("cuda", 80 * 1024**3),
                   "h100": ("cuda", 80 * 1024**3), "mps": ("mps", int(47.74 * 1024**3))}
@@ -125,10 +99,10 @@ def trace(command: Command, config: Any, seed: int = 0, fake: bool = True,
         if hasattr(cfg, name):
             setattr(cfg, name, None)
     phases: dict[str, dict[str, int]] = {}
-    task_class = command.task  # imported before fake mode: a module's own tensors (constants) must be real
+    command.task  # noqa: B018 - imported before fake mode: a module's own tensors (constants) must be real
     with _fake() if fake else ExitStack():
         torch.manual_seed(seed)
-        task = task_class(cfg, RunContext(device=torch.device("cpu"), seed=seed, run_dir=None, planning=True))
+        task = command.traced_task(cfg, seed)
         extra = task.plan_extra_bytes()
         if notes is not None:
             notes["lines"] = task.plan_notes() if hasattr(task, "plan_notes") else {}
@@ -168,62 +142,6 @@ def _by_kind(snapshot: dict[Any, dict[Any, int]]) -> dict[str, int]:
     return components
 
 
-def target(preset: str, device_name: str) -> tuple[torch.device, int | None]:
-    """The device a plan is for and its nominal memory: an explicit --device if it is here (None: its memory is
-    what `runner.device.memory_limit` finds), else the preset's device."""
-    from fewshot_cli.runner.device import resolve_device
-
-    name = (device_name or "auto").lower()
-    if name == "auto" and preset in PRESET_DEVICES:
-        kind, memory = PRESET_DEVICES[preset]
-        return torch.device(kind), memory
-    try:
-        device = resolve_device(name)
-    except BadInput:
-        if name.split(":")[0] not in ("cuda", "mps"):
-            raise
-        device = torch.device(name)  # planning for a device that is not on this machine
-        return device, PRESET_DEVICES.get(preset, PRESET_DEVICES["t4" if device.type == "cuda" else "mps"])[1]
-    return device, None
-
-
-def device_terms(device: torch.device, components: dict[str, int], baseline: int = 0,
-                 training: bool = True, bf16_evaluation: bool = False) -> dict[str, int]:
-    """The plan lines that tracing cannot see, for the device the plan is for."""
-    traced = sum(v for k, v in components.items() if device.type == "cpu" or k not in HOST_LINES)
-    if device.type == "cuda":
-        return {"cuda_context": CUDA_CONTEXT, "cuda_workspaces": CUDA_WORKSPACES,
-                "cuda_allocator": int((traced + CUDA_WORKSPACES) * CUDA_ALLOCATOR)}
-    if device.type == "mps":
-        return {"mps_allocator": int(traced * (MPS_OVERHEAD - 1))}
-    terms = {"cpu_runtime": CPU_RUNTIME["training" if training else "inference"]
-             + (CPU_BF16_EVALUATION if bf16_evaluation else 0)}
-    return {**terms, "startup_baseline": baseline} if baseline else terms
-
-
-#: where each of the device's own plan lines comes from: shown in full under `fewshot plan --verbose`
-TERM_NOTES = {
-    "cuda_context": "context and loaded kernels, outside the allocator: measured on an H100, results/gpu_check.md",
-    "cuda_workspaces": "cuBLAS/cuDNN workspaces: peak allocated less traced, measured, results/gpu_check.md",
-    "cuda_allocator": f"caching allocator's rounding and split blocks: {CUDA_ALLOCATOR:.1%} of traced and workspaces, "
-                      "reserved over allocated measured, results/gpu_check.md",
-    "mps_allocator": f"MPS heaps' rounding: {MPS_OVERHEAD - 1:.0%}, not yet measured",
-    "onednn_copies": "oneDNN's layout copies around a convolution, from its shapes: measured, "
-                     "fewshot_cli/onednn_copies.py",
-    "startup_baseline": "this process's resident set before any model: interpreter, torch, libraries",
-    "cpu_runtime": "kernels, thread pools and autograd's engine a run's first steps load (and with --amp, "
-                   "bf16 evaluation's kernels): measured, results/plan_accuracy.md",
-}
-#: the same in a few words, printed beside each line (a plan's lines fit 80 columns)
-TERM_TAGS = {
-    "cuda_context": "measured, H100",
-    "cuda_workspaces": "measured, H100",
-    "cuda_allocator": f"{CUDA_ALLOCATOR:.1%} of traced, measured, H100",
-    "mps_allocator": f"{MPS_OVERHEAD - 1:.0%}, not yet measured",
-    "onednn_copies": "from the convolutions' shapes",
-    "startup_baseline": "this process, measured now",
-    "cpu_runtime": "measured, glibc",
-}
 #: where the other lines come from, shown under --verbose
 LINE_SOURCES = {
     "parameters": "traced: the model's parameters",
@@ -416,8 +334,6 @@ def _value(value: Any) -> str:
 
 def record(report: dict[str, Any]) -> dict[str, Any]:
     """What a run keeps of its plan (in config.json): the verdict and, per phase, the peak its own measure sees."""
-    from fewshot_cli.runner.plancheck import predicted_mb
-
     return {"peak_bytes": report["peak_bytes"], "budget_bytes": report["budget_bytes"], "fits": report["fits"],
             "predicted_mb": {phase: round(mb, 2) for phase, mb in predicted_mb(report).items()}}
 

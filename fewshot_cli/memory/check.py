@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from fewshot_cli.runner.memory import MiB, freed_memory_returned, probe, return_freed_memory
+from fewshot_cli.memory.measure import MiB, freed_memory_returned, probe, return_freed_memory
+from fewshot_cli.memory.terms import OUTSIDE_THE_MEASURE
 
 #: the log events a phase's memory comes from; any other event with `mem` (e.g. extraction progress) belongs to the
 #: evaluation it happens in
@@ -107,8 +108,6 @@ class CheckedLog:
 
 def predicted_mb(report: dict[str, Any]) -> dict[str, float]:
     """Per phase, the part of a plan the run's own measure sees: the plan's lines less those outside it."""
-    from fewshot_cli.plan import OUTSIDE_THE_MEASURE
-
     outside = OUTSIDE_THE_MEASURE[torch.device(report["device"]).type]
     return {phase: (entry["peak_bytes"] - sum(entry["components"].get(n, 0) for n in outside)) / MiB
             for phase, entry in report["phases"].items()}
@@ -121,17 +120,6 @@ def recorded(run_dir: Path, extra_config: dict[str, Any] | None) -> dict[str, An
     if record is None and config_path.is_file():
         record = json.loads(config_path.read_text()).get("plan")
     return record if record and "predicted_mb" in record else None
-
-
-def for_run(command: Any, resolved: Any, device: torch.device, run_dir: Path, extra_config: dict[str, Any] | None,
-            baseline_mb: float) -> PlanCheck:
-    """The check of a run against the plan it was started with (config.json's on resume), or a plan made now."""
-    record = recorded(run_dir, extra_config)
-    if record is None:
-        from fewshot_cli.plan import checked_record
-
-        record = checked_record(command, resolved, device) or {}
-    return PlanCheck(device, record.get("predicted_mb", {}), baseline_mb)
 
 
 def start(device: torch.device) -> float:

@@ -37,7 +37,7 @@ def load(name: str) -> Any:
         import torch
 
         raise TorchMoved(f"torch {torch.__version__} has no {module}.{attribute} (fewshot's {name}): torch moved or "
-                         f"removed it; point PRIVATE[{name!r}] in fewshot_cli/torch_private.py at its new place."
+                         f"removed it; point PRIVATE[{name!r}] in fewshot_cli/memory/torch_private.py at its new place."
                          ) from err
 
 

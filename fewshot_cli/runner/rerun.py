@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fewshot_cli.errors import BadInput
+from fewshot_cli.memory.limits import parse_size
 from fewshot_cli.runner.config import TRAINING_KNOBS, Resolved, from_record, option_name, result_neutral, validate
 
 if TYPE_CHECKING:
@@ -139,8 +140,6 @@ def _check_data(where: str, recorded: str | None, given: Path) -> None:
 
 
 def _check_budget(where: str, recorded: int | None, given: str) -> None:
-    from fewshot_cli.runner.device import parse_size
-
     if parse_size(given) != recorded:
         shown = "no --memory-budget" if recorded is None else f"--memory-budget {recorded / 2**30:.6g}GiB"
         raise BadInput(f"{where}: that run has {shown}, not --memory-budget {given}; drop --memory-budget.")
