@@ -110,7 +110,7 @@ def _console() -> Any:
 
 def render(obj: Any, ctx: Any, command: Command | None, epilog: str) -> None:
     """Print `obj`'s help: usage, description, one panel per option group, subcommands, then `epilog`."""
-    from rich.padding import Padding
+    from rich.padding import Padding  # rich: loaded when help is printed, not at start-up
     from rich.panel import Panel
     from rich.table import Table
     from rich.text import Text

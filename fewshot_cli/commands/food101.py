@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections import Counter
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -17,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from fewshot_cli.commands.food101_config import COMMAND as COMMAND
 from fewshot_cli.commands.food101_config import PRESETS as PRESETS
-from fewshot_cli.commands.food101_config import Food101Config
+from fewshot_cli.commands.food101_config import Food101Config, apply_mps_env
 from fewshot_cli.data.food101 import (
     EvalSamples,
     FoodImages,
@@ -40,28 +39,7 @@ from fewshot_cli.runner.precision import autocast, autocast_dtype, grad_scaler
 from fewshot_cli.runner.schedule import warmup_cosine
 from fewshot_cli.runner.task import BackoffKnob, RunContext, Task
 
-#: torch refuses to start MPS above this ratio on unified memory (MPSAllocator.mm), and its default low ratio
-MPS_WATERMARK_UPPER_BOUND = 2.0
-MPS_DEFAULT_LOW_WATERMARK = 1.4
 PREFETCH_FACTOR = 2
-
-
-def apply_mps_env(cfg: Any) -> dict[str, str]:
-    """Set PYTORCH_MPS_HIGH_WATERMARK_RATIO from --mps-high-watermark (a config or the CLI's knob dict), and the
-    low ratio with it so that low <= high (else torch refuses to start MPS). Call before torch first allocates
-    on MPS; returns what it set."""
-    high = cfg.get("mps_high_watermark") if isinstance(cfg, dict) else getattr(cfg, "mps_high_watermark", None)
-    if high is None:
-        return {}
-    if not 0.0 <= high <= MPS_WATERMARK_UPPER_BOUND:
-        raise BadInput(f"--mps-high-watermark must be between 0 and {MPS_WATERMARK_UPPER_BOUND} "
-                       f"(0: no limit), not {high}.")
-    env = {"PYTORCH_MPS_HIGH_WATERMARK_RATIO": repr(float(high))}
-    if high > 0:  # high 0 disables the limit; torch then checks low against the upper bound only
-        low = float(os.environ.get("PYTORCH_MPS_LOW_WATERMARK_RATIO", MPS_DEFAULT_LOW_WATERMARK))
-        env["PYTORCH_MPS_LOW_WATERMARK_RATIO"] = repr(min(low, float(high)))
-    os.environ.update(env)
-    return env
 
 
 class Food101Task(Task):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
+from fewshot_cli.errors import BadInput
 from fewshot_cli.help import AMP_HELP
 from fewshot_cli.models.names import CLASSIFIERS as MODELS
 from fewshot_cli.models.pretrained import LR_BACKBONE_HELP, PRETRAINED, STRICT_HELP, WEIGHTS_HELP
@@ -55,11 +57,27 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def apply_mps_env(knobs: dict[str, Any]) -> None:
-    """The command's `prepare`: set the MPS watermark environment before torch starts MPS."""
-    from fewshot_cli.commands.food101 import apply_mps_env as apply
+#: torch refuses to start MPS above this ratio on unified memory (MPSAllocator.mm), and its default low ratio
+MPS_WATERMARK_UPPER_BOUND = 2.0
+MPS_DEFAULT_LOW_WATERMARK = 1.4
 
-    apply(knobs)
+
+def apply_mps_env(cfg: Any) -> dict[str, str]:
+    """Set PYTORCH_MPS_HIGH_WATERMARK_RATIO from --mps-high-watermark (a config or the CLI's knob dict), and the
+    low ratio with it so that low <= high (else torch refuses to start MPS). Call before torch first allocates
+    on MPS; returns what it set."""
+    high = cfg.get("mps_high_watermark") if isinstance(cfg, dict) else getattr(cfg, "mps_high_watermark", None)
+    if high is None:
+        return {}
+    if not 0.0 <= high <= MPS_WATERMARK_UPPER_BOUND:
+        raise BadInput(f"--mps-high-watermark must be between 0 and {MPS_WATERMARK_UPPER_BOUND} "
+                       f"(0: no limit), not {high}.")
+    env = {"PYTORCH_MPS_HIGH_WATERMARK_RATIO": repr(float(high))}
+    if high > 0:  # high 0 disables the limit; torch then checks low against the upper bound only
+        low = float(os.environ.get("PYTORCH_MPS_LOW_WATERMARK_RATIO", MPS_DEFAULT_LOW_WATERMARK))
+        env["PYTORCH_MPS_LOW_WATERMARK_RATIO"] = repr(min(low, float(high)))
+    os.environ.update(env)
+    return env
 
 
 COMMAND = Command(

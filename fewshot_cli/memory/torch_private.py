@@ -34,7 +34,7 @@ def load(name: str) -> Any:
     try:
         return getattr(import_module(module), attribute)
     except (ImportError, AttributeError) as err:
-        import torch
+        import torch  # torch's version for the message only, where the import already failed
 
         raise TorchMoved(f"torch {torch.__version__} has no {module}.{attribute} (fewshot's {name}): torch moved or "
                          f"removed it; point PRIVATE[{name!r}] in fewshot_cli/memory/torch_private.py at its new place."

@@ -49,7 +49,7 @@ class LogisticHead(FrozenHead):
         self.c = c
 
     def fit(self, support: np.ndarray, labels: np.ndarray, n_classes: int) -> LogisticHead:
-        from sklearn.linear_model import LogisticRegression
+        from sklearn.linear_model import LogisticRegression  # scikit-learn: loaded only by the head that uses it
 
         self.n_classes = n_classes
         if n_classes > 1:  # one class has nothing to separate: every query scores 1 for it
@@ -70,7 +70,7 @@ class KnnHead(FrozenHead):
         self.k = k
 
     def fit(self, support: np.ndarray, labels: np.ndarray, n_classes: int) -> KnnHead:
-        from sklearn.neighbors import KNeighborsClassifier
+        from sklearn.neighbors import KNeighborsClassifier  # scikit-learn: loaded only by the head that uses it
 
         self.model = KNeighborsClassifier(n_neighbors=min(self.k, len(support)), metric="cosine",
                                           algorithm="brute").fit(l2_normalise(support), labels)

@@ -19,7 +19,7 @@ CONNECT_TIMEOUT_S = 3.0
 def hf_model(kind: str, spec: str | None) -> tuple[Path, dict[str, Any]]:
     """The local directory of `--model` (an id, `DEFAULT`, or a directory) and its record for config.json: the id
     or path and the sha256 of every file in it."""
-    from fewshot_cli.models.weights import sha256
+    from fewshot_cli.models.weights import sha256  # weights loads torch: this module stays torch-free
 
     if spec == PRETRAINED and kind in HF_MODELS:
         spec = HF_MODELS[kind]
@@ -60,7 +60,7 @@ def hf_local(kind: str, spec: str | None) -> tuple[Path | None, str]:
 
 def _snapshot(repo: str) -> Path:
     """The cached snapshot of `repo`, downloaded first when absent and the hub can be reached."""
-    from huggingface_hub import constants
+    from huggingface_hub import constants  # huggingface_hub: loaded only for a Hugging Face backbone
 
     cached = _cached(repo)
     if cached is not None:
@@ -81,7 +81,7 @@ def _snapshot(repo: str) -> Path:
 
 
 def _cached(repo: str) -> Path | None:
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # huggingface_hub: loaded only for a Hugging Face backbone
 
     try:
         path = Path(snapshot_download(repo, local_files_only=True))
@@ -92,7 +92,7 @@ def _cached(repo: str) -> Path | None:
 
 def _download(repo: str) -> None:
     """Fetch what transformers needs (config, weights, image processor) into the cache, nothing else."""
-    import transformers
+    import transformers  # transformers: loaded only for a Hugging Face backbone
 
     try:
         transformers.AutoConfig.from_pretrained(repo)

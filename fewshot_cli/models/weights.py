@@ -153,7 +153,7 @@ def read_state_dict(path: str | Path, option: str = "--weights") -> dict[str, to
     if not path.is_file():
         raise BadInput(f"{option} {path} does not exist.")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file  # safetensors: only for a .safetensors file
 
         try:
             state: Any = load_file(str(path))

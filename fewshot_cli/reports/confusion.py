@@ -19,7 +19,10 @@ def write_confusion(run_dir: Path, pairs: Mapping[tuple[str, str], int], labels:
     """confusion.csv (rows: true class, columns: predicted), confusion.png and per_class.csv in `run_dir`, from
     the number of queries of each (true, predicted) pair (kept as counts: their memory does not grow with the
     queries). Nothing is written without a labelled query."""
-    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+    from sklearn.metrics import (  # scikit-learn: loaded only when a confusion matrix is written
+        confusion_matrix,
+        precision_recall_fscore_support,
+    )
 
     if not pairs:
         return

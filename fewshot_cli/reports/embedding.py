@@ -21,11 +21,11 @@ def project(features: np.ndarray, method: str, seed: int) -> np.ndarray:
     if len(features) < 3 or features.shape[1] < 2:
         return np.pad(features[:, :2], ((0, 0), (0, max(0, 2 - features.shape[1]))))
     if method == "tsne":
-        from sklearn.manifold import TSNE
+        from sklearn.manifold import TSNE  # scikit-learn: loaded only for the projection asked for
 
         perplexity = float(min(30.0, (len(features) - 1) / 3))
         return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(features)
-    from sklearn.decomposition import PCA
+    from sklearn.decomposition import PCA  # scikit-learn: loaded only for the projection asked for
 
     return PCA(n_components=2, random_state=seed).fit_transform(features)
 
@@ -39,7 +39,7 @@ def write_embedding_plot(path: Path, features: np.ndarray, classes: Sequence[str
         keep = np.sort(np.random.default_rng(seed).choice(len(features), MAX_POINTS, replace=False))
         features, classes = features[keep], classes[keep]
     points = project(features, method, seed)
-    import matplotlib
+    import matplotlib  # matplotlib: loaded only when a figure is drawn
 
     names = sorted({c for c in classes if c not in ("", unknown)})
     palette = matplotlib.colormaps["tab20" if len(names) > 10 else "tab10"]

@@ -25,7 +25,7 @@ def load_libraries() -> None:
     a run to call while it has address space to spare: a run capped near its limit by its end cannot map their
     shared libraries then (measured: `ImportError: ... failed to map segment from shared object` after a capped
     test evaluation had backed off)."""
-    import matplotlib
+    import matplotlib  # matplotlib: loaded only when a figure is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot  # noqa: F401
@@ -34,17 +34,17 @@ def load_libraries() -> None:
 
 def figure(width: float = 6.0, height: float = 4.5) -> tuple[Any, Any]:
     """A figure and its axes from matplotlib's file-only backend (no display needed)."""
-    import matplotlib
+    import matplotlib  # matplotlib: loaded only when a figure is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after the backend is chosen
 
     return plt.subplots(figsize=(width, height))
 
 
 def save_figure(fig: Any, path: Path, dpi: int = 110) -> None:
     """Lay the figure out, write it as a PNG (its folder made if need be) and close it."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # matplotlib: loaded only when a figure is drawn
 
     fig.tight_layout()
     path = Path(path)

@@ -46,7 +46,7 @@ class OpenSetScores:
 
 def unknown_auroc(score: np.ndarray, known: np.ndarray) -> float | None:
     """The AUROC of known (True) against Unknown (False) queries ranked by score; None without both kinds."""
-    from sklearn.metrics import roc_auc_score
+    from sklearn.metrics import roc_auc_score  # scikit-learn: loaded only for open-set runs
 
     known = np.asarray(known, dtype=bool)
     if known.all() or not known.any():

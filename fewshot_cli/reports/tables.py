@@ -58,7 +58,7 @@ def _ci95(values: list[float]) -> float | None:
     """Half-width of the 95% confidence interval of the mean over runs (Student t, n-1 degrees of freedom)."""
     if len(values) < 2:
         return None
-    from scipy.stats import t
+    from scipy.stats import t  # scipy: loaded only for a table with intervals
 
     return float(t.ppf(0.975, len(values) - 1)) * statistics.stdev(values) / math.sqrt(len(values))
 

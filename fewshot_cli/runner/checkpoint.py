@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from fewshot_cli.errors import CannotWrite
+from fewshot_cli.models.weights import safe_load
 
 
 class _Recording:
@@ -82,6 +83,4 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 def load_checkpoint(path: Path, option: str = "--resume") -> dict[str, Any]:
     """A checkpoint holds tensors and plain containers only: read with `weights_only=True`, so no pickled code
     runs; a file that needs more is a BadInput."""
-    from fewshot_cli.models.weights import safe_load
-
     return safe_load(path, option)

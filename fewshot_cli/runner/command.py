@@ -59,8 +59,9 @@ class Command:
 
     def traced_task(self, cfg: Any, seed: int) -> Any:
         """The command's Task as the planner builds it to trace a step: on the CPU, with no run directory."""
-        import torch  # noqa: I001 - both load torch: this module stays importable without it
+        # both load torch: the CLI imports this module without it
+        import torch
 
-        from fewshot_cli.runner.task import RunContext
+        from fewshot_cli.runner.task import RunContext  # loads torch too
 
         return self.task(cfg, RunContext(device=torch.device("cpu"), seed=seed, run_dir=None, planning=True))

@@ -26,6 +26,7 @@ from fewshot_cli.memory.limits import Limit
 from fewshot_cli.memory.measure import MiB, is_oom, probe, release
 from fewshot_cli.runner import rundir
 from fewshot_cli.runner.checkpoint import load_checkpoint, save_checkpoint, save_json
+from fewshot_cli.runner.command import Command
 from fewshot_cli.runner.config import Resolved
 from fewshot_cli.runner.distributed import Distributed, StepFailedElsewhere, agreed
 from fewshot_cli.runner.evaluation import EvaluationTask
@@ -34,7 +35,7 @@ from fewshot_cli.runner.input_wait import InputWait
 from fewshot_cli.runner.leaks import LeakDetector
 from fewshot_cli.runner.log import RunLog, read_log
 from fewshot_cli.runner.progress import Progress
-from fewshot_cli.runner.task import Command, RunContext, Task, step_seed
+from fewshot_cli.runner.task import RunContext, Task, step_seed
 from fewshot_cli.runner.tensorboard import TensorBoardLog
 
 

@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from fewshot_cli.memory.guard import MemoryGuard
-from fewshot_cli.runner.command import Command as Command  # declared without torch; imported here as before
 from fewshot_cli.runner.faults import Faults
 from fewshot_cli.runner.micro import Accumulation
 

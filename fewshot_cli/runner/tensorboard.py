@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from fewshot_cli.errors import BadInput
+from fewshot_cli.runner.log import read_log
 
 EXTRA = "pip install 'fewshot[tensorboard]'"
 #: event fields that place an event rather than measure anything
@@ -42,7 +43,7 @@ class TensorBoardLog:
     def __init__(self, log_dir: Path, inner: Any = None) -> None:
         """`inner`: the run's log, which every event still reaches first (None when exporting a finished run)."""
         require()
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # tensorboard's writer loads torch: only with --tensorboard
 
         self.inner = inner
         self.writer = SummaryWriter(log_dir=str(log_dir))
@@ -70,8 +71,6 @@ class TensorBoardLog:
 
 def export(run_dirs: Iterable[Path], out: Path) -> list[Path]:
     """Write OUT/RUN_NAME event files from each finished (or stopped) run's `log.jsonl`; returns those folders."""
-    from fewshot_cli.runner.log import read_log
-
     require()
     run_dirs = [Path(d) for d in run_dirs]
     names = [d.name for d in run_dirs]
