@@ -222,17 +222,24 @@ def _images_under(folder: Path) -> list[str]:
     return sorted(found, key=lambda p: p.split(os.sep)) if nested else sorted(found)
 
 
+def _paired_lists(places: dict[str, Path], keys: tuple[str, ...], needs: str) -> dict[str, dict[str, list]]:
+    """Each split's JSON object with `keys`: lists of strings (a `*_labels` list holds labels), the last two as
+    long as each other (`needs` says why, e.g. "one label per image")."""
+    specs = {split: _load_json(path, keys) for split, path in places.items()}
+    first, second = keys[-2:]
+    for split, spec in specs.items():
+        for key in (k for k in keys if not k.endswith("_labels")):
+            _check_strings(places[split], spec, key)
+        if len(spec[first]) != len(spec[second]):
+            raise BadInput(f"{places[split]} has {len(spec[first])} {first} but {len(spec[second])} {second}; "
+                           f"it needs {needs}.")
+    return specs
+
+
 def _filelists(places: dict[str, Path], image_root: Path | None, notes: list[str]) -> list[ClassFiles]:
     """CloserLookFewShot's {label_names, image_names, image_labels}; labels index label_names, which every list
     of a dataset shares."""
-    lists = {split: _load_json(path, ("label_names", "image_names", "image_labels")) for split, path in
-             places.items()}
-    for split, spec in lists.items():
-        _check_strings(places[split], spec, "label_names")
-        _check_strings(places[split], spec, "image_names")
-        if len(spec["image_names"]) != len(spec["image_labels"]):
-            raise BadInput(f"{places[split]} has {len(spec['image_names'])} image_names but "
-                           f"{len(spec['image_labels'])} image_labels; it needs one label per image.")
+    lists = _paired_lists(places, ("label_names", "image_names", "image_labels"), "one label per image")
     prefix = _common_folder([n for spec in lists.values() for n in spec["image_names"]])
     classes, listings = [], {}
     for split, spec in lists.items():
@@ -280,13 +287,7 @@ def _split_csv(places: dict[str, Path], image_root: Path | None, notes: list[str
 def _easyfsl(places: dict[str, Path], image_root: Path | None, notes: list[str]) -> list[ClassFiles]:
     """easyfsl's {class_names, class_roots}: a class is the image files directly in its root (as EasySet lists
     them); a root without images is skipped with a note."""
-    specs = {split: _load_json(path, ("class_names", "class_roots")) for split, path in places.items()}
-    for split, spec in specs.items():
-        _check_strings(places[split], spec, "class_names")
-        _check_strings(places[split], spec, "class_roots")
-        if len(spec["class_names"]) != len(spec["class_roots"]):
-            raise BadInput(f"{places[split]} has {len(spec['class_names'])} class_names but "
-                           f"{len(spec['class_roots'])} class_roots; it needs one root per class.")
+    specs = _paired_lists(places, ("class_names", "class_roots"), "one root per class")
     prefix = _common_folder([r.rstrip("/") + "/" for spec in specs.values() for r in spec["class_roots"]])
     classes = []
     for split, spec in specs.items():
