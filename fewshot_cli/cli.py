@@ -198,7 +198,7 @@ for _command in COMMANDS.values():
 @app.command("env", cls=readable(example="fewshot env --json", docs="docs/runs.md"))
 def env_command(json_out: bool = typer.Option(False, "--json", help="print as JSON")) -> None:
     """Devices seen, their memory, library versions."""
-    from fewshot_cli.reports.environment import environment
+    from fewshot_cli.reports.environment import environment  # loads torch: only `fewshot env` pays for it
 
     info = environment()
     if json_out:
@@ -211,7 +211,7 @@ def env_command(json_out: bool = typer.Option(False, "--json", help="print as JS
 @app.command("presets", cls=readable(example="fewshot presets", docs="docs/memory.md"))
 def presets_command(json_out: bool = typer.Option(False, "--json", help="print as JSON")) -> None:
     """Every preset and the value of each knob it sets, per command."""
-    from fewshot_cli.reports.environment import render_presets
+    from fewshot_cli.reports.environment import render_presets  # loads torch: only `fewshot presets` pays
 
     table = {name: {preset: _preset_values(c, preset) for preset in c.presets} for name, c in COMMANDS.items()}
     typer.echo(json.dumps(table, sort_keys=True) if json_out else render_presets(table))
@@ -241,7 +241,7 @@ def table_command(
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
     """A results table from finished runs."""
-    from fewshot_cli.reports.plots import plot_table
+    from fewshot_cli.reports.plots import plot_table  # the reports load torch and matplotlib: --help stays light
     from fewshot_cli.reports.tables import build_table, render_table
 
     def act() -> None:
@@ -269,7 +269,7 @@ def memreport_command(
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
     """Memory peaks per phase, growth per phase, leak verdict."""
-    from fewshot_cli.reports.memory import memreport, render_memreport
+    from fewshot_cli.reports.memory import memreport, render_memreport  # loads torch: --help stays light
     from fewshot_cli.reports.plots import plot_memory
 
     def act() -> None:
@@ -289,7 +289,7 @@ def export_command(
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
     """TensorBoard curves of finished runs, from their log.jsonl."""
-    from fewshot_cli.runner.tensorboard import export
+    from fewshot_cli.runner.tensorboard import export  # tensorboard is optional: only `fewshot export` needs it
 
     def act() -> None:
         for folder in export(run_dirs, tensorboard):
@@ -305,10 +305,10 @@ def demo_command(
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
     """Every experiment command, briefly, on the built-in data at the cpu preset, then the combined table."""
-    from fewshot_cli.reports.tables import demo_table
+    from fewshot_cli.reports.tables import demo_table  # loads the run log's readers: --help stays light
 
     def act() -> None:
-        import time
+        import time  # the demo alone times itself
 
         root = out or Path("runs") / f"demo-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
         runs, wall = [], {}

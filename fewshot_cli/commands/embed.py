@@ -265,6 +265,7 @@ class EmbedTask(EvaluationTask):
 
     def _write_reports(self, run_dir: Path) -> None:
         """threshold_sweep.csv/.png, confusion.csv/.png, per_class.csv, and embedding.png with --plots."""
+        # matplotlib loads only when a run writes its reports, not when the command is listed
         from fewshot_cli.reports.confusion import write_confusion
         from fewshot_cli.reports.embedding import write_embedding_plot
         from fewshot_cli.reports.open_set import write_sweep

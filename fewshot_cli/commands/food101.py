@@ -225,7 +225,7 @@ class Food101Task(Task):
         `model.safetensors` (the same tensors, the rest as metadata), which loads without unpickling anything."""
         if self.ctx.run_dir is None:
             return
-        from safetensors.torch import save_file
+        from safetensors.torch import save_file  # only a finished run exports its model
 
         path = Path(self.ctx.run_dir) / "model.pt"
         state = {k: v.detach().cpu().contiguous() for k, v in self.model.net.state_dict().items()}
@@ -256,7 +256,7 @@ class Food101Task(Task):
 
     def finish(self, metrics: dict[str, float]) -> dict[str, float]:
         """The best top-1 among the evaluations; confusion.csv/.png and per_class.csv of the final test."""
-        from fewshot_cli.reports.confusion import write_confusion
+        from fewshot_cli.reports.confusion import write_confusion  # matplotlib loads only for the reports
 
         self._loader = None  # stops the worker processes
         if self.ctx.run_dir is not None:

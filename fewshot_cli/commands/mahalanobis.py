@@ -273,6 +273,7 @@ class MahalanobisTask(Task):
 
     def finish(self, metrics: dict[str, float]) -> dict[str, float]:
         """confusion.csv/.png and per_class.csv over the test queries; embedding.png with --plots."""
+        # matplotlib loads only when a run writes its reports, not when the command is listed
         from fewshot_cli.reports.confusion import write_confusion
         from fewshot_cli.reports.embedding import write_embedding_plot
 

@@ -119,7 +119,7 @@ class HFEmbedder(Embedder):
                  planning: bool = False) -> None:
         super().__init__()
         try:
-            import transformers
+            import transformers  # an optional extra: only the Hugging Face backbones need it
         except ImportError:
             raise BadInput(f"--backbone {kind} needs the transformers package: pip install 'fewshot[hf]'.") from None
         transformers.utils.logging.set_verbosity_error()

@@ -8,19 +8,20 @@ imports no torch: `--help` stays fast."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fewshot_cli.errors import BadInput
+from fewshot_cli.memory.limits import Limit, parse_size
 from fewshot_cli.models import pretrained
+from fewshot_cli.runner import rerun
 from fewshot_cli.runner.command import Command
 from fewshot_cli.runner.config import Resolved, preset_choices, resolve
 
 if TYPE_CHECKING:
     import torch
 
-    from fewshot_cli.memory.limits import Limit
     from fewshot_cli.runner.distributed import Distributed
     from fewshot_cli.runner.loop import RunOptions
 
@@ -60,7 +61,7 @@ class LaunchOptions:
 def launch(command: Command, knobs: dict[str, Any], options: LaunchOptions) -> dict[str, float] | None:
     """Run `command` to its end with these knob values (None: not given) and options; its final metrics, or None
     on a torchrun rank other than 0 (rank 0 alone writes the run directory and reports)."""
-    from fewshot_cli.runner import distributed
+    from fewshot_cli.runner import distributed  # loads torch, which --help must not
 
     group = distributed.from_env()  # under torchrun every rank runs this
     try:
@@ -72,7 +73,7 @@ def launch(command: Command, knobs: dict[str, Any], options: LaunchOptions) -> d
 
 def _run(command: Command, knobs: dict[str, Any], options: LaunchOptions, group: Distributed | None
          ) -> dict[str, float]:
-    from fewshot_cli.memory.devices import cap_memory
+    from fewshot_cli.memory.devices import cap_memory  # loads torch, which --help must not
     from fewshot_cli.runner.distributed import agreed
     from fewshot_cli.runner.faults import Faults
     from fewshot_cli.runner.loop import run
@@ -88,7 +89,7 @@ def _run(command: Command, knobs: dict[str, Any], options: LaunchOptions, group:
 def _prepare(command: Command, knobs: dict[str, Any], options: LaunchOptions, group: Distributed | None,
              extra: dict[str, Any]) -> tuple[Resolved, RunOptions]:
     """Everything checked before anything is written: every rank does it, and bad input on one is bad input on all."""
-    from fewshot_cli.runner import tensorboard
+    from fewshot_cli.runner import tensorboard  # an optional extra: only --tensorboard needs it
 
     if group is not None and (command.evaluation_only or not command.data_parallel):
         raise BadInput(f"{command.name} runs in one process: start it with `fewshot {command.name}`, not "
@@ -108,8 +109,7 @@ def _prepare(command: Command, knobs: dict[str, Any], options: LaunchOptions, gr
 
 def _resumed(command: Command, knobs: dict[str, Any], options: LaunchOptions) -> tuple[Resolved, RunOptions]:
     """The recorded run, on its own device type unless `--device` names another."""
-    from fewshot_cli.runner import rerun
-    from fewshot_cli.runner.device import resolve_device
+    from fewshot_cli.runner.device import resolve_device  # loads torch, which --help must not
     from fewshot_cli.runner.loop import RunOptions
 
     run_dir = Path(options.resume)
@@ -125,8 +125,7 @@ def _resumed(command: Command, knobs: dict[str, Any], options: LaunchOptions) ->
 def _new(command: Command, knobs: dict[str, Any], options: LaunchOptions, group: Distributed | None,
          extra: dict[str, Any]) -> tuple[Resolved, RunOptions]:
     """A new run (from `--config`'s record where given), its plan fitted to the budget or checked."""
-    from fewshot_cli.memory import plan
-    from fewshot_cli.runner import rerun
+    from fewshot_cli.memory import plan  # loads torch, which --help must not
     from fewshot_cli.runner.loop import RunOptions
 
     copied: set[str] = set()
@@ -149,9 +148,7 @@ def _new(command: Command, knobs: dict[str, Any], options: LaunchOptions, group:
 def held_to(device: torch.device, budget: int | None, group: Distributed | None = None) -> Limit:
     """The limit a run is held to (`memory.devices.memory_limit`); under torchrun the ranks on one machine share the
     host's memory, so on the CPU each rank is held to its share."""
-    from dataclasses import replace
-
-    from fewshot_cli.memory.devices import memory_limit
+    from fewshot_cli.memory.devices import memory_limit  # loads torch, which --help must not
 
     limit, _ = memory_limit(device, budget)
     ranks = group.local_world_size if group is not None else 1
@@ -163,8 +160,7 @@ def held_to(device: torch.device, budget: int | None, group: Distributed | None 
 def resolve_new(command: Command, knobs: dict[str, Any], options: LaunchOptions
                 ) -> tuple[torch.device, Resolved, int | None]:
     """Device, preset and config of a new run, all checked before anything is written."""
-    from fewshot_cli.memory.limits import parse_size
-    from fewshot_cli.runner.device import device_preset, resolve_device
+    from fewshot_cli.runner.device import device_preset, resolve_device  # loads torch, which --help must not
 
     if command.prepare is not None:
         command.prepare(knobs)
@@ -193,10 +189,9 @@ def plan_report(command: Command, knobs: dict[str, Any], options: LaunchOptions)
     """`fewshot plan`: each phase's predicted peak for these knobs and options, and the earlier runs' checks. A plan
     needs no device: `--preset t4` on a laptop plans for a T4. A plan over its limit carries `advice`, the sentence
     saying what would make it fit."""
-    from fewshot_cli.memory import plan
+    from fewshot_cli.memory import plan  # loads torch, which --help must not
     from fewshot_cli.memory.check import earlier_checks
     from fewshot_cli.memory.devices import memory_limit
-    from fewshot_cli.memory.limits import Limit, parse_size
 
     preset = options.preset or "auto"
     device, nominal = _plan_target(preset, options.device)
@@ -229,7 +224,7 @@ def _data_record(command: Command, resolved: Resolved, data: Path | None) -> dic
 
 def plan_text(report: dict[str, Any], verbose: bool = False) -> str:
     """A plan report as `fewshot plan` prints it; `verbose` adds each line's source."""
-    from fewshot_cli.memory import plan
+    from fewshot_cli.memory import plan  # loads torch, which --help must not
     from fewshot_cli.memory.check import render_earlier
 
     data = f"  data on disk: {report['data']}, layout {report.get('data_format')}" if report.get("data") else ""
@@ -241,9 +236,9 @@ def plan_text(report: dict[str, Any], verbose: bool = False) -> str:
 
 def _device_preset_name(device: torch.device) -> str:
     """The preset of the device a plan is for (a CUDA device not on this machine: t4's)."""
-    import torch
+    import torch  # loads torch, which --help must not
 
-    from fewshot_cli.runner.device import device_preset
+    from fewshot_cli.runner.device import device_preset  # loads torch too
 
     return device_preset(device) if device.type != "cuda" or torch.cuda.is_available() else "t4"
 
@@ -253,7 +248,7 @@ def _plan_target(preset: str, device_name: str) -> tuple[torch.device, int | Non
     what `memory.devices.memory_limit` finds), else the preset's device."""
     import torch  # torch only once a plan is asked for: --help stays torch-free
 
-    from fewshot_cli.memory.plan import PRESET_DEVICES
+    from fewshot_cli.memory.plan import PRESET_DEVICES  # as torch: loaded only once a plan is asked for
     from fewshot_cli.runner.device import resolve_device
 
     name = (device_name or "auto").lower()
