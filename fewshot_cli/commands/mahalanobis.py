@@ -38,7 +38,7 @@ from fewshot_cli.errors import BadInput
 from fewshot_cli.models.adaptation import SetToSetAttention
 from fewshot_cli.models.backbones import build_backbone, feature_dim, memory_format
 from fewshot_cli.models.heads import build_head, prototypes
-from fewshot_cli.models.weights import from_resnet, load_pretrained, param_groups
+from fewshot_cli.models.weights import from_few_shot_repos, load_pretrained, param_groups
 from fewshot_cli.reports.files import load_libraries
 from fewshot_cli.runner.backoff import evaluation_part
 from fewshot_cli.runner.metrics import RunningMean
@@ -114,7 +114,7 @@ class MahalanobisTask(Task):
         self.samplers = {s: EpisodeSampler(self.data.items_by_class(s), split=s, **shape) for s in splits}
         self.model = FewShotTransformer(cfg, lambda **f: ctx.emit("covariance_fallback", **f))
         weights = load_pretrained(self.model.backbone, cfg.weights, cfg.backbone, "backbone", ctx.emit,
-                                  cfg.weights_strict, adapt=from_resnet)
+                                  cfg.weights_strict, adapt=from_few_shot_repos)
         if weights is not None:
             self.loaded_weights = (weights.record,)
             if weights.mean is not None:  # the weights' own transforms() normalisation

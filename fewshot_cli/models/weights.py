@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import re
 import socket
 import types
 from collections.abc import Callable
@@ -169,7 +170,8 @@ def read_state_dict(path: str | Path, option: str = "--weights") -> dict[str, to
 def _unwrap(state: Any) -> Any:
     if isinstance(state, dict) and isinstance(state.get("task"), dict):  # a fewshot checkpoint.pt
         state = state["task"]
-    for key in ("state_dict", "model"):
+    # `params`: FEAT's checkpoints (`dict(params=model.state_dict())`); `state`: CloserLookFewShot's
+    for key in ("state_dict", "model", "params", "state"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             return state[key]
     return state
@@ -191,6 +193,46 @@ def from_resnet(state: dict[str, torch.Tensor], prefix: str = "") -> dict[str, t
         elif head != "fc":
             out[key] = value
     return out
+
+
+def from_few_shot_repos(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """FEAT's and CloserLookFewShot's backbones in our names, other state dicts unchanged (then torchvision's ResNet
+    names as `from_resnet` maps them). FEAT's ResNet-12 (`encoder.layerN.0.convK`, `bnK`, `downsample.0/1`, no stem)
+    is our `resnet12` block for block; its Conv-4 (`encoder.I.0` conv, `encoder.I.1` BatchNorm) and
+    CloserLookFewShot's (`feature.trunk.I.C`, `.BN`, each saved a second time under `.trunk.`) are our `conv4` and
+    `conv6`; the classifier or attention trained beside the backbone (`fc`, `classifier`, `slf_attn`) is left out.
+    Their convolutions carry a bias where ours, followed by BatchNorm, have none: the bias moves into the
+    BatchNorm's running mean, which gives the same output in evaluation and the same gradients in training (a
+    batch's mean absorbs it)."""
+    trunk = [key for key in state if key.startswith(("encoder.", "feature."))]  # the rest: heads trained with it
+    bare = {key.partition(".")[2]: state[key] for key in trunk} if trunk else state
+    if not any(_FEW_SHOT_KEY.match(key) for key in bare) or "conv1.weight" in bare:  # a torchvision stem: not FEAT's
+        return from_resnet(state)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in bare.items():
+        if _CLOSER_LOOK_COPY.match(key):
+            continue
+        if match := _FEAT_RESNET12.match(key):
+            layer, part, number, rest = match.groups()
+            key = (f"{int(layer) - 1}.shortcut.{number}.{rest}" if part == "downsample" else
+                   f"{int(layer) - 1}.body.{3 * (int(number) - 1) + (part == 'bn')}.{rest}")
+        elif match := _CLOSER_LOOK_CONV.match(key):
+            index, part, rest = match.groups()
+            key = f"{index}.{int(part == 'BN')}.{rest}"
+        out[key] = value
+    for key in [k for k in out if k.endswith(".0.bias") and out.get(k[:-len("bias")] + "weight",
+                                                                     torch.empty(0)).dim() == 4]:
+        mean = key[:-len("0.bias")] + "1.running_mean"
+        if mean in out:
+            out[mean] = out[mean] - out.pop(key)
+    return out
+
+
+_FEAT_RESNET12 = re.compile(r"layer(\d)\.0\.(conv|bn|downsample)(?:\.?)(\d)\.(.+)")
+_CLOSER_LOOK_CONV = re.compile(r"trunk\.(\d+)\.(C|BN)\.(.+)")
+_CLOSER_LOOK_COPY = re.compile(r"trunk\.\d+\.trunk\.")
+#: the keys that say a state dict is one of FEAT's or CloserLookFewShot's backbones
+_FEW_SHOT_KEY = re.compile(r"layer\d\.0\.conv3\.|trunk\.\d+\.C\.|\d+\.0\.bias$")
 
 
 def strip_prefix(state: dict[str, torch.Tensor], own: set[str]) -> dict[str, torch.Tensor]:
