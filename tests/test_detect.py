@@ -19,8 +19,14 @@ from pycocotools.cocoeval import COCOeval
 
 from fewshot_cli.commands import detect
 from fewshot_cli.commands.detect import PRESETS, DetectConfig, DetectTask
+from fewshot_cli.data.coco import DetectionItem
 from fewshot_cli.data.synthetic import SyntheticScenes
 from fewshot_cli.errors import BadInput
+from fewshot_cli.memory.torch_private import (
+    DataDependentOutputException,
+    DynamicOutputShapeException,
+    FakeTensorMode,
+)
 from fewshot_cli.models import detection
 from fewshot_cli.models.detection import (
     FewShotDetector,
@@ -322,3 +328,35 @@ def test_cli_coco_data_without_novel_classes_exits_2(tmp_path: Path) -> None:
     done = run_cli("--data", str(data), "--out", str(tmp_path / "runs"), *CLI_TINY)
     assert done.returncode == 2
     assert "--novel-classes" in done.stderr and "Traceback" not in done.stderr
+
+
+def _fake_query() -> tuple[DetectionItem, FewShotDetector]:
+    """A query of three boxes and a small detector, made on fake tensors (no patch of the planner's)."""
+    item = DetectionItem(torch.rand(3, 32, 32), torch.rand(3, 4) * 16 + torch.tensor([0, 0, 16, 16]),
+                         torch.randint(1, 4, (3,)), 32, 32)
+    backbone, stride = build_feature_backbone("small", 8)
+    return item, FewShotDetector(backbone, stride, 8, 16, 4)
+
+
+def test_fake_tensors_still_cannot_pick_a_querys_boxes() -> None:
+    """detect-train's plan keeps every box of a query (`detect._traced_boxes`) because torch's fake tensors cannot
+    follow `_boxes_of`. When this fails, torch can: delete `_traced_boxes` and the line of `plan_phases` that sets
+    it, and let the planner trace `_boxes_of`."""
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        item, _ = _fake_query()
+        with pytest.raises(DataDependentOutputException):  # reading the labels' values
+            DetectTask._boxes_of(item, {1: 0, 2: 1})
+        with pytest.raises(DynamicOutputShapeException):  # a mask of them: its output's shape is the data's
+            item.boxes[item.labels == 1]  # noqa: B018 - the indexing is the test
+
+
+def test_fake_tensors_still_cannot_trace_a_detection() -> None:
+    """detect-train's plan traces its test up to the ranked candidates (`_traced_test`) and declares what `detect`
+    keeps after them (`nms_inputs`), because torch's fake tensors cannot follow the score mask and the NMS. When
+    this fails, torch can: let the test phase trace `evaluate`'s `_detect` and drop `nms_inputs`."""
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        item, model = _fake_query()
+        prototypes = torch.nn.functional.normalize(torch.rand(2, 8), dim=1)
+        proposals = dense_proposals(32, 8, (8.0, 16.0))
+        with pytest.raises((DataDependentOutputException, DynamicOutputShapeException)), torch.no_grad():
+            model.detect(item.image[None], prototypes, prototypes, proposals, 8, 0.05, 0.5, 10)

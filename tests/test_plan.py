@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import SMALL, fewshot
 
 from fewshot_cli.commands.mahalanobis import COMMAND
 from fewshot_cli.memory.limits import Limit
-from fewshot_cli.memory.plan import fit, plan_run, startup_baseline, trace
+from fewshot_cli.memory.plan import fake_tensors, fit, plan_run, startup_baseline, trace
 from fewshot_cli.runner.config import resolve
 
 CPU = torch.device("cpu")
@@ -155,3 +156,38 @@ def test_training_is_planned_with_the_optimizer_state_every_step_after_the_first
     # later step
     state = phases["train"]["optimizer_state"]
     assert state == phases["test"]["optimizer_state"] and 0 <= state - 2 * phases["train"]["parameters"] < 4096
+
+
+def _reads_and_moves() -> dict[str, object]:
+    """What tracing patches while it runs (a fake tensor's value reads, a module's move), and the faults module."""
+    from fewshot_cli.runner import faults
+
+    patched = {f"Tensor.{name}": getattr(torch.Tensor, name)
+               for name in ("item", "__float__", "__int__", "__bool__", "tolist")}
+    return {**patched, "Module.to": torch.nn.Module.to, "faults": dict(vars(faults))}
+
+
+def test_planning_leaves_no_patch_behind() -> None:
+    before = _reads_and_moves()
+    plan_run(COMMAND, _config(), CPU, None)
+    assert _reads_and_moves() == before
+
+
+def test_a_planning_that_raises_leaves_no_patch_behind(monkeypatch: pytest.MonkeyPatch) -> None:
+    def step() -> None:
+        assert torch.Tensor.item is not before["Tensor.item"]  # the patches were on while the step ran
+        raise RuntimeError("the step failed")
+
+    before = _reads_and_moves()
+    monkeypatch.setattr(COMMAND.task, "plan_phases", lambda self: {"train": step})
+    with pytest.raises(RuntimeError, match="the step failed"):
+        plan_run(COMMAND, _config(), CPU, None)
+    assert _reads_and_moves() == before
+
+
+def test_fake_tensors_patch_only_inside_their_block() -> None:
+    before = _reads_and_moves()
+    with pytest.raises(ValueError), fake_tensors():
+        assert torch.zeros(3).sum().item() == 1 and torch.nn.Module.to is not before["Module.to"]
+        raise ValueError
+    assert _reads_and_moves() == before

@@ -103,8 +103,8 @@ class DetectTask(Task):
             cfg.steps(), warmup=max(1, cfg.steps() // 20), floor=0.05))
         self.dropped_seen = BoxCounts()
         self.test_files: tuple[dict[str, Any], list[dict[str, Any]]] | None = None
-        share = cache_share(cfg.image_cache_mb, cfg.workers)
-        self.loaders = {name: Loaders(ItemReader(data, "item", share, ctx.faults), _collate, cfg.workers, ctx.device,
+        share = self.cache_limit(cache_share(cfg.image_cache_mb, self.workers))
+        self.loaders = {name: Loaders(ItemReader(data, "item", share, ctx.faults), _collate, self.workers, ctx.device,
                                       received=lambda batch, data=data: _count_dropped(data, batch), finish=_floats)
                         for name, data in (("train", self.train_data), ("test", self.test_data))}
         self.feed = Feed(self.loaders["train"], self._schedule)
@@ -250,40 +250,28 @@ class DetectTask(Task):
     # ------------------------------------------------------------------ memory planning
 
     def plan_phases(self) -> dict[str, Callable[[], Any]]:
-        """Fixed-shape stand-ins for one training episode and one test chunk: the real step picks each support
-        image's box by its values (`_support`), which fake tensors do not hold, so it cannot be traced."""
-        return {"train": self._plan_train, "test": self._plan_test}
+        """A real training step, and the test's first chunk of queries up to their ranked candidates; in both, each
+        query keeps all its boxes (`_traced_boxes`)."""
+        self._boxes_of = _traced_boxes  # a run never calls plan_phases: only the planner's traced copy changes
+        return {"train": lambda: self.train_step(1), "test": self._traced_test}
 
-    def _plan_batch(self, n_images: int, with_boxes: bool) -> Batch:
-        side = self.cfg.image_size
-        device = self.ctx.device
-        box = torch.tensor([side * 0.3, side * 0.3, side * 0.55, side * 0.55], device=device)
-        return Batch(torch.rand(n_images, 3, side, side, device=device), [box[None]] * n_images,
-                     [torch.zeros(1, dtype=torch.long, device=device)] * n_images if with_boxes else [],
-                     [(side, side)] * n_images, [""] * n_images)
-
-    def _plan_prototypes(self) -> tuple[torch.Tensor, torch.Tensor]:
-        # unit vectors stand in for the support pass: it runs under no_grad, so its activations are freed before
-        # the query pass (`plan_extra_bytes` counts them as `support_pass`)
-        n_way, dim = self.cfg.n_way, self.cfg.embedding_dim
-        return (torch.nn.functional.normalize(torch.randn(n_way, dim, device=self.ctx.device), dim=1),
-                torch.nn.functional.normalize(torch.randn(n_way, dim, device=self.ctx.device), dim=1))
-
-    def _plan_train(self) -> None:
-        prototypes, pooled = self._plan_prototypes()
-        self.optimizer.zero_grad(set_to_none=True)
-        self._loss(prototypes, pooled, self._plan_batch(self.cfg.n_way * self.cfg.n_query, True))[0].backward()
-        self._optimizer_step()
-
-    def _plan_test(self) -> None:
-        prototypes, pooled = self._plan_prototypes()
-        queries = self._plan_batch(min(self.cfg.eval_batch_size, self.cfg.n_way * self.cfg.n_query), False)
-        self.model.candidates(queries.images, prototypes, pooled, self.proposals, self.cfg.proposals_top_k)
+    def _traced_test(self) -> None:
+        """`evaluate`'s largest moment, the first chunk's ranked candidates: the detections that follow are picked
+        by a score mask and NMS, whose outputs' shapes are the data's (fake tensors raise torch's
+        DynamicOutputShapeException), so their inputs are a declared line (`nms_inputs`)."""
+        cfg, episode = self.cfg, self.samplers["test"].episode(0)
+        read = _by_item(episode, next(self.loaders["test"].fixed("test", [_episode_items(episode)])))
+        support = self._support(read, episode)
+        prototypes, pooled = self.model.prototypes(support.images, torch.stack(support.boxes),
+                                                   torch.cat(support.labels), cfg.n_way)
+        chunk = [query for part in self._query_chunks(episode) for query in part][:cfg.eval_batch_size]
+        queries = self._queries(read, self.test_data, chunk, episode.classes)
+        self.model.candidates(queries.images, prototypes, pooled, self.proposals, cfg.proposals_top_k)
 
     def plan_extra_bytes(self) -> dict[str, dict[str, int]]:
         """The dense proposal grid (made before tracing starts), its per-image pooled descriptors and, at test,
-        the NMS inputs (boxes x classes) that the fixed-shape stand-in does not reach; the loaded episode and the
-        loader's host memory."""
+        the NMS inputs (boxes x classes) the traced chunk stops before and the previous episode's query batch,
+        which evaluation keeps until the next detection returns; the loader's host memory."""
         cfg = self.cfg
         n_scales = len(_parse_scales(cfg.proposal_scales))
         per_side = math.ceil(cfg.image_size / cfg.proposal_step)
@@ -293,22 +281,12 @@ class DetectTask(Task):
         ranking = images * n_proposals * (cfg.embedding_dim + cfg.n_way + 1) * FLOAT
         top_k = min(cfg.proposals_top_k, n_proposals)
         nms = top_k * cfg.n_way * (4 + 1 + 1) * FLOAT  # one image at a time: boxes, scores, class ids
-        # the support pass the stand-in replaces by unit vectors: its images and feature maps, freed after it
-        stride = self.model.stride
-        supports = cfg.n_way * cfg.k_shot
-        support = supports * (3 * cfg.image_size**2 + cfg.embedding_dim * (cfg.image_size // stride) ** 2) * FLOAT
         image = 3 * cfg.image_size**2 * FLOAT
-        episode = cfg.n_way * (cfg.k_shot + cfg.n_query) * image
-        # the episode the loader delivered stays whole while its step or evaluation runs (the stand-ins trace
-        # their own query copy of it); evaluation also keeps the previous episode's query batch until the next
-        # detection returns. A training step's support pass ends before its query pass and below its peak
-        # (measured: the support stack is freed once the micro-steps are built); evaluation keeps it
-        loaded = {"loaded_episode": episode}
         queries = min(cfg.eval_batch_size or images, images) * image if cfg.test_episodes > 1 else 0
         train, test = (self._host_lines(lines=True)[phase] for phase in ("train", "test"))
-        return {"train": {"proposal_grid": grid, "proposal_ranking": ranking, **loaded, **train},
+        return {"train": {"proposal_grid": grid, "proposal_ranking": ranking, **train},
                 "test": {"proposal_grid": grid, "proposal_ranking": ranking, "nms_inputs": nms,
-                         "support_pass": support, **loaded, "previous_queries": queries, **test}}
+                         "previous_queries": queries, **test}}
 
     def plan_notes(self) -> dict[str, dict[str, str]]:
         return self._host_lines(lines=False)
@@ -350,17 +328,17 @@ class DetectTask(Task):
                  for item in items[start:start + per_class]] for start in range(0, n, per_class)]
 
     def _support(self, read: Read, episode: Episode) -> Batch:
-        """One box per support image: the largest box of the class it was drawn for."""
+        """One box per support image: the largest box of the class it was drawn for (the first, in a tie)."""
         images, boxes, labels, sizes, names = [], [], [], [], []
         for label, (cls, items) in enumerate(zip(episode.classes, episode.support, strict=True)):
             for item in items:
                 image, sample = read[item]
-                mine = sample.boxes[sample.labels == cls]
-                if not len(mine):
+                if (sample.labels != cls).all():
                     raise BadInput(f"Support image {item} has no valid box of class {cls}.")
-                areas = (mine[:, 2] - mine[:, 0]) * (mine[:, 3] - mine[:, 1])
+                box = sample.boxes
+                areas = torch.where(sample.labels == cls, (box[:, 2] - box[:, 0]) * (box[:, 3] - box[:, 1]), -1)
                 images.append(image)
-                boxes.append(mine[int(areas.argmax())])
+                boxes.append(box.index_select(0, areas.argmax().view(1))[0])  # picked by index, never by value
                 labels.append(torch.tensor([label]))
                 sizes.append((sample.width, sample.height))
                 names.append(str(item))
@@ -375,14 +353,20 @@ class DetectTask(Task):
         device = self.ctx.device
         for item, _ in chunk:
             image, sample = read[item]
-            mine = torch.tensor([int(c) in index for c in sample.labels.tolist()], dtype=torch.bool)
+            mine, classes_of = self._boxes_of(sample, index)
             images.append(image)
-            boxes.append(sample.boxes[mine].to(device))
-            labels.append(torch.tensor([index[int(c)] for c in sample.labels[mine].tolist()],
-                                       dtype=torch.long, device=device))
+            boxes.append(mine.to(device))
+            labels.append(classes_of.to(device))
             sizes.append((sample.width, sample.height))
             names.append(data.file_name(item))
         return Batch(torch.stack(images), boxes, labels, sizes, names)
+
+    @staticmethod
+    def _boxes_of(sample: DetectionItem, index: dict[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A query's boxes of the episode's classes and their episode labels (`index`: category -> label)."""
+        mine = torch.tensor([int(c) in index for c in sample.labels.tolist()], dtype=torch.bool)
+        return sample.boxes[mine], torch.tensor([index[int(c)] for c in sample.labels[mine].tolist()],
+                                                dtype=torch.long)
 
     def _report_dropped(self, stage: str, step: int) -> int:
         """Log the data boxes dropped since the last report; returns how many."""
@@ -396,6 +380,14 @@ class DetectTask(Task):
             self.ctx.emit("boxes_dropped", stage=stage, step=step, non_finite=new.non_finite,
                           degenerate=new.degenerate, clamped=new.clamped)
         return new.dropped
+
+
+def _traced_boxes(sample: DetectionItem, index: dict[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_boxes_of` for the planner: all the query's boxes, as label 0. Fake tensors cannot pick the boxes of the
+    episode's classes: their labels' values are not there (`tolist()` raises torch's DataDependentOutputException)
+    and a mask of them has a shape that is the data's (`nonzero` raises DynamicOutputShapeException). At least as
+    many boxes as the run's, a few bytes beside the images; tests/test_detect.py fails once torch can follow it."""
+    return sample.boxes, torch.zeros(len(sample.boxes), dtype=torch.long)
 
 
 def _episode_items(episode: Episode) -> list[int]:

@@ -106,7 +106,7 @@ class EmbedTask(EvaluationTask):
         self.threshold = parse_threshold(cfg.threshold)
         self.data: EmbedData | None = scan(Path(ctx.data)) if ctx.data else None
         self.model = build_embedder(cfg.backbone, cfg.weights, cfg.model, cfg.image_size, ctx.emit,
-                                    cfg.weights_strict, planning=ctx.planning).to(ctx.device)
+                                    cfg.weights_strict, random_weights=ctx.random_weights).to(ctx.device)
         self.loaded_weights = (self.model.loaded,) if self.model.loaded else ()
         self.model.eval()
         self._scratch: tempfile.TemporaryDirectory | None = None

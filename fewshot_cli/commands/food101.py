@@ -135,7 +135,7 @@ class Food101Task(Task):
         return images, labels
 
     def _data_loader(self, dataset: torch.utils.data.Dataset, **kwargs: Any) -> DataLoader:
-        workers = self.cfg.workers
+        workers = self.workers
         # its own generator: starting a loader must not draw from the global stream the runner seeds per step
         return DataLoader(dataset, num_workers=workers, pin_memory=self.device.type == "cuda",
                           prefetch_factor=PREFETCH_FACTOR if workers else None,

@@ -130,9 +130,6 @@ class MahalanobisTask(Task):
         self.test_features: tuple[np.ndarray, list[str]] | None = None
         self.loaders = self._loaders(cfg, ctx.device)
         self.feed = Feed(self.loaders, self._schedule)
-        # tracing under fake tensors reads in this process, without the loader: its worker processes cannot carry
-        # fake tensors, and its image cache would keep the traced images that plan_extra_bytes counts already
-        self._planning = False
 
     @staticmethod
     def _open_data(cfg: MahalanobisConfig, ctx: RunContext) -> SyntheticImages | FewShotSplits:
@@ -154,11 +151,12 @@ class MahalanobisTask(Task):
         """The loaders of the data's images: decoded in the workers (image files' pixels travel and are cached as
         uint8, made float on the device), or with --decode-device cuda and image files, JPEGs read as bytes there
         and decoded on the GPU (the cache then holds their bytes)."""
-        cache_bytes, faults = cache_share(cfg.image_cache_mb, cfg.workers), self.ctx.faults
+        workers, faults = self.workers, self.ctx.faults
+        cache_bytes = self.cache_limit(cache_share(cfg.image_cache_mb, workers))
         if cfg.decode_device == "cuda" and isinstance(self.data, FewShotSplits):
-            return Loaders(ItemReader(self.data, "encoded", cache_bytes, faults), gather, cfg.workers, device,
+            return Loaders(ItemReader(self.data, "encoded", cache_bytes, faults), gather, workers, device,
                            finish=Decoder(cfg.image_size, device))
-        return Loaders(ItemReader(self.data, cache_bytes=cache_bytes, faults=faults), stack_images, cfg.workers, device,
+        return Loaders(ItemReader(self.data, cache_bytes=cache_bytes, faults=faults), stack_images, workers, device,
                        finish=to_float)
 
     def total_steps(self) -> int:
@@ -166,9 +164,6 @@ class MahalanobisTask(Task):
 
     def validate_now(self, step: int) -> bool:
         return "val" in self.samplers and super().validate_now(step)
-
-    def _images(self, items: list[int]) -> torch.Tensor:
-        return to_float(torch.stack([self.data[i][0] for i in items]).to(self.ctx.device))
 
     def _train_episodes(self, step: int) -> list[Episode]:
         return [self.samplers["train"].episode(i + 1) for i in self.cfg.step_episodes(step)]
@@ -182,12 +177,6 @@ class MahalanobisTask(Task):
                 if (step, j) >= first:
                     yield (step, j), episodes[j].support_items()[0] + episodes[j].query_items()[0]
 
-    def _episode_images(self, step: int, j: int, episode: Episode) -> torch.Tensor:
-        """Episode j of the step's images on the device, support then queries."""
-        if self._planning:
-            return self._images(episode.support_items()[0] + episode.query_items()[0])
-        return self.feed.get((step, j))
-
     def train_step(self, step: int) -> dict[str, float]:
         """The step's episodes (one by default); each one's queries in `accumulation` micro-steps after an OOM
         back-off; data-parallel, each rank takes its share of the episodes."""
@@ -198,7 +187,7 @@ class MahalanobisTask(Task):
             for j in grads.parts():
                 (support_items, support_labels), (query_items, query_labels) = (episodes[j].support_items(),
                                                                                 episodes[j].query_items())
-                images = self._episode_images(step, j, episodes[j])  # support, then queries
+                images = self.feed.get((step, j))  # support, then queries
                 n_support, n_query = len(support_items), len(query_items)
                 chunks = [c.tolist() for c in np.array_split(np.arange(n_query), min(self.accumulation, n_query))]
                 for chunk in grads.micro_steps(chunks):
@@ -243,8 +232,8 @@ class MahalanobisTask(Task):
         def embed_the_rest() -> None:
             rest = items[sum(len(p) for p in parts):]  # after a back-off, from the first image not yet embedded
             chunks = [rest[a:a + self.cfg.batch_size] for a in range(0, len(rest), self.cfg.batch_size)]
-            batches = map(self._images, chunks) if self._planning else self.loaders.fixed(phase, chunks)
-            for images in batches:  # the loader's batches, each embedded in slices of batch_size (halved on OOM)
+            # the loader's batches, each embedded in slices of batch_size (halved on OOM)
+            for images in self.loaders.fixed(phase, chunks):
                 done = 0
                 while done < len(images):
                     parts.append(evaluation_part(self, phase, step, "batch_size", lambda a=done, x=images:
@@ -295,22 +284,12 @@ class MahalanobisTask(Task):
 
         def evaluation(phase: str, count: int) -> Callable[[], Any]:
             episodes = min(count, per_batch)
-            return self._planned(lambda: self._evaluate(phase, [self.samplers[phase].episode(i)
-                                                                for i in range(episodes)]))
+            return lambda: self._evaluate(phase, [self.samplers[phase].episode(i) for i in range(episodes)])
 
-        phases = {"train": self._planned(lambda: self.train_step(1))}
+        phases = {"train": lambda: self.train_step(1)}
         if cfg.val_every and "val" in self.samplers:
             phases["val"] = evaluation("val", cfg.val_episodes)
         return {**phases, "test": evaluation("test", cfg.test_episodes)}
-
-    def _planned(self, phase: Callable[[], Any]) -> Callable[[], Any]:
-        def run() -> Any:
-            self._planning = True
-            try:
-                return phase()
-            finally:
-                self._planning = False
-        return run
 
     def plan_extra_bytes(self) -> dict[str, dict[str, int]]:
         """Evaluation keeps every image's features of its episodes at once; planning traces one episode only. The

@@ -181,8 +181,9 @@ class TripletTask(Task):
     def __init__(self, cfg: TripletConfig, ctx: RunContext) -> None:
         super().__init__(cfg, ctx)
         cfg.check_ranks(ctx.distributed)
-        parts = cfg.workers + 1 if cfg.workers else 1
-        self.cache = FrameCache(cfg.frame_cache_size // parts, cfg.frame_cache_mb * MiB // parts)
+        parts = self.workers + 1 if self.workers else 1
+        self.cache = FrameCache(self.cache_limit(cfg.frame_cache_size // parts),
+                                self.cache_limit(cfg.frame_cache_mb * MiB // parts))
         self.source = make_source(ctx.data, cfg.image_size, self.cache, cfg.clip_frames, ctx.seed)
         # support images come from each class's support set, so an episode draws only query clips per class
         self.samplers = {split: EpisodeSampler(self.source.items_by_class(split), cfg.n_way, 0, cfg.n_query,
@@ -212,7 +213,6 @@ class TripletTask(Task):
         self._batches: Any = None
         self._order: list[int] = []
         self._position = 0
-        self._planning = False  # the planner's trace loads its episode in this process (see plan_phases)
 
     def _check_supports(self) -> None:
         for split in ("train", "val", "test"):
@@ -229,7 +229,7 @@ class TripletTask(Task):
 
     def _train_batch(self, step: int, index: int) -> EpisodeBatch:
         cfg = self.cfg
-        if cfg.workers == 0 or self._planning:
+        if self.workers == 0:
             return load_episode(self.source, self.samplers["train"].episode(index), self.ctx.seed, "train",
                                 cfg.k_shot, cfg.num_aug, self.full_triplets)
         if self._batches is None or self._order[self._position] != index:  # first step, a retry, or a resume
@@ -238,7 +238,7 @@ class TripletTask(Task):
             self._position = 0
             dataset = TrainEpisodes(self.source, self.samplers["train"], self._order, cfg, self.full_triplets,
                                     self.ctx.seed)
-            self._batches = iter(DataLoader(dataset, batch_size=None, num_workers=cfg.workers,
+            self._batches = iter(DataLoader(dataset, batch_size=None, num_workers=self.workers,
                                             collate_fn=_as_is, worker_init_fn=_worker_cache,
                                             pin_memory=self.ctx.device.type == "cuda"))
         batch = next(self._batches)
@@ -364,19 +364,6 @@ class TripletTask(Task):
     def finish(self, metrics: dict[str, float]) -> dict[str, float]:
         self._batches = None
         return metrics
-
-    def plan_phases(self) -> dict[str, Any]:
-        """One training step, its episode loaded in this process: worker processes cannot carry fake tensors
-        (the prefetched episodes are counted in `plan_extra_bytes` instead)."""
-
-        def train() -> None:
-            self._planning = True
-            try:
-                self.train_step(1)
-            finally:
-                self._planning = False
-
-        return {"train": train}
 
     def plan_extra_bytes(self) -> dict[str, dict[str, int]]:
         """The frame cache at its bound and the prefetched episodes, which tracing the step does not see."""

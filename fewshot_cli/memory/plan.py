@@ -5,8 +5,8 @@ from __future__ import annotations
 import copy
 import importlib
 import textwrap
-from collections.abc import Callable
-from contextlib import ExitStack, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any
 from unittest.mock import patch
 
@@ -53,38 +53,43 @@ class StepTracker(MemTracker):
         pass
 
 
-def _module_to_on_cpu(module: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
+@contextmanager
+def fake_tensors() -> Iterator[None]:
+    """Fake tensors for the block, with the reads of a value and the module moves a traced step needs
+    (`_fake_reads`, `_moves_on_cpu`); every patch is undone when the block ends, also when it raises."""
+    with FakeTensorMode(allow_non_fake_inputs=True), _moves_on_cpu(), _fake_reads():
+        yield
+
+
+@contextmanager
+def _moves_on_cpu() -> Iterator[None]:
     """Planning builds on the CPU, where moving a module is a no-op, as is changing its parameters' layout (their
     bytes stay the same); fake parameters cannot be swapped in place."""
-    targets = [a for a in (*args, *kwargs.values()) if a is not None and not isinstance(a, torch.memory_format)]
-    if all(isinstance(a, str | torch.device) and torch.device(a).type == "cpu" for a in targets):
-        return module
-    return _MODULE_TO(module, *args, **kwargs)
+    original = nn.Module.to
+
+    def to(module: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
+        targets = [a for a in (*args, *kwargs.values()) if a is not None and not isinstance(a, torch.memory_format)]
+        if all(isinstance(a, str | torch.device) and torch.device(a).type == "cpu" for a in targets):
+            return module
+        return original(module, *args, **kwargs)
+
+    with patch.object(nn.Module, "to", to):
+        yield
 
 
-_MODULE_TO = nn.Module.to
-
-
-def _fake_scalars():
+@contextmanager
+def _fake_reads() -> Iterator[None]:
     """Reading a value out of a fake tensor (a logged loss, an optimizer's step count, a fallback check) gives one
     (False for a truth test): planning follows shapes, and a command's shapes come from its config, not its data."""
-    stack = ExitStack()
-    for name, zero in (("item", 1), ("__float__", 1.0), ("__int__", 1), ("__bool__", False), ("tolist", 1)):
-        original = getattr(torch.Tensor, name)
+    with ExitStack() as stack:  # a patch that fails to apply undoes those applied before it
+        for name, zero in (("item", 1), ("__float__", 1.0), ("__int__", 1), ("__bool__", False), ("tolist", 1)):
+            original = getattr(torch.Tensor, name)
 
-        def read(self: torch.Tensor, *args: Any, _original=original, _zero=zero) -> Any:
-            return _zero if isinstance(self, FakeTensor) else _original(self, *args)
+            def read(self: torch.Tensor, *args: Any, _original=original, _zero=zero) -> Any:
+                return _zero if isinstance(self, FakeTensor) else _original(self, *args)
 
-        stack.enter_context(patch.object(torch.Tensor, name, read))
-    return stack
-
-
-def _fake() -> ExitStack:
-    stack = ExitStack()
-    stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
-    stack.enter_context(patch.object(nn.Module, "to", _module_to_on_cpu))
-    stack.enter_context(_fake_scalars())
-    return stack
+            stack.enter_context(patch.object(torch.Tensor, name, read))
+        yield
 
 
 def trace(command: Command, config: Any, seed: int = 0, fake: bool = True,
@@ -100,7 +105,7 @@ def trace(command: Command, config: Any, seed: int = 0, fake: bool = True,
             setattr(cfg, name, None)
     phases: dict[str, dict[str, int]] = {}
     command.task  # noqa: B018 - imported before fake mode: a module's own tensors (constants) must be real
-    with _fake() if fake else ExitStack():
+    with fake_tensors() if fake else nullcontext():
         torch.manual_seed(seed)
         task = command.traced_task(cfg, seed)
         extra = task.plan_extra_bytes()

@@ -11,6 +11,9 @@ PRIVATE = {
     # fake tensors: the planner's steps run on tensors that carry shapes and dtypes but no storage
     "FakeTensor": ("torch._subclasses.fake_tensor", "FakeTensor"),
     "FakeTensorMode": ("torch._subclasses.fake_tensor", "FakeTensorMode"),
+    # what fake tensors raise where a value, or an output's shape, would come from the data
+    "DataDependentOutputException": ("torch._subclasses.fake_tensor", "DataDependentOutputException"),
+    "DynamicOutputShapeException": ("torch._subclasses.fake_tensor", "DynamicOutputShapeException"),
     # the per-kind memory tracker (parameters, gradients, optimizer state, activations) the planner reads
     "MemTracker": ("torch.distributed._tools.mem_tracker", "MemTracker"),
     "MemRefType": ("torch.distributed._tools.mem_tracker", "_MemRefType"),

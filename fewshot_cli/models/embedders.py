@@ -109,14 +109,14 @@ KNOWN_CONFIGS = {"clip": ("CLIPConfig", "CLIPModel", "CLIPImageProcessor", "ViT-
 class HFEmbedder(Embedder):
     """CLIP (image tower + projection), DINOv2 or any `AutoModel` image encoder (pooled output) from a Hugging Face
     id through the HF cache, or a local directory; preprocessed by the model's own image processor. With
-    `planning`, built from its configuration with random weights (the planner needs shapes only): the cached or
-    local config.json, else the default model's known configuration; nothing is downloaded."""
+    `random_weights`, built from its configuration alone (a traced copy needs shapes only): the cached or local
+    config.json, else the default model's known configuration; nothing is downloaded."""
 
     #: what a planned model was built from, for the plan's header (None: its weights were read)
     planned_from: str | None = None
 
     def __init__(self, kind: str, model: str | None, emit: Callable[..., None] = lambda event, **fields: None,
-                 planning: bool = False) -> None:
+                 random_weights: bool = False) -> None:
         super().__init__()
         try:
             import transformers  # an optional extra: only the Hugging Face backbones need it
@@ -125,7 +125,7 @@ class HFEmbedder(Embedder):
         transformers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
         self.kind = kind
-        if planning:
+        if random_weights:
             self._plan_from_config(transformers, kind, model)
             return
         path, self.loaded = hf_model(kind, model)
@@ -186,15 +186,15 @@ class HFEmbedder(Embedder):
 
 def build_embedder(backbone: str, weights: str | None = None, model: str | None = None, image_size: int = 32,
                    emit: Callable[..., None] = lambda event, **fields: None, strict: bool = True,
-                   planning: bool = False) -> Embedder:
+                   random_weights: bool = False) -> Embedder:
     """The named backbone, its weights resolved (`--weights` for resnet50, `--model` for Hugging Face ones); with
-    `planning`, a Hugging Face backbone from its configuration alone (`HFEmbedder`)."""
+    `random_weights`, a Hugging Face backbone from its configuration alone (`HFEmbedder`)."""
     if backbone == "small":
         return SmallConvNet(image_size)
     if backbone == "resnet50":
         return ResNet50(weights, emit, strict)
     if backbone in HF_BACKBONES:
-        return HFEmbedder(backbone, model, emit, planning)
+        return HFEmbedder(backbone, model, emit, random_weights)
     raise BadInput(f"--backbone must be one of {', '.join(EMBEDDER_BACKBONES)}, not {backbone!r}.")
 
 

@@ -58,10 +58,12 @@ class Command:
         return getattr(importlib.import_module(module), name)
 
     def traced_task(self, cfg: Any, seed: int) -> Any:
-        """The command's Task as the planner builds it to trace a step: on the CPU, with no run directory."""
+        """The command's Task as the planner builds it to trace a step: on the CPU, with no run directory, random
+        weights where they are not at hand, and its data read in this process."""
         # both load torch: the CLI imports this module without it
         import torch
 
         from fewshot_cli.runner.task import RunContext  # loads torch too
 
-        return self.task(cfg, RunContext(device=torch.device("cpu"), seed=seed, run_dir=None, planning=True))
+        return self.task(cfg, RunContext(device=torch.device("cpu"), seed=seed, run_dir=None,
+                                         random_weights=True, in_process=True))

@@ -48,8 +48,11 @@ class RunContext:
     distributed: Any = None
     #: a `memory.guard.MemoryGuard` where the run is held to a limit the kernel enforces by killing, else None
     guard: MemoryGuard | None = None
-    #: the planner builds this task to trace it: weights that are not at hand may be left random (shapes decide)
-    planning: bool = False
+    #: weights that are not at hand may be left random: their values change no tensor's size (a traced copy)
+    random_weights: bool = False
+    #: read the data in this process, without loader workers or caches (a traced copy: worker processes cannot
+    #: carry fake tensors, and a cache would hold what the plan's cache lines count already)
+    in_process: bool = False
     #: the faults a test asked for (`runner.faults.Faults`), read once at launch; None in a normal run
     faults: Faults | None = None
 
@@ -110,6 +113,15 @@ class Task(ABC):
         """Apply an OOM back-off: the knob's new (per-micro-step) value and the gradient accumulation."""
         setattr(self.cfg, name, value)
         self.accumulation = accumulation
+
+    @property
+    def workers(self) -> int:
+        """The loader worker processes this run starts: `--workers`, or none where it reads in process."""
+        return 0 if self.ctx.in_process else getattr(self.cfg, "workers", 0)
+
+    def cache_limit(self, limit: int) -> int:
+        """A data cache's bound (bytes or items) in this run: `limit`, or 0 where it reads in process."""
+        return 0 if self.ctx.in_process else limit
 
     def prefetch(self, step: int) -> None:
         """Called once before training's first step (`step`; after a resume, the step it resumes at): the task's
