@@ -14,7 +14,7 @@ import psutil
 import pytest
 import torch
 import torchvision
-from conftest import events, fewshot
+from conftest import ToyTask, events, fewshot
 
 from fewshot_cli.runner.checkpoint import load_checkpoint
 
@@ -228,9 +228,23 @@ def test_accumulate_under_distributed_data_parallel_gives_one_process_gradients(
         assert got["unused_grad"] is None  # a parameter no part uses keeps no gradient, as in one process
 
 
+class _ToyModel(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Dropout(0.3),
+                                       torch.nn.Linear(4, 1))
+        self.unused = torch.nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class _ToyWithUnused(ToyTask):
+    find_unused_parameters = True  # the model's `unused` layer, which its forward never calls
+
+
 def _accumulate(rank: int, folder: str, parts: int, world_size: int) -> dict:
     import torch.distributed as dist
-    from conftest import ToyTask
 
     from fewshot_cli.runner.distributed import Distributed
     from fewshot_cli.runner.task import RunContext
@@ -241,20 +255,19 @@ def _accumulate(rank: int, folder: str, parts: int, world_size: int) -> dict:
         group = Distributed(rank=rank, world_size=world_size, local_rank=rank)
     try:
         torch.manual_seed(0)
-        task = ToyTask(cfg=None, ctx=RunContext(device=torch.device("cpu"), seed=0, run_dir=None, distributed=group))
-        task.model = torch.nn.ModuleDict({"net": torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4),
-                                                                     torch.nn.Dropout(0.3), torch.nn.Linear(4, 1)),
-                                          "unused": torch.nn.Linear(2, 2)})
+        task = _ToyWithUnused(cfg=None, ctx=RunContext(device=torch.device("cpu"), seed=0, run_dir=None,
+                                                       distributed=group))
+        task.model = _ToyModel()
         task.wrap_data_parallel()
         data = torch.randn(parts, 2, 5, 3, generator=torch.Generator().manual_seed(1))  # 2 micro-steps per part
 
         with task.accumulate(1, parts) as grads:
             for j in grads.parts():
                 for x in grads.micro_steps(list(data[j])):
-                    loss = task.model["net"](x).pow(2).mean() / (2 * parts)
+                    loss = task.ddp_or_model(x).pow(2).mean() / (2 * parts)
                     grads.backward(loss, loss=float(loss.detach()), rows=len(x))
         figures = grads.sums
-        result = {"figures": figures, "unused_grad": task.model["unused"].weight.grad,
+        result = {"figures": figures, "unused_grad": task.model.unused.weight.grad,
                   "grads": {k: p.grad for k, p in task.model.named_parameters() if p.grad is not None},
                   "buffers": {k: b.clone() for k, b in task.model.named_buffers()}}
         if world_size > 1:
