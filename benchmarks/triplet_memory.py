@@ -33,7 +33,8 @@ def validate_seed_way(task: TripletTask, store: dict[str, list]) -> dict[str, fl
         for length in batch.clip_frames:
             frames = slice(first, first + length)
             first += length
-            logits, boxes = task.model(to_input(batch.frames[frames], device), prototypes[batch.frame_label[frames]])
+            logits, boxes = task.model.localise(to_input(batch.frames[frames], device),
+                                                prototypes[batch.frame_label[frames]])
             pred, scores = best_boxes(logits, boxes, cfg.image_size)
             gt = batch.boxes[frames].numpy()
             store["all_pred_maps"].append(boxes.cpu().numpy().copy())

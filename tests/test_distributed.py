@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,7 +15,7 @@ import psutil
 import pytest
 import torch
 import torchvision
-from conftest import events, fewshot
+from conftest import ToyTask, events, fewshot
 
 from fewshot_cli.runner.checkpoint import load_checkpoint
 
@@ -104,6 +105,40 @@ def test_an_oom_on_one_rank_backs_off_every_rank_as_one_process_does(tmp_path: P
         [s["loss"] for s in events(tmp_path / "one", "step")], rel=1e-5)
     torch.testing.assert_close(*(load_checkpoint(tmp_path / run / "checkpoint.pt")["task"]["model"]
                                  for run in ("two", "one")), rtol=1e-5, atol=1e-6)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_torchrun_nodes_give_the_metrics_and_losses_of_one_process(tmp_path: Path) -> None:
+    """Two torchrun nodes on this host, one rank each, meeting at a c10d rendezvous: the same run as two ranks on
+    one machine, each adding one episode's gradient per step, so one process's run bit for bit."""
+    args = [*MAHALANOBIS, "--episodes", "4", "--out", tmp_path]
+    nodes = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+             f"127.0.0.1:{_free_port()}", "--rdzv-id", "two-nodes"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launchers = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *nodes, "-m", "fewshot_cli",
+                                   *map(str, args), "--name", "two"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                 for _ in range(2)]
+    try:
+        outputs = [launcher.communicate(timeout=300) for launcher in launchers]
+    finally:
+        for launcher in launchers:
+            if launcher.poll() is None:
+                launcher.kill()
+    assert [launcher.returncode for launcher in launchers] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
+    one = fewshot(*args, "--name", "one")
+    assert one.returncode == 0, one.stderr
+    two, one = tmp_path / "two", tmp_path / "one"
+    assert json.loads((two / "config.json").read_text())["world_size"] == 2
+    assert json.loads((two / "metrics.json").read_text()) == json.loads((one / "metrics.json").read_text())
+    assert [s["loss"] for s in events(two, "step")] == [s["loss"] for s in events(one, "step")]
+    assert all(len(s["mem_ranks"]) == 2 for s in events(two, "step"))
+    assert same_model(one, two)
 
 
 def _step_reached(run: Path, step: int, timeout: float = 120) -> None:
@@ -228,9 +263,23 @@ def test_accumulate_under_distributed_data_parallel_gives_one_process_gradients(
         assert got["unused_grad"] is None  # a parameter no part uses keeps no gradient, as in one process
 
 
+class _ToyModel(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Dropout(0.3),
+                                       torch.nn.Linear(4, 1))
+        self.unused = torch.nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class _ToyWithUnused(ToyTask):
+    find_unused_parameters = True  # the model's `unused` layer, which its forward never calls
+
+
 def _accumulate(rank: int, folder: str, parts: int, world_size: int) -> dict:
     import torch.distributed as dist
-    from conftest import ToyTask
 
     from fewshot_cli.runner.distributed import Distributed
     from fewshot_cli.runner.task import RunContext
@@ -241,20 +290,19 @@ def _accumulate(rank: int, folder: str, parts: int, world_size: int) -> dict:
         group = Distributed(rank=rank, world_size=world_size, local_rank=rank)
     try:
         torch.manual_seed(0)
-        task = ToyTask(cfg=None, ctx=RunContext(device=torch.device("cpu"), seed=0, run_dir=None, distributed=group))
-        task.model = torch.nn.ModuleDict({"net": torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4),
-                                                                     torch.nn.Dropout(0.3), torch.nn.Linear(4, 1)),
-                                          "unused": torch.nn.Linear(2, 2)})
+        task = _ToyWithUnused(cfg=None, ctx=RunContext(device=torch.device("cpu"), seed=0, run_dir=None,
+                                                       distributed=group))
+        task.model = _ToyModel()
         task.wrap_data_parallel()
         data = torch.randn(parts, 2, 5, 3, generator=torch.Generator().manual_seed(1))  # 2 micro-steps per part
 
         with task.accumulate(1, parts) as grads:
             for j in grads.parts():
                 for x in grads.micro_steps(list(data[j])):
-                    loss = task.model["net"](x).pow(2).mean() / (2 * parts)
+                    loss = task.ddp_or_model(x).pow(2).mean() / (2 * parts)
                     grads.backward(loss, loss=float(loss.detach()), rows=len(x))
         figures = grads.sums
-        result = {"figures": figures, "unused_grad": task.model["unused"].weight.grad,
+        result = {"figures": figures, "unused_grad": task.model.unused.weight.grad,
                   "grads": {k: p.grad for k, p in task.model.named_parameters() if p.grad is not None},
                   "buffers": {k: b.clone() for k, b in task.model.named_buffers()}}
         if world_size > 1:

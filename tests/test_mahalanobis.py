@@ -139,7 +139,7 @@ def test_one_shot_shrinkage_model_predicts_what_euclidean_predicts_with_the_same
     images = torch.rand(25, 3, 16, 16)
     labels = torch.arange(5)
     with torch.no_grad():
-        support, query = euclidean.embed(images[:5]), euclidean.embed(images[5:])
+        support, query = euclidean(images[:5]), euclidean(images[5:])
         expected = euclidean.logits(support, labels, query, 5)
         got = shrunk.logits(support, labels, query, 5)
     assert torch.equal(got.argmax(1), expected.argmax(1))

@@ -159,7 +159,8 @@ class DetectTask(Task):
 
     def _loss(self, prototypes: torch.Tensor, pooled: torch.Tensor, queries: Batch
               ) -> tuple[torch.Tensor, dict[str, float]]:
-        loss = self.model.loss(queries.images, queries.boxes, queries.labels, prototypes, pooled, self.proposals,
+        features = self.ddp_or_model(queries.images)
+        loss = self.model.loss(features, queries.boxes, queries.labels, prototypes, pooled, self.proposals,
                                self.cfg.proposals_top_k, self.cfg.negative_ratio)
         terms = {"loss": loss.total.detach(), "classification": loss.classification.detach(),
                  "objectness": loss.objectness.detach(), "regression": loss.regression.detach(),

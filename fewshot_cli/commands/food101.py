@@ -159,7 +159,7 @@ class Food101Task(Task):
                 for x, y in grads.micro_steps(micro_batches):
                     x, y = self._to_device(x), y.to(self.device, non_blocking=True)
                     with autocast(self.device.type, self.amp_dtype):
-                        logits = self.model(x)
+                        logits = self.ddp_or_model(x)
                         loss = F.cross_entropy(logits, y)
                     share = len(y) / self.batch_images  # so the accumulated gradient is the whole batch's mean
                     grads.backward(self.scaler.scale(loss * share), loss=float(loss.detach().float() * share),

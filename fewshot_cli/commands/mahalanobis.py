@@ -78,7 +78,8 @@ class FewShotTransformer(nn.Module):
         self.layout = layout
         self.backbone.to(memory_format=layout)
 
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Images B x 3 x S x S to embeddings B x embedding_dim (float32)."""
         images = ((images - self.mean) / self.std).contiguous(memory_format=self.layout)
         with autocast(images.device.type, self.amp_dtype):
             if self.checkpoint_activations and self.training:
@@ -191,8 +192,8 @@ class MahalanobisTask(Task):
                 n_support, n_query = len(support_items), len(query_items)
                 chunks = [c.tolist() for c in np.array_split(np.arange(n_query), min(self.accumulation, n_query))]
                 for chunk in grads.micro_steps(chunks):
-                    support = self.model.embed(images[:n_support])
-                    query = self.model.embed(images[n_support + chunk[0]:n_support + chunk[-1] + 1])
+                    support = self.ddp_or_model(images[:n_support])
+                    query = self.ddp_or_model(images[n_support + chunk[0]:n_support + chunk[-1] + 1])
                     labels = torch.tensor([query_labels[i] for i in chunk], device=device)
                     logits = self.model.logits(support, torch.tensor(support_labels, device=device), query, n_way)
                     loss = F.cross_entropy(logits, labels) * len(chunk) / n_query * weight
@@ -237,7 +238,7 @@ class MahalanobisTask(Task):
                 done = 0
                 while done < len(images):
                     parts.append(evaluation_part(self, phase, step, "batch_size", lambda a=done, x=images:
-                                                 self.model.embed(x[a:a + self.cfg.batch_size])))
+                                                 self.model(x[a:a + self.cfg.batch_size])))
                     done += len(parts[-1])
 
         # a batch the loader cannot allocate backs off too: the rest is loaded again in smaller batches

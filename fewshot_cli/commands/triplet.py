@@ -177,6 +177,9 @@ class TripletTask(Task):
     """Episodes of n_way classes x n_query clips; loss = (1 - r) x localisation + r x triplet."""
 
     backoff_knobs = (BackoffKnob("triplet_batch_size", floor=1), BackoffKnob("n_query", floor=1))
+    # after an OOM back-off a micro-step may hold triplets and no clip, leaving the localisation head (head,
+    # objectness, box) without a gradient in it
+    find_unused_parameters = True
 
     def __init__(self, cfg: TripletConfig, ctx: RunContext) -> None:
         super().__init__(cfg, ctx)
@@ -291,17 +294,18 @@ class TripletTask(Task):
         n_clips, n_triplets = len(batch.clip_frames), len(batch.triplets)
         loss = torch.zeros((), device=device)
         figures = {"loc": 0.0, "triplet": 0.0}
-        prototypes = self.model.prototypes(support)  # again per micro-step: each backward frees its graph
-        if len(clips):
-            first, last = int(starts[clips[0]]), int(starts[clips[-1] + 1])
-            logits, boxes = self.model(to_input(batch.frames[first:last], device),
-                                       prototypes[batch.frame_label[first:last].to(device)])
+        first, last = (int(starts[clips[0]]), int(starts[clips[-1] + 1])) if len(clips) else (0, 0)
+        frames = to_input(batch.frames[first:last], device) if len(clips) else None
+        images = (to_input(batch.triplets[int(triplets[0]): int(triplets[-1]) + 1], device)
+                  if len(triplets) and ratio > 0 else None)
+        # the support's prototypes again per micro-step: each backward frees its graph
+        located, embeddings = self.ddp_or_model(support, frames, batch.frame_label[first:last].to(device), images)
+        if located is not None:
+            logits, boxes = located
             loc = localisation_loss(logits, boxes, batch.boxes[first:last].to(device), self.model.stride)
             loss = loss + (1 - ratio) * loc * len(clips) / n_clips * weight
             figures["loc"] = loc.item() * len(clips) / n_clips * weight
-        if len(triplets) and ratio > 0:
-            images = batch.triplets[int(triplets[0]): int(triplets[-1]) + 1]
-            embeddings = self.model.embed(to_input(images.flatten(0, 1), device)).view(len(triplets), 3, -1)
+        if embeddings is not None:
             trip = self.triplet_loss(embeddings[:, 0], embeddings[:, 1], embeddings[:, 2])
             loss = loss + ratio * trip * len(triplets) / n_triplets * weight
             figures["triplet"] = trip.item() * len(triplets) / n_triplets * weight
@@ -348,8 +352,8 @@ class TripletTask(Task):
 
         def part(start: int) -> tuple[np.ndarray, np.ndarray]:
             chosen = slice(start, min(start + self.cfg.eval_frames, frames.stop))
-            logits, boxes = self.model(to_input(batch.frames[chosen], device),
-                                       prototypes[batch.frame_label[chosen].to(device)])
+            logits, boxes = self.model.localise(to_input(batch.frames[chosen], device),
+                                                prototypes[batch.frame_label[chosen].to(device)])
             best, score = best_boxes(logits, boxes, self.cfg.image_size)
             return best.cpu().numpy(), score.cpu().numpy()
 

@@ -197,7 +197,8 @@ class FewShotDetector(nn.Module):
         nn.init.zeros_(self.box_regression.bias)
         nn.init.constant_(self.objectness[-1].bias, -math.log(99.0))
 
-    def features(self, images: Tensor) -> Tensor:
+    def forward(self, images: Tensor) -> Tensor:
+        """Images B x 3 x S x S to the backbone's feature map B x embedding_dim x S/stride x S/stride."""
         return self.backbone(images)
 
     def roi_embeddings(self, feature_map: Tensor, boxes: list[Tensor]) -> Tensor:
@@ -214,7 +215,7 @@ class FewShotDetector(nn.Module):
     def prototypes(self, images: Tensor, boxes: Tensor, labels: Tensor, n_way: int) -> tuple[Tensor, Tensor]:
         """Frozen support encoder: per class, the mean unit ROI embedding and the mean unit pooled feature
         of its support boxes (one box per support image), computed without gradients."""
-        feature_map = self.features(images)
+        feature_map = self(images)
         per_image = [b[None] for b in boxes]
         embeddings = F.normalize(self.roi_embeddings(feature_map, per_image), dim=1)
         pooled = F.normalize(self.pooled(feature_map, per_image), dim=1)
@@ -238,12 +239,12 @@ class FewShotDetector(nn.Module):
         objectness = self.objectness(embeddings * confidence).squeeze(1)
         return class_logits, objectness, self.box_regression(embeddings)
 
-    def loss(self, images: Tensor, gt_boxes: list[Tensor], gt_labels: list[Tensor], prototypes: Tensor,
+    def loss(self, feature_map: Tensor, gt_boxes: list[Tensor], gt_labels: list[Tensor], prototypes: Tensor,
              pooled_prototypes: Tensor, proposals: Tensor, top_k: int, negative_ratio: float,
              positive_iou: float = 0.5, negative_iou: float = 0.4) -> DetectionLoss:
-        """Focal class and objectness losses over positives and the hardest negatives, smooth L1 on positives."""
+        """Focal class and objectness losses over positives and the hardest negatives, smooth L1 on positives, of
+        the queries' feature map (this model's forward of the query images)."""
         n_way = prototypes.shape[0]
-        feature_map = self.features(images)
         top = self.rank_proposals(feature_map, proposals, pooled_prototypes, top_k)
         # the ground-truth boxes join the ranked proposals so every object has a positive from step one
         candidates = [torch.cat([proposals[idx], gt]) for idx, gt in zip(top, gt_boxes, strict=True)]
@@ -287,7 +288,7 @@ class FewShotDetector(nn.Module):
                    top_k: int) -> tuple[Tensor, Tensor]:
         """Decoded boxes (images x top_k x 4) and class scores (images x top_k x n_way) of the ranked proposals;
         a class score is sigmoid(class logit) * sigmoid(objectness)."""
-        feature_map = self.features(images)
+        feature_map = self(images)
         top = self.rank_proposals(feature_map, proposals, pooled_prototypes, top_k)
         ranked = [proposals[idx] for idx in top]
         class_logits, objectness, deltas = self.score(self.roi_embeddings(feature_map, ranked), prototypes)

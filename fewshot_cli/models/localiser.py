@@ -50,7 +50,20 @@ class Localiser(nn.Module):
         embeddings = self.embed(support.flatten(0, 1)).view(n_way, views, -1)
         return F.normalize(embeddings.mean(1), dim=1)
 
-    def forward(self, frames: torch.Tensor, prototypes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, support: torch.Tensor, frames: torch.Tensor | None = None,
+                frame_labels: torch.Tensor | None = None, triplets: torch.Tensor | None = None
+                ) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor | None]:
+        """A training micro-step's model work: support views (n_way x V x 3 x S x S) to prototypes; `frames`
+        (N x 3 x S x S) localised against their class's prototype (`frame_labels`, N) as `localise` does; and
+        `triplets` (T x 3 x 3 x S x S: anchor, positive, negative) embedded to T x 3 x D. Either of those two may
+        be None, and so is its result."""
+        prototypes = self.prototypes(support)
+        located = self.localise(frames, prototypes[frame_labels]) if frames is not None else None
+        embeddings = (self.embed(triplets.flatten(0, 1)).view(len(triplets), 3, -1) if triplets is not None
+                      else None)
+        return located, embeddings
+
+    def localise(self, frames: torch.Tensor, prototypes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Frames N x 3 x S x S and each frame's prototype N x D to objectness logits N x h x w and boxes
         N x h x w x 4 (xyxy, input pixels)."""
         query = self.embed_map(frames)

@@ -80,20 +80,25 @@ class Distributed:
 
     # ------------------------------------------------------------------ model state
 
-    def wrap(self, model: nn.Module, sync_batchnorm: bool = False) -> DistributedDataParallel:
+    def wrap(self, model: nn.Module, sync_batchnorm: bool = False, find_unused_parameters: bool = False
+             ) -> DistributedDataParallel:
         """`model` under DistributedDataParallel: its constructor starts every rank from rank 0's parameters and
-        buffers, and every synchronised backward all-reduces the gradients in buckets while it runs.
+        buffers, and a backward after a forward with `require_backward_grad_sync` set all-reduces the gradients in
+        buckets while it runs (`runner.micro.Accumulation` sets it on a step's last micro-step alone).
 
         The gradients are summed, not averaged: a task weighs each micro-step's loss by its share of the whole
         step, so the sum over ranks is one process's gradient. Buffers are not broadcast at each forward (a
         step's BatchNorm statistics are merged by `Task.accumulate`); with `sync_batchnorm` on CUDA, BatchNorm
-        normalises over every rank's share of the batch (nn.SyncBatchNorm runs on CUDA only)."""
+        normalises over every rank's share of the batch (nn.SyncBatchNorm runs on CUDA only).
+        `find_unused_parameters`: the model may leave parameters without a gradient in a step's last backward."""
         if sync_batchnorm and next(model.parameters()).device.type == "cuda":
             nn.SyncBatchNorm.convert_sync_batchnorm(model)  # in place below the root: the optimizer's parameters
         # named forward_sync_buffers from torch 2.14 on; both still sync buffers once, at construction
         no_forward_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in _DDP_PARAMETERS
                            else {"broadcast_buffers": False})
-        ddp = DistributedDataParallel(_Forward(model), find_unused_parameters=True, **no_forward_sync)
+        ddp = DistributedDataParallel(model, find_unused_parameters=find_unused_parameters, **no_forward_sync)
+        # a hook rather than DDP's own all-reduce, which divides by the number of ranks: the losses are weighted
+        # by their share of the whole step already
         ddp.register_comm_hook(state=None, hook=_sum_hook)
         return ddp
 
@@ -106,17 +111,17 @@ class Distributed:
 _DDP_PARAMETERS = inspect.signature(DistributedDataParallel.__init__).parameters
 
 
-class _Forward(nn.Module):
-    """A task's model with a forward that runs any computation of the task on it. DistributedDataParallel joins a
-    backward to its gradient all-reduce through forward only, and tasks call their model's own methods (embed,
-    prototypes, loss) rather than one forward: `ddp(fn, *args)` runs `fn(*args)` as the model's forward."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return fn(*args)
+def zero_backward(ddp: DistributedDataParallel) -> None:
+    """Meet the other ranks' gradient all-reduce, adding nothing to it: for a rank with no part of a step, or
+    one out of memory in it. DDP joins a backward to its all-reduce through a forward of its model only, and this
+    rank has no input for one; so DDP's own steps around a forward (private: the ones its `forward` runs) wrap
+    a zero loss, whose gradients are zeros."""
+    params = [p for p in ddp.module.parameters() if p.requires_grad]
+    if ddp.find_unused_parameters:  # DDP counts those the loss leaves out as unused here: one is enough
+        params = params[:1]
+    ddp.require_backward_grad_sync = True
+    ddp._pre_forward()
+    ddp._post_forward(sum(p.sum() for p in params) * 0.0).backward()
 
 
 def _sum_hook(state, bucket):  # noqa: ANN001, ANN202 - DDP reads these annotations: GradBucket objects or none

@@ -12,7 +12,7 @@ from torch import nn
 from fewshot_cli.errors import RunFailed
 from fewshot_cli.memory.guard import MemoryGuard
 from fewshot_cli.memory.measure import is_oom
-from fewshot_cli.runner.distributed import StepFailedElsewhere
+from fewshot_cli.runner.distributed import StepFailedElsewhere, zero_backward
 from fewshot_cli.runner.faults import Faults
 
 S = TypeVar("S")
@@ -25,6 +25,7 @@ class Accumulation:
         with self.accumulate(step, parts=len(episodes)) as grads:
             for j in grads.parts():                      # this rank's parts, each seeded alike in any run
                 for chunk in grads.micro_steps(chunks):  # the command's slices of part j
+                    out = self.ddp_or_model(chunk)       # the model's forward (under DDP when data-parallel)
                     loss = ...                           # weighted by its share of the whole step
                     grads.backward(loss, loss=float(loss), correct=...)
         sums = grads.sums                                # the figures, summed over micro-steps and ranks
@@ -32,7 +33,8 @@ class Accumulation:
     Part j draws its random numbers from `seed + j` (the step's seed), and with several parts each starts from the
     step's BatchNorm running statistics, which end as the mean of the parts' (a part's result does not depend on
     the others). Data-parallel, rank r takes parts r, r + N, ...; DistributedDataParallel sums the gradients
-    across ranks in the backward of this rank's last micro-step, the earlier ones accumulating locally; figures
+    across ranks in the backward of this rank's last micro-step (`micro_steps` sets `require_backward_grad_sync`
+    there alone, before its forward), the earlier ones accumulating locally; figures
     and statistics are summed likewise, so N ranks give one process's step. A rank out of memory, or with no part,
     still meets the all-reduce, and then every rank raises StepFailedElsewhere, so all of them back off together.
     The `with` block sees every exception of the loop's body, so this holds wherever in the step memory runs out."""
@@ -70,22 +72,16 @@ class Accumulation:
                 self.faults.oom("train")
             if self.guard is not None:
                 self.guard.check("train", "training")
+            if self.ddp is not None:
+                self.ddp.require_backward_grad_sync = self._last  # the earlier micro-steps accumulate locally
             yield piece
 
     def backward(self, loss: torch.Tensor, /, **figures: float) -> None:
         """Add a micro-step's loss (weighted by its share of the whole step) to the gradient, and its figures (ones
         that add up: weighted losses, counts) to `sums`."""
-        if self.ddp is None:
-            loss.backward()
-        elif not self._last:
-            with self.ddp.no_sync():
-                loss.backward()
-        else:
-            # the loss passes through DDP's forward, which finds the parameters its graph uses (however it was
-            # built), so that its backward joins the all-reduce
-            self._in_synced_backward = True
-            self.ddp(lambda: loss).backward()
-            self._synced = True
+        self._in_synced_backward = self.ddp is not None and self._last
+        loss.backward()
+        self._synced = self._in_synced_backward
         for name, value in figures.items():
             self.sums[name] = self.sums.get(name, 0.0) + float(value)
 
@@ -105,10 +101,7 @@ class Accumulation:
             failure = str(error).splitlines()[0]
         if self.group is not None:
             if not self._synced:  # no part here (a short last step), or out of memory: meet the all-reduce
-                # with a zero gradient for the model's first parameter (the backbone's input layer, which every
-                # part uses); the rest count as unused here and add nothing
-                first = next(p for p in self.model.parameters() if p.requires_grad)
-                self.ddp(lambda: first.sum() * 0.0).backward()
+                zero_backward(self.ddp)
             if self.group.any(failure is not None):
                 self.model.zero_grad(set_to_none=True)
                 if self.stats is not None:

@@ -82,6 +82,9 @@ class Task(ABC):
     #: data-parallel on CUDA, BatchNorm normalises over every rank's share of a batch (a batch is one part);
     #: episodic tasks leave it off, since each episode is a part of its own
     sync_batchnorm: ClassVar[bool] = False
+    #: data-parallel, the model may leave some parameters without a gradient in a step's last micro-step, so
+    #: DistributedDataParallel looks for them after each synchronised forward; a task that sets it says which
+    find_unused_parameters: ClassVar[bool] = False
     _ddp: Any = None
     #: what the task loaded as pretrained weights (each `models.weights.Pretrained.record`), for config.json
     loaded_weights: tuple[dict[str, Any], ...] = ()
@@ -134,7 +137,14 @@ class Task(ABC):
         """Called by the runner under torchrun, once the model is built and any checkpoint loaded."""
         group = self.ctx.distributed
         if group is not None:
-            self._ddp = group.wrap(self.model, sync_batchnorm=self.sync_batchnorm)
+            self._ddp = group.wrap(self.model, self.sync_batchnorm, self.find_unused_parameters)
+
+    @property
+    def ddp_or_model(self) -> nn.Module:
+        """What a training step calls for its model's forward: the model under DistributedDataParallel in a
+        data-parallel run (a forward there is what joins the last micro-step's backward to the gradient
+        all-reduce), else the model itself."""
+        return self._ddp if self._ddp is not None else self.model
 
     def _training_state(self) -> dict[str, Any]:
         """The declared parts a checkpoint holds beside the model, by their checkpoint keys (None where unset)."""
