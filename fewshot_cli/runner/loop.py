@@ -274,7 +274,7 @@ def _loop(task: Task, command: Command, log: RunLog | _NoLog, opts: RunOptions, 
     main = group is None or group.is_main
     total = task.total_steps()
     leaks = LeakDetector.for_run(total)
-    every = max(1, getattr(cfg, "checkpoint_every", 50))
+    every = cfg.checkpoint_every
     stop = _StopFlag()
     knobs_changed: dict[str, int] = {}
     waits = InputWait()
@@ -316,7 +316,7 @@ def _loop(task: Task, command: Command, log: RunLog | _NoLog, opts: RunOptions, 
                 _checkpoint(task, step, checkpoint_path, knobs_changed, log)
             if stopping:
                 raise Interrupted()
-        input_bound = waits.verdict(getattr(cfg, "workers", 0))
+        input_bound = waits.verdict(cfg.workers)
         if input_bound is not None:
             log.write("input_bound", **input_bound)
             bar.note(input_bound["advice"])
