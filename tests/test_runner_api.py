@@ -21,8 +21,9 @@ from fewshot_cli.runner.device import resolve_device
 from fewshot_cli.runner.evaluation import EvaluationTask
 from fewshot_cli.runner.leaks import LeakDetector
 from fewshot_cli.runner.log import RunLog, read_log
-from fewshot_cli.runner.loop import RunOptions, run
+from fewshot_cli.runner.loop import run
 from fewshot_cli.runner.metrics import RunningMean
+from fewshot_cli.runner.opening import RunOptions
 from fewshot_cli.runner.task import RunContext
 
 ITEMS = {c: list(range(c * 30, (c + 1) * 30)) for c in range(10)}

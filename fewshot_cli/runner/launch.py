@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     import torch
 
     from fewshot_cli.runner.distributed import Distributed
-    from fewshot_cli.runner.loop import RunOptions
+    from fewshot_cli.runner.opening import RunOptions
 
 
 @dataclass(frozen=True)
@@ -78,16 +78,15 @@ def _run(command: Command, knobs: dict[str, Any], options: LaunchOptions, group:
     from fewshot_cli.runner.faults import Faults
     from fewshot_cli.runner.loop import run
 
-    extra: dict[str, Any] = {}  # what config.json records of the launch beside the knobs
-    resolved, opts = agreed(group, lambda: _prepare(command, knobs, options, group, extra))
+    resolved, opts = agreed(group, lambda: _prepare(command, knobs, options, group))
     opts.faults = Faults.requested(os.environ, resolved.config, group.rank if group is not None else 0)
     if opts.budget_bytes:
         cap_memory(opts.device, opts.budget_bytes)
-    return run(command, resolved, opts, extra_config=extra)
+    return run(command, resolved, opts)
 
 
-def _prepare(command: Command, knobs: dict[str, Any], options: LaunchOptions, group: Distributed | None,
-             extra: dict[str, Any]) -> tuple[Resolved, RunOptions]:
+def _prepare(command: Command, knobs: dict[str, Any], options: LaunchOptions, group: Distributed | None
+             ) -> tuple[Resolved, RunOptions]:
     """Everything checked before anything is written: every rank does it, and bad input on one is bad input on all."""
     from fewshot_cli.runner import tensorboard  # an optional extra: only --tensorboard needs it
 
@@ -97,10 +96,10 @@ def _prepare(command: Command, knobs: dict[str, Any], options: LaunchOptions, gr
     if options.resume is not None:
         resolved, opts = _resumed(command, knobs, options)
     else:
-        resolved, opts = _new(command, knobs, options, group, extra)
+        resolved, opts = _new(command, knobs, options, group)
     if group is not None:
         opts.device, opts.distributed = group.place(opts.device), group
-        extra["world_size"] = group.world_size
+        opts.launch.world_size = group.world_size
     if options.tensorboard is not None:
         tensorboard.require()
         opts.tensorboard = Path(options.tensorboard)
@@ -110,7 +109,7 @@ def _prepare(command: Command, knobs: dict[str, Any], options: LaunchOptions, gr
 def _resumed(command: Command, knobs: dict[str, Any], options: LaunchOptions) -> tuple[Resolved, RunOptions]:
     """The recorded run, on its own device type unless `--device` names another."""
     from fewshot_cli.runner.device import resolve_device  # loads torch, which --help must not
-    from fewshot_cli.runner.loop import RunOptions
+    from fewshot_cli.runner.opening import LaunchRecord, RunOptions
 
     run_dir = Path(options.resume)
     resolved, record, device_name = rerun.resumed(command, run_dir, knobs, options)
@@ -119,30 +118,30 @@ def _resumed(command: Command, knobs: dict[str, Any], options: LaunchOptions) ->
     budget = record.get("memory_budget_bytes")
     return resolved, RunOptions(device=device, seed=record["seed"], resume=run_dir,
                                 quiet=options.quiet, data=Path(record["data"]) if record.get("data") else None,
-                                budget_bytes=budget, limit=held_to(device, budget))
+                                budget_bytes=budget, limit=held_to(device, budget), launch=LaunchRecord())
 
 
-def _new(command: Command, knobs: dict[str, Any], options: LaunchOptions, group: Distributed | None,
-         extra: dict[str, Any]) -> tuple[Resolved, RunOptions]:
+def _new(command: Command, knobs: dict[str, Any], options: LaunchOptions, group: Distributed | None
+         ) -> tuple[Resolved, RunOptions]:
     """A new run (from `--config`'s record where given), its plan fitted to the budget or checked."""
     from fewshot_cli.memory import plan  # loads torch, which --help must not
-    from fewshot_cli.runner.loop import RunOptions
+    from fewshot_cli.runner.opening import LaunchRecord, RunOptions
 
     copied: set[str] = set()
+    record = LaunchRecord()
     if options.config is not None:
         knobs, options, copied = rerun.from_config(command, Path(options.config), knobs, options)
-        extra["from_config"] = str(options.config)
+        record.from_config = str(options.config)
     device, resolved, budget = resolve_new(command, knobs, options)
     resolved.sources.update(dict.fromkeys(copied, "config"))  # fixed: the planner leaves them alone
     if group is not None:
         device = group.place(device)
-    extra.update(_data_record(command, resolved, options.data))
-    limit = held_to(device, budget, group)
-    extra["memory_limit"] = limit.record()
-    extra["plan"] = plan.fit(command, resolved, device, limit, force=options.force)
+    record.data = _data_record(command, resolved, options.data)
+    limit = held_to(device, budget, group)  # config.json records it as `memory_limit`
+    record.plan = plan.fit(command, resolved, device, limit, force=options.force)
     return resolved, RunOptions(device=device, seed=options.seed, out=Path(options.out), name=options.name,
                                 data=Path(options.data) if options.data else None, budget_bytes=budget,
-                                quiet=options.quiet, limit=limit)
+                                quiet=options.quiet, limit=limit, launch=record)
 
 
 def held_to(device: torch.device, budget: int | None, group: Distributed | None = None) -> Limit:
