@@ -8,7 +8,7 @@ imports no torch: `--help` stays fast."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,34 +26,30 @@ if TYPE_CHECKING:
     from fewshot_cli.runner.opening import RunOptions
 
 
+def _option(default: Any, help: str, metavar: str | None = None) -> Any:
+    """A shared option's field: its default, and what `--help` shows of it: its text (`{choices}` there: the
+    command's presets) and its value's placeholder."""
+    return field(default=default, metadata={"help": help, "metavar": metavar})
+
+
 @dataclass(frozen=True)
 class LaunchOptions:
-    """The options every experiment command shares, one field per option (the CLI's `--json` and `--debug` are
-    how it reports, not part of the run, so they are not here)."""
+    """The options every experiment command shares, one field per option, declared with their `--help` text (the
+    CLI's `--json` and `--debug` are how it reports, not part of the run, so they are not here)."""
 
-    #: a device preset, `auto`, or one of the command's own presets; None: the device's own
-    preset: str | None = None
-    #: auto, cpu, cuda, cuda:N or mps
-    device: str = "auto"
-    #: a dataset on disk; None: the built-in synthetic data
-    data: Path | None = None
-    seed: int = 0
-    #: where run directories go
-    out: Path = Path("runs")
-    #: the run directory's name; None: COMMAND-UTCSTAMP
-    name: str | None = None
-    #: continue the run in this directory from its checkpoint
-    resume: Path | None = None
-    #: start a new run with the knobs of this run directory (or its config.json)
-    config: Path | None = None
-    #: e.g. 15GiB: refuse a plan over it, cap CUDA
-    memory_budget: str | None = None
-    #: run even when the plan exceeds the budget
-    force: bool = False
-    #: no progress bar
-    quiet: bool = False
-    #: write live TensorBoard curves to TENSORBOARD/RUN_NAME
-    tensorboard: Path | None = None
+    preset: str | None = _option(None, "one of {choices} (default: the device's own)", "NAME")
+    device: str = _option("auto", "auto, cpu, cuda, cuda:N or mps", "DEV")
+    data: Path | None = _option(None, "a dataset on disk (default: built-in synthetic data)", "PATH")
+    seed: int = _option(0, "every random choice derives from it", "N")
+    out: Path = _option(Path("runs"), "where run directories go", "DIR")
+    name: str | None = _option(None, "the run directory's name (default: COMMAND-UTCSTAMP)", "NAME")
+    resume: Path | None = _option(None, "continue the run in RUN_DIR from its checkpoint", "RUN_DIR")
+    config: Path | None = _option(None, "start a new run with the knobs of RUN_DIR (or its config.json)", "RUN_DIR")
+    memory_budget: str | None = _option(None, "e.g. 15GiB; refuse a plan over it, cap CUDA", "SIZE")
+    force: bool = _option(False, "run even when the plan exceeds the budget")
+    quiet: bool = _option(False, "no progress bar")
+    tensorboard: Path | None = _option(None, "write live TensorBoard curves to DIR/RUN_NAME (needs "
+                                       "fewshot[tensorboard])", "DIR")
     #: the options typed on the command line, as opposed to defaulted: `--resume` and `--config` compare those
     given: frozenset[str] = frozenset()
 
