@@ -88,7 +88,7 @@ class Run:
     run_dir: Path
     #: the first training step to run: 1, or on resume the step after the checkpoint's
     first_step: int
-    #: each phase's plan against its measured peak; other ranks' predicts nothing, so never checks
+    #: each phase's plan against its measured peak; on other ranks it has no plan, so it never checks
     check: PlanCheck
     #: the resident set (MiB) as the loop starts; the probe that read it reset the CUDA peak
     rest_mb: float
