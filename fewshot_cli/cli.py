@@ -49,26 +49,29 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     """Few-shot learning experiments that do not run out of memory."""
 
 
-# Options every experiment command shares: (name, annotation, default, flags, placeholder, help); all but --json
-# and --debug are fields of `LaunchOptions`. Help is plain text: `--help` never reads it as markup.
-SHARED = [
-    ("preset", str | None, None, ("--preset",), "NAME", "one of {choices} (default: the device's own)"),
-    ("device", str, "auto", ("--device",), "DEV", "auto, cpu, cuda, cuda:N or mps"),
-    ("data", Path | None, None, ("--data",), "PATH", "a dataset on disk (default: built-in synthetic data)"),
-    ("seed", int, 0, ("--seed",), "N", "every random choice derives from it"),
-    ("out", Path, Path("runs"), ("--out",), "DIR", "where run directories go"),
-    ("name", str | None, None, ("--name",), "NAME", "the run directory's name (default: COMMAND-UTCSTAMP)"),
-    ("resume", Path | None, None, ("--resume",), "RUN_DIR", "continue the run in RUN_DIR from its checkpoint"),
-    ("config", Path | None, None, ("--config",), "RUN_DIR",
-     "start a new run with the knobs of RUN_DIR (or its config.json)"),
-    ("memory_budget", str | None, None, ("--memory-budget",), "SIZE", "e.g. 15GiB; refuse a plan over it, cap CUDA"),
-    ("force", bool, False, ("--force",), "", "run even when the plan exceeds the budget"),
-    ("quiet", bool, False, ("--quiet",), "", "no progress bar"),
+#: how the CLI reports, beside the run's options: (name, annotation, default, flags, placeholder, help)
+REPORTING = [
     ("json_out", bool, False, ("--json",), "", "print the final metrics as one JSON object on stdout"),
     ("debug", bool, False, ("--debug",), "", "show tracebacks"),
-    ("tensorboard", Path | None, None, ("--tensorboard",), "DIR",
-     "write live TensorBoard curves to DIR/RUN_NAME (needs fewshot[tensorboard])"),
 ]
+
+
+def _launch_options() -> list[tuple]:
+    """`LaunchOptions`' fields as options, each with the help text and placeholder its field declares."""
+    hints = typing.get_type_hints(LaunchOptions)
+    return [(f.name, hints[f.name], f.default, (f"--{option_name(f.name)}",), f.metadata.get("metavar") or "",
+             f.metadata["help"]) for f in dataclasses.fields(LaunchOptions) if "help" in f.metadata]
+
+
+def _shared() -> list[tuple]:
+    """`LaunchOptions`' fields as options, with --json and --debug after --quiet in `--help`."""
+    options = _launch_options()
+    after_quiet = [o[0] for o in options].index("quiet") + 1
+    return [*options[:after_quiet], *REPORTING, *options[after_quiet:]]
+
+
+#: the options every experiment command shares; help is plain text: `--help` never reads it as markup
+SHARED = _shared()
 PLAN_SHARED = {"preset", "device", "data", "seed", "memory_budget", "json_out", "debug", "out"}
 #: options of `fewshot plan` alone, handed to its handler (not to `LaunchOptions`)
 PLAN_ONLY = [("verbose", bool, False, ("--verbose",), "", "show under each plan line where its figure comes from")]

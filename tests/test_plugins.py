@@ -20,7 +20,7 @@ import fewshot_cli.commands as commands
 from fewshot_cli.commands import BUILT_IN, CommandNotLoaded, load_commands, registered
 from fewshot_cli.errors import BadInput, Interrupted, RunFailed
 from fewshot_cli.runner.command import Command
-from fewshot_cli.runner.config import BaseConfig
+from fewshot_cli.runner.config import BaseConfig, EvaluationConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "docs" / "example-command"  # the worked example of docs/internals/writing-a-command.md
@@ -172,6 +172,11 @@ def test_an_evaluation_only_command_offers_no_training_options() -> None:
     assert "--workers" in embed.stdout and "--resume" in embed.stdout
     refused = fewshot("embed-classify", "--val-every", "3")
     assert refused.returncode == 2 and "No such option" in refused.stderr
+
+
+def test_a_training_command_must_extend_base_config() -> None:
+    with pytest.raises(ValueError, match="does not extend BaseConfig"):
+        Command(name="x", help="", config=EvaluationConfig, presets={}, task_path="x:X", primary_metric="m")
 
 
 def test_an_evaluation_only_command_cannot_declare_training_knobs() -> None:

@@ -15,14 +15,15 @@ from fewshot_cli.episodes import EpisodeSampler
 from fewshot_cli.errors import BadInput
 from fewshot_cli.memory.limits import parse_size
 from fewshot_cli.runner.command import Command
-from fewshot_cli.runner.config import EvaluationConfig
+from fewshot_cli.runner.config import EpisodicConfig, EvaluationConfig
 from fewshot_cli.runner.config import resolve as resolve_config
 from fewshot_cli.runner.device import resolve_device
 from fewshot_cli.runner.evaluation import EvaluationTask
 from fewshot_cli.runner.leaks import LeakDetector
 from fewshot_cli.runner.log import RunLog, read_log
-from fewshot_cli.runner.loop import RunOptions, run
+from fewshot_cli.runner.loop import run
 from fewshot_cli.runner.metrics import RunningMean
+from fewshot_cli.runner.opening import RunOptions
 from fewshot_cli.runner.task import RunContext
 
 ITEMS = {c: list(range(c * 30, (c + 1) * 30)) for c in range(10)}
@@ -36,6 +37,12 @@ def test_an_episode_is_a_pure_function_of_seed_split_and_index() -> None:
     assert forward == backward
     assert a.episode(3) != EpisodeSampler(ITEMS, 5, 3, 4, seed=1, split="test").episode(3)
     assert a.episode(3).hash != a.episode(4).hash
+
+
+def test_a_step_s_training_episodes_are_numbered_from_1_in_one_place() -> None:
+    assert list(EpisodicConfig(episodes=5).step_episodes(3)) == [3]
+    assert [list(EpisodicConfig(episodes=5, episodes_per_step=2).step_episodes(s)) for s in (1, 2, 3)] == [
+        [1, 2], [3, 4], [5]]
 
 
 def test_an_episode_holds_distinct_classes_and_disjoint_support_and_query() -> None:

@@ -118,7 +118,8 @@ class DetectTask(Task):
         return self.cfg.steps()
 
     def _train_episodes(self, step: int) -> list[Episode]:
-        return [self.samplers["train"].episode(i) for i in self.cfg.step_episodes(step)]
+        # detect samples its training episodes from index 0: one lower keeps its results as they are
+        return [self.samplers["train"].episode(i - 1) for i in self.cfg.step_episodes(step)]
 
     def _schedule(self, first: tuple[int, int]) -> Iterator[tuple[tuple[int, int], list[int]]]:
         """This rank's training episodes' items from step `first`'s part on, in the order the steps take them."""

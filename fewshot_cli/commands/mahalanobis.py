@@ -167,7 +167,7 @@ class MahalanobisTask(Task):
         return "val" in self.samplers and super().validate_now(step)
 
     def _train_episodes(self, step: int) -> list[Episode]:
-        return [self.samplers["train"].episode(i + 1) for i in self.cfg.step_episodes(step)]
+        return [self.samplers["train"].episode(i) for i in self.cfg.step_episodes(step)]
 
     def _schedule(self, first: tuple[int, int]) -> Iterator[tuple[tuple[int, int], list[int]]]:
         """This rank's training episodes' images (support, then queries) from step `first`'s part on, in the

@@ -227,8 +227,8 @@ class TripletTask(Task):
         return self.cfg.steps()
 
     def _step_indices(self, step: int) -> list[int]:
-        """Sampler indices of the step's training episodes (episode s of one-episode steps is index s)."""
-        return [i + 1 for i in self.cfg.step_episodes(step)]
+        """Sampler indices of the step's training episodes."""
+        return list(self.cfg.step_episodes(step))
 
     def _train_batch(self, step: int, index: int) -> EpisodeBatch:
         cfg = self.cfg

@@ -11,10 +11,6 @@ import torch
 from fewshot_cli.memory.measure import MiB, freed_memory_returned, probe, return_freed_memory
 from fewshot_cli.memory.terms import OUTSIDE_THE_MEASURE
 
-#: the log events a phase's memory comes from; any other event with `mem` (e.g. extraction progress) belongs to the
-#: evaluation it happens in
-PHASE_OF_EVENT = {"step": "train"}
-
 
 def measured(device: torch.device, mem: dict[str, float], baseline_mb: float) -> dict[str, float]:
     """One probe's figures for the check: on CUDA the caching allocator's peak reserved (and allocated beside it),
@@ -29,12 +25,14 @@ def measured(device: torch.device, mem: dict[str, float], baseline_mb: float) ->
 
 
 class PlanCheck:
-    """Folds each phase's probes into its peak and, at the phase's end, gives the `plan_check` event's fields."""
+    """Folds each phase's probes into its peak and, at the phase's end (the run says when), gives the `plan_check`
+    event's fields."""
 
     def __init__(self, device: torch.device, predicted_mb: dict[str, float], baseline_mb: float) -> None:
         self.device, self.predicted_mb, self.baseline_mb = device, predicted_mb, baseline_mb
         self.peaks: dict[str, dict[str, float]] = {}
         self.seen: set[str] = set()
+        self.held: dict[str, float] = {}
 
     def predicted(self, phase: str) -> float | None:
         """The plan's peak for the phase (validation: the test's). A CUDA or MPS allocator keeps what earlier
@@ -53,6 +51,17 @@ class PlanCheck:
         for name, value in measured(self.device, mem, self.baseline_mb).items():
             peak[name] = max(peak.get(name, 0.0), value)
 
+    def hold(self, mem: dict[str, float]) -> None:
+        """A probe taken inside an evaluation (its progress): it counts towards the evaluation's peak."""
+        self.held = {k: max(v, self.held.get(k, v)) for k, v in mem.items()}
+
+    def observe_evaluation(self, phase: str, mem: dict[str, float]) -> None:
+        """An evaluation's closing probe, with those held while it ran."""
+        for probe_mb in (self.held, mem):
+            if probe_mb:
+                self.observe(phase, probe_mb)
+        self.held = {}
+
     def end(self, phase: str) -> dict[str, Any] | None:
         """The check of the phase now ending (None if it saw no probe or has no prediction); its peak starts over."""
         peak = self.peaks.pop(phase, None)
@@ -69,43 +78,6 @@ class PlanCheck:
         return {**fields, "error": round(error, 4)}
 
 
-class CheckedLog:
-    """A run log that also checks the plan: training steps make up the train phase, which ends at the test (or at
-    the run's end); each evaluation is a phase that ends with its own `eval` event."""
-
-    def __init__(self, log: Any, check: PlanCheck) -> None:
-        self.log, self.check = log, check
-        self._pending: dict[str, float] = {}
-
-    def write(self, event: str, **fields: Any) -> dict[str, Any]:
-        if event == "run_end":  # a stopped run checks the training it did; `run_end` stays the last event
-            self._end("train")
-        record = self.log.write(event, **fields)
-        mem = fields.get("mem")
-        if event == "step" and isinstance(mem, dict):
-            self.check.observe("train", mem)
-        elif event == "eval" and isinstance(mem, dict):
-            phase = str(fields.get("phase"))
-            if phase == "test":
-                self._end("train")
-            for probe in (self._pending, mem):
-                if probe:
-                    self.check.observe(phase, probe)
-            self._pending = {}
-            self._end(phase)
-        elif event != "run_end" and isinstance(mem, dict):  # inside an evaluation: folds into it
-            self._pending = {k: max(v, self._pending.get(k, v)) for k, v in mem.items()}
-        return record
-
-    def _end(self, phase: str) -> None:
-        fields = self.check.end(phase)
-        if fields is not None:
-            self.log.write("plan_check", **fields)
-
-    def close(self) -> None:
-        self.log.close()
-
-
 def predicted_mb(report: dict[str, Any]) -> dict[str, float]:
     """Per phase, the part of a plan the run's own measure sees: the plan's lines less those outside it."""
     outside = OUTSIDE_THE_MEASURE[torch.device(report["device"]).type]
@@ -113,9 +85,9 @@ def predicted_mb(report: dict[str, Any]) -> dict[str, float]:
             for phase, entry in report["phases"].items()}
 
 
-def recorded(run_dir: Path, extra_config: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The plan a run was started with: the launcher's, or on resume config.json's."""
-    record = (extra_config or {}).get("plan")
+def recorded(run_dir: Path, launched: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The plan a run was started with: the launcher's (`launched`), or on resume config.json's."""
+    record = launched
     config_path = run_dir / "config.json"
     if record is None and config_path.is_file():
         record = json.loads(config_path.read_text()).get("plan")

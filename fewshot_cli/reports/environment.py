@@ -9,7 +9,7 @@ import torch
 
 from fewshot_cli.memory.devices import memory_limit, memory_limits
 from fewshot_cli.memory.limits import size_text
-from fewshot_cli.runner.loop import versions
+from fewshot_cli.runner.opening import versions
 
 
 def environment() -> dict[str, Any]:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fewshot_cli.runner.config import TRAINING_KNOBS
+from fewshot_cli.runner.config import TRAINING_KNOBS, BaseConfig
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,9 @@ class Command:
     docs: str = ""
 
     def __post_init__(self) -> None:
+        if not self.evaluation_only and not issubclass(self.config, BaseConfig):
+            raise ValueError(f"{self.name} trains, yet its config {self.config.__name__} does not extend BaseConfig, "
+                             "whose knobs (--val-every, --checkpoint-every, --workers) the training loop reads")
         if self.evaluation_only:
             training = sorted(TRAINING_KNOBS & {f.name for f in dataclasses.fields(self.config)})
             if training:

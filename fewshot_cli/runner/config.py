@@ -104,9 +104,10 @@ class EpisodicConfig(BaseConfig):
         return -(-self.episodes // self.episodes_per_step)
 
     def step_episodes(self, step: int) -> range:
-        """The training episodes of step `step` (1-based), numbered from 0."""
-        first = (step - 1) * self.episodes_per_step
-        return range(first, min(first + self.episodes_per_step, self.episodes))
+        """The sampler indices of step `step`'s training episodes, both numbered from 1: episode s of one-episode
+        steps is index s."""
+        first = (step - 1) * self.episodes_per_step + 1
+        return range(first, min(first + self.episodes_per_step, self.episodes + 1))
 
 
 def config_fields(cls: type) -> list[dataclasses.Field]:

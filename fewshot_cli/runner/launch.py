@@ -8,7 +8,7 @@ imports no torch: `--help` stays fast."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,37 +23,33 @@ if TYPE_CHECKING:
     import torch
 
     from fewshot_cli.runner.distributed import Distributed
-    from fewshot_cli.runner.loop import RunOptions
+    from fewshot_cli.runner.opening import RunOptions
+
+
+def _option(default: Any, help: str, metavar: str | None = None) -> Any:
+    """A shared option's field: its default, and what `--help` shows of it: its text (`{choices}` there: the
+    command's presets) and its value's placeholder."""
+    return field(default=default, metadata={"help": help, "metavar": metavar})
 
 
 @dataclass(frozen=True)
 class LaunchOptions:
-    """The options every experiment command shares, one field per option (the CLI's `--json` and `--debug` are
-    how it reports, not part of the run, so they are not here)."""
+    """The options every experiment command shares, one field per option, declared with their `--help` text (the
+    CLI's `--json` and `--debug` are how it reports, not part of the run, so they are not here)."""
 
-    #: a device preset, `auto`, or one of the command's own presets; None: the device's own
-    preset: str | None = None
-    #: auto, cpu, cuda, cuda:N or mps
-    device: str = "auto"
-    #: a dataset on disk; None: the built-in synthetic data
-    data: Path | None = None
-    seed: int = 0
-    #: where run directories go
-    out: Path = Path("runs")
-    #: the run directory's name; None: COMMAND-UTCSTAMP
-    name: str | None = None
-    #: continue the run in this directory from its checkpoint
-    resume: Path | None = None
-    #: start a new run with the knobs of this run directory (or its config.json)
-    config: Path | None = None
-    #: e.g. 15GiB: refuse a plan over it, cap CUDA
-    memory_budget: str | None = None
-    #: run even when the plan exceeds the budget
-    force: bool = False
-    #: no progress bar
-    quiet: bool = False
-    #: write live TensorBoard curves to TENSORBOARD/RUN_NAME
-    tensorboard: Path | None = None
+    preset: str | None = _option(None, "one of {choices} (default: the device's own)", "NAME")
+    device: str = _option("auto", "auto, cpu, cuda, cuda:N or mps", "DEV")
+    data: Path | None = _option(None, "a dataset on disk (default: built-in synthetic data)", "PATH")
+    seed: int = _option(0, "every random choice derives from it", "N")
+    out: Path = _option(Path("runs"), "where run directories go", "DIR")
+    name: str | None = _option(None, "the run directory's name (default: COMMAND-UTCSTAMP)", "NAME")
+    resume: Path | None = _option(None, "continue the run in RUN_DIR from its checkpoint", "RUN_DIR")
+    config: Path | None = _option(None, "start a new run with the knobs of RUN_DIR (or its config.json)", "RUN_DIR")
+    memory_budget: str | None = _option(None, "e.g. 15GiB; refuse a plan over it, cap CUDA", "SIZE")
+    force: bool = _option(False, "run even when the plan exceeds the budget")
+    quiet: bool = _option(False, "no progress bar")
+    tensorboard: Path | None = _option(None, "write live TensorBoard curves to DIR/RUN_NAME (needs "
+                                       "fewshot[tensorboard])", "DIR")
     #: the options typed on the command line, as opposed to defaulted: `--resume` and `--config` compare those
     given: frozenset[str] = frozenset()
 
@@ -78,16 +74,15 @@ def _run(command: Command, knobs: dict[str, Any], options: LaunchOptions, group:
     from fewshot_cli.runner.faults import Faults
     from fewshot_cli.runner.loop import run
 
-    extra: dict[str, Any] = {}  # what config.json records of the launch beside the knobs
-    resolved, opts = agreed(group, lambda: _prepare(command, knobs, options, group, extra))
+    resolved, opts = agreed(group, lambda: _prepare(command, knobs, options, group))
     opts.faults = Faults.requested(os.environ, resolved.config, group.rank if group is not None else 0)
     if opts.budget_bytes:
         cap_memory(opts.device, opts.budget_bytes)
-    return run(command, resolved, opts, extra_config=extra)
+    return run(command, resolved, opts)
 
 
-def _prepare(command: Command, knobs: dict[str, Any], options: LaunchOptions, group: Distributed | None,
-             extra: dict[str, Any]) -> tuple[Resolved, RunOptions]:
+def _prepare(command: Command, knobs: dict[str, Any], options: LaunchOptions, group: Distributed | None
+             ) -> tuple[Resolved, RunOptions]:
     """Everything checked before anything is written: every rank does it, and bad input on one is bad input on all."""
     from fewshot_cli.runner import tensorboard  # an optional extra: only --tensorboard needs it
 
@@ -97,10 +92,10 @@ def _prepare(command: Command, knobs: dict[str, Any], options: LaunchOptions, gr
     if options.resume is not None:
         resolved, opts = _resumed(command, knobs, options)
     else:
-        resolved, opts = _new(command, knobs, options, group, extra)
+        resolved, opts = _new(command, knobs, options, group)
     if group is not None:
         opts.device, opts.distributed = group.place(opts.device), group
-        extra["world_size"] = group.world_size
+        opts.launch.world_size = group.world_size
     if options.tensorboard is not None:
         tensorboard.require()
         opts.tensorboard = Path(options.tensorboard)
@@ -110,7 +105,7 @@ def _prepare(command: Command, knobs: dict[str, Any], options: LaunchOptions, gr
 def _resumed(command: Command, knobs: dict[str, Any], options: LaunchOptions) -> tuple[Resolved, RunOptions]:
     """The recorded run, on its own device type unless `--device` names another."""
     from fewshot_cli.runner.device import resolve_device  # loads torch, which --help must not
-    from fewshot_cli.runner.loop import RunOptions
+    from fewshot_cli.runner.opening import LaunchRecord, RunOptions
 
     run_dir = Path(options.resume)
     resolved, record, device_name = rerun.resumed(command, run_dir, knobs, options)
@@ -119,30 +114,30 @@ def _resumed(command: Command, knobs: dict[str, Any], options: LaunchOptions) ->
     budget = record.get("memory_budget_bytes")
     return resolved, RunOptions(device=device, seed=record["seed"], resume=run_dir,
                                 quiet=options.quiet, data=Path(record["data"]) if record.get("data") else None,
-                                budget_bytes=budget, limit=held_to(device, budget))
+                                budget_bytes=budget, limit=held_to(device, budget), launch=LaunchRecord())
 
 
-def _new(command: Command, knobs: dict[str, Any], options: LaunchOptions, group: Distributed | None,
-         extra: dict[str, Any]) -> tuple[Resolved, RunOptions]:
+def _new(command: Command, knobs: dict[str, Any], options: LaunchOptions, group: Distributed | None
+         ) -> tuple[Resolved, RunOptions]:
     """A new run (from `--config`'s record where given), its plan fitted to the budget or checked."""
     from fewshot_cli.memory import plan  # loads torch, which --help must not
-    from fewshot_cli.runner.loop import RunOptions
+    from fewshot_cli.runner.opening import LaunchRecord, RunOptions
 
     copied: set[str] = set()
+    record = LaunchRecord()
     if options.config is not None:
         knobs, options, copied = rerun.from_config(command, Path(options.config), knobs, options)
-        extra["from_config"] = str(options.config)
+        record.from_config = str(options.config)
     device, resolved, budget = resolve_new(command, knobs, options)
     resolved.sources.update(dict.fromkeys(copied, "config"))  # fixed: the planner leaves them alone
     if group is not None:
         device = group.place(device)
-    extra.update(_data_record(command, resolved, options.data))
-    limit = held_to(device, budget, group)
-    extra["memory_limit"] = limit.record()
-    extra["plan"] = plan.fit(command, resolved, device, limit, force=options.force)
+    record.data = _data_record(command, resolved, options.data)
+    limit = held_to(device, budget, group)  # config.json records it as `memory_limit`
+    record.plan = plan.fit(command, resolved, device, limit, force=options.force)
     return resolved, RunOptions(device=device, seed=options.seed, out=Path(options.out), name=options.name,
                                 data=Path(options.data) if options.data else None, budget_bytes=budget,
-                                quiet=options.quiet, limit=limit)
+                                quiet=options.quiet, limit=limit, launch=record)
 
 
 def held_to(device: torch.device, budget: int | None, group: Distributed | None = None) -> Limit:

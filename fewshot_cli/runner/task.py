@@ -109,7 +109,7 @@ class Task(ABC):
         """Validation (`val`) or the final test (`test`) metrics, accumulated in bounded memory."""
 
     def validate_now(self, step: int) -> bool:
-        every = getattr(self.cfg, "val_every", 0)
+        every = self.cfg.val_every
         return bool(every) and step % every == 0 and step < self.total_steps()
 
     def set_knob(self, name: str, value: int, accumulation: int) -> None:
