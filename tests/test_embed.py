@@ -17,6 +17,7 @@ from fewshot_cli.data.embed_layout import UNKNOWN, scan, write_synthetic
 from fewshot_cli.data.embedding_store import EmbeddingStore, extract
 from fewshot_cli.data.images import read_pil as read_rgb
 from fewshot_cli.errors import BadInput
+from fewshot_cli.memory.plan import fake_tensors
 from fewshot_cli.models.embedders import SmallConvNet, build_embedder
 from fewshot_cli.runner.task import RunContext
 
@@ -283,3 +284,15 @@ def test_a_folder_named_like_shot_but_not_shot_number_is_a_class(tmp_path):
     _png(tmp_path / "guns/2.support-set/shotgun/shot1/a.png", (200, 0, 0))
     _png(tmp_path / "guns/6.preprocessed/q.png", (200, 0, 0))
     assert scan(tmp_path).classes == ("shotgun",)
+
+
+def test_fake_tensors_still_cannot_run_an_extraction(tmp_path: Path) -> None:
+    """embed-classify's plan traces the forward of one extraction batch on zeros (`EmbedTask.plan_phases`) because
+    `extract` copies vectors out with `.numpy()`, which a fake tensor does not support. When this fails, torch can:
+    let the plan trace `extract` on the data's first batch."""
+    Image.new("RGB", (16, 16)).save(tmp_path / "a.png")
+    model = SmallConvNet(16)
+    store = EmbeddingStore(tmp_path / "store", model.identity)
+    with fake_tensors(), pytest.raises(RuntimeError, match="numpy"):
+        extract(model, [tmp_path / "a.png"], store, torch.device("cpu"), batch_size=1)
+    store.close()

@@ -15,8 +15,9 @@ from conftest import events, fewshot
 from PIL import Image
 
 from fewshot_cli.commands.food101 import Food101Config, Food101Task, apply_mps_env
-from fewshot_cli.data.food101 import StepBatches, stratified_subset
+from fewshot_cli.data.food101 import StepBatches, eval_transform, stratified_subset
 from fewshot_cli.errors import BadInput
+from fewshot_cli.memory.plan import fake_tensors
 from fewshot_cli.runner.task import RunContext
 
 CLASSES = ("apple_pie", "bibimbap", "churros")
@@ -224,3 +225,11 @@ def test_the_plan_traces_the_batch_a_split_smaller_than_a_batch_makes():
 
     assert planned(48) == planned(12) != planned(6)
     assert planned(48)["test"]["kept_train_batch"] == 12 * 3 * 32 * 32 * 4  # the batch kept for a retry
+
+
+def test_fake_tensors_still_cannot_pass_torchvision_transforms() -> None:
+    """classify-food101's plan runs its real step and scoring on batches of zeros (`Food101Task.plan_phases`)
+    because torchvision's v2 transforms cannot wrap a fake tensor. When this fails, torch and torchvision can: let
+    the plan trace `train_step(1)` and the test loader's first batch."""
+    with fake_tensors(), pytest.raises(RuntimeError, match="Tensor subclass Image"):
+        eval_transform(16)(Image.new("RGB", (24, 24)))

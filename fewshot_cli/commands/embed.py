@@ -120,6 +120,9 @@ class EmbedTask(EvaluationTask):
     plan_libraries = ("sklearn.metrics", "sklearn.linear_model", "sklearn.neighbors")
 
     def plan_phases(self) -> dict[str, Callable[[], Any]]:
+        """The forward of one extraction batch (`extract`'s), on zeros of the batch's shape: `extract` copies each
+        batch's vectors out with `.numpy()`, which torch does not support for a fake tensor ("not supported for
+        tensor subclasses"); tests/test_embed.py fails once it does, and then the plan can trace `extract` itself."""
         side = self.model.preprocess(Image.new("RGB", (self.cfg.image_size,) * 2)).shape[-1]
         # the batch is made inside the step, so the plan counts it: it is live through the forward pass
         return {"test": lambda: self.model(torch.zeros(self.cfg.batch_size, 3, side, side, device=self.ctx.device))}

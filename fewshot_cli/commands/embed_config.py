@@ -11,6 +11,11 @@ from fewshot_cli.runner.command import Command
 from fewshot_cli.runner.config import EvaluationConfig, knob
 
 
+def _built_in_data(default: int, help: str) -> Any:
+    """A knob that shapes the built-in synthetic data (a run with --data ignores it)."""
+    return knob(default, "built-in data: " + help, minimum=1)
+
+
 @dataclass
 class EmbedConfig(EvaluationConfig):
     backbone: str = knob("small", "frozen feature extractor; small is a built-in net with random weights",
@@ -26,10 +31,10 @@ class EmbedConfig(EvaluationConfig):
                           "no Unknown, every query gets a class (closed-set accuracy)", metavar="X|auto|none")
     cache_dir: str | None = knob(None, "embedding store to share across runs (default: RUN_DIR/embeddings)",
                                  metavar="DIR")
-    categories: int = knob(4, "built-in data: categories", minimum=1)
-    n_way: int = knob(3, "built-in data: classes per class-folder category", minimum=1)
-    k_shot: int = knob(5, "built-in data: support images per class", minimum=1)
-    n_query: int = knob(10, "built-in data: query images per class", minimum=1)
+    categories: int = _built_in_data(4, "categories")
+    n_way: int = _built_in_data(3, "classes per class-folder category")
+    k_shot: int = _built_in_data(5, "support images per class")
+    n_query: int = _built_in_data(10, "query images per class")
     head: str = knob("prototype", "classifier over the embeddings; every head shares the Unknown threshold on "
                      "the best cosine to a prototype", choices=FROZEN_HEADS)
     neighbours: int = knob(5, "knn head: support shots that vote", minimum=1)

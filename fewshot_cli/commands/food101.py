@@ -265,8 +265,11 @@ class Food101Task(Task):
         return {**metrics, "best_top1": self.best_top1}
 
     def plan_phases(self) -> dict[str, Callable[[], Any]]:
-        """Train and test on a batch of zeros of the run's shape, so the planner traces no image decoding. A split
-        smaller than a batch (a --dev-samples run) makes every batch that split: the plan traces what is loaded."""
+        """The real step (`_optimise`) and the real scoring of a test batch (`_score`), each on a batch of zeros of the
+        run's shape: the loaded batch goes through torchvision's v2 transforms, whose `tv_tensors.Image` cannot wrap a
+        fake tensor (torch raises "Creating a new Tensor subclass Image ..."); tests/test_food101.py fails once it
+        can, and then these two lambdas give way to `train_step(1)` and the test loader's first batch. A split smaller
+        than a batch (a --dev-samples run) makes every batch that split: the plan traces what is loaded."""
         def batch(n: int) -> tuple[torch.Tensor, torch.Tensor]:
             size = self.cfg.image_size
             return torch.zeros(n, 3, size, size), torch.zeros(n, dtype=torch.long)
