@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import SMALL, events, fewshot
 from test_cli_runs import _start, _wait_for_step
+from test_distributed import same_model, torchrun
 
 from fewshot_cli.commands.mahalanobis import MahalanobisConfig, MahalanobisTask
 from fewshot_cli.errors import BadInput
@@ -91,6 +92,22 @@ def test_a_run_stopped_in_pretraining_resumes_to_the_uninterrupted_result(made: 
     assert (cut / "metrics.json").read_text() == (made / "whole" / "metrics.json").read_text()
     steps = {s["step"]: s["loss"] for s in events(cut, "step")}
     assert steps == {s["step"]: s["loss"] for s in events(made / "whole", "step")}
+
+
+def test_two_ranks_pretrain_and_train_as_one_process_does(tmp_path: Path) -> None:
+    """Each rank takes its parts of a batch (--episodes-per-step of them), as it takes a step's episodes: the losses,
+    the metrics and the model are one process's, through pre-training and the episodes after it."""
+    args = ["mahalanobis-train", "--preset", "cpu", "--image-size", "16", "--n-query", "4", "--test-episodes", "5",
+            "--episodes", "4", "--episodes-per-step", "2", "--val-every", "0", "--quiet", "--pretrain-epochs", "1",
+            "--pretrain-batch-size", "1024", "--out", tmp_path]
+    two = torchrun(*args, "--name", "two")
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = fewshot(*args, "--name", "one")
+    assert one.returncode == 0, one.stderr
+    steps = [[(s["phase"], s["loss"]) for s in events(tmp_path / n, "step")] for n in ("one", "two")]
+    assert steps[0] == steps[1] and [p for p, _ in steps[0]] == ["pretrain"] * 4 + ["train"] * 2
+    assert (tmp_path / "one" / "metrics.json").read_text() == (tmp_path / "two" / "metrics.json").read_text()
+    assert same_model(tmp_path / "one", tmp_path / "two")
 
 
 def test_pretraining_starts_from_loaded_weights_and_trains_the_backbone_alone(tmp_path: Path) -> None:

@@ -100,6 +100,20 @@ class FewShotTransformer(nn.Module):
         return self.head(query)
 
 
+class _Classifying(nn.Module):
+    """The model's features under pre-training's classifier: its modules are the ones pre-training trains (the
+    backbone, the projection where there is one, the classifier), so that DistributedDataParallel, wrapping it,
+    finds a gradient for each."""
+
+    def __init__(self, model: FewShotTransformer, classifier: nn.Linear) -> None:
+        super().__init__()
+        self.backbone, self.reduction, self.classifier = model.backbone, model.reduction, classifier
+        object.__setattr__(self, "features", model)  # called, not registered: its adaptation and head stay out
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(images))
+
+
 class Pretraining:
     """The pre-training phase of --pretrain-epochs: the first `steps` runner steps train the backbone (and the
     projection, where there is one) with a linear classifier over the training split's classes, on batches of
@@ -118,14 +132,23 @@ class Pretraining:
         self.optimizer = torch.optim.Adam([*(p for n, p in model.named_parameters() if not n.startswith(
             ("adapter.", "head."))), *self.classifier.parameters()],
             lr=cfg.lr if cfg.pretrain_lr is None else cfg.pretrain_lr)
-        #: micro-batches per step: doubled by each back-off of --pretrain-batch-size
+        #: micro-batches per part: doubled by each back-off of --pretrain-batch-size
         self.accumulation = 1
+        #: a batch's parts, as many as a step's episodes: BatchNorm normalises each on its own, in any number of ranks
+        self.parts = cfg.episodes_per_step
+        #: what DistributedDataParallel wraps in this phase: the parameters it trains, the adaptation left out
+        self.module = _Classifying(model, self.classifier)
 
     def batch_rows(self, step: int) -> np.ndarray:
         """Step `step`'s rows of `items` and `labels` (the last batch of an epoch may be short)."""
         epoch, index = divmod(step - 1, self.per_epoch)
         order = np.random.default_rng(np.random.SeedSequence([self.seed, 31, epoch])).permutation(len(self.items))
         return order[index * self.batch:(index + 1) * self.batch]
+
+    def shares(self, step: int) -> list[np.ndarray]:
+        """Step `step`'s batch in `parts` shares, the step's parts (torchrun's ranks take them as they take
+        episodes; a share may be empty at an epoch's short end)."""
+        return np.array_split(self.batch_rows(step), self.parts)
 
     def state_dict(self) -> dict[str, Any]:
         return {"classifier": self.classifier.state_dict(), "optimizer": self.optimizer.state_dict()}
@@ -143,9 +166,6 @@ class MahalanobisTask(Task):
         super().__init__(cfg, ctx)
         cfg.check_ranks(ctx.distributed)
         cfg.check_pretraining()
-        if cfg.pretrain_epochs and ctx.distributed is not None:
-            raise BadInput("--pretrain-epochs runs in one process: pre-train first, then start the episodes under "
-                           "torchrun from its weights (--weights RUN_DIR/checkpoint.pt is not read; run it alone).")
         if cfg.flatten and cfg.backbone not in ("resnet18", "resnet34", "resnet50"):
             raise BadInput("--flatten applies to the torchvision ResNets (resnet18, resnet34, resnet50) only.")
         load_libraries()  # for `finish`'s reports, while the address space is not yet filled by the run
@@ -228,6 +248,24 @@ class MahalanobisTask(Task):
         if self.pretraining is not None:
             self.pretraining.accumulation = accumulation
 
+    def wrap_data_parallel(self) -> None:
+        """Under torchrun, each phase's first step wraps what that phase trains (`_data_parallel`)."""
+        self._wrapped: str | None = None
+
+    def _data_parallel(self, phase: str) -> None:
+        """Under torchrun, DistributedDataParallel over what `phase` trains: pre-training's classifier over the
+        features, then the whole model. The wrapper of the phase before is undone first, so that its gradient hooks
+        on the backbone's parameters go with it."""
+        group = self.ctx.distributed
+        if group is None or getattr(self, "_wrapped", None) == phase:
+            return
+        if self._ddp is not None:
+            self._ddp._remove_autograd_hooks()
+            self._ddp = None
+        module = self.pretraining.module if phase == "pretrain" else self.model
+        self._ddp = group.wrap(module, self.sync_batchnorm, self.find_unused_parameters)
+        self._wrapped = phase
+
     def validate_now(self, step: int) -> bool:
         """Every --val-every episodic steps (none during pre-training), not after the last."""
         every, episodic = self.cfg.val_every, step - self.pretrain_steps
@@ -243,9 +281,10 @@ class MahalanobisTask(Task):
         batches, then each episode's support and queries."""
         for step in range(first[0], self.total_steps() + 1):
             if step <= self.pretrain_steps:
-                if (step, 0) >= first:
-                    rows = self.pretraining.batch_rows(step)
-                    yield (step, 0), [self.pretraining.items[r] for r in rows]
+                shares = self.pretraining.shares(step)
+                for j in self.my_share(list(range(len(shares)))):
+                    if (step, j) >= first and len(shares[j]):
+                        yield (step, j), [self.pretraining.items[r] for r in shares[j]]
                 continue
             episodes = self._train_episodes(step)
             for j in self.my_share(list(range(len(episodes)))):
@@ -256,17 +295,21 @@ class MahalanobisTask(Task):
         """One batch of pre-training: the model's features, the linear classifier, cross-entropy over the training
         split's classes; after an OOM back-off the same batch in `accumulation` micro-batches."""
         pre = self.pretraining
-        rows = pre.batch_rows(step)
-        images = self.feed.get((step, 0))
-        labels = torch.from_numpy(pre.labels[rows]).to(self.ctx.device)
+        self._data_parallel("pretrain")
+        shares = pre.shares(step)
+        total = sum(len(share) for share in shares)
         pre.optimizer.zero_grad(set_to_none=True)
-        with self.accumulate(step, parts=1) as grads:
-            for _ in grads.parts():
-                chunks = [c for c in np.array_split(np.arange(len(rows)), min(pre.accumulation, len(rows)))]
+        with self.accumulate(step, parts=len(shares)) as grads:
+            for j in grads.parts():
+                rows = shares[j]
+                images = self.feed.get((step, j)) if len(rows) else None
+                labels = torch.from_numpy(pre.labels[rows]).to(self.ctx.device)
+                chunks = [c for c in np.array_split(np.arange(len(rows)), min(pre.accumulation, len(rows)))
+                          if len(c)]
                 for chunk in grads.micro_steps(chunks):
                     a, b = int(chunk[0]), int(chunk[-1]) + 1
-                    logits = pre.classifier(self.ddp_or_model(images[a:b]))
-                    loss = F.cross_entropy(logits, labels[a:b], reduction="sum") / len(rows)
+                    logits = (self._ddp or pre.module)(images[a:b])  # as `ddp_or_model`, this phase's module
+                    loss = F.cross_entropy(logits, labels[a:b], reduction="sum") / total
                     grads.backward(self.scaler.scale(loss), loss=float(loss.detach()),
                                    correct=int((logits.argmax(1) == labels[a:b]).sum()), images=b - a)
         self.scaler.step(pre.optimizer)
@@ -284,6 +327,7 @@ class MahalanobisTask(Task):
         if self.pretraining is not None and self.pretraining.optimizer.state:  # the classifier is done with
             self.pretraining.optimizer.state.clear()
             self.pretraining.classifier.zero_grad(set_to_none=True)
+        self._data_parallel("train")
         episodes = self._train_episodes(step)
         weight, device, n_way = 1.0 / len(episodes), self.ctx.device, self.cfg.n_way
         self.optimizer.zero_grad(set_to_none=True)
