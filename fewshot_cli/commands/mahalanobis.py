@@ -304,8 +304,8 @@ class MahalanobisTask(Task):
                 rows = shares[j]
                 images = self.feed.get((step, j)) if len(rows) else None
                 labels = torch.from_numpy(pre.labels[rows]).to(self.ctx.device)
-                chunks = [c for c in np.array_split(np.arange(len(rows)), min(pre.accumulation, len(rows)))
-                          if len(c)]
+                chunks = [c for c in np.array_split(np.arange(len(rows)), max(1, min(pre.accumulation, len(rows))))
+                          if len(c)]  # none where the share is empty (an epoch's short last batch, many parts)
                 for chunk in grads.micro_steps(chunks):
                     a, b = int(chunk[0]), int(chunk[-1]) + 1
                     logits = (self._ddp or pre.module)(images[a:b])  # as `ddp_or_model`, this phase's module
