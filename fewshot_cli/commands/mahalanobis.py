@@ -100,12 +100,72 @@ class FewShotTransformer(nn.Module):
         return self.head(query)
 
 
+class _Classifying(nn.Module):
+    """The model's features under pre-training's classifier: its modules are the ones pre-training trains (the
+    backbone, the projection where there is one, the classifier), so that DistributedDataParallel, wrapping it,
+    finds a gradient for each."""
+
+    def __init__(self, model: FewShotTransformer, classifier: nn.Linear) -> None:
+        super().__init__()
+        self.backbone, self.reduction, self.classifier = model.backbone, model.reduction, classifier
+        object.__setattr__(self, "features", model)  # called, not registered: its adaptation and head stay out
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(images))
+
+
+class Pretraining:
+    """The pre-training phase of --pretrain-epochs: the first `steps` runner steps train the backbone (and the
+    projection, where there is one) with a linear classifier over the training split's classes, on batches of
+    `batch` images; the episodes then start from that backbone, the classifier dropped. Step s's batch is a pure
+    function of (seed, s): epoch (s - 1) // per_epoch's permutation of the training images, cut in batches."""
+
+    def __init__(self, model: FewShotTransformer, labels_by_class: dict[int, Any], cfg: MahalanobisConfig, seed: int,
+                 device: torch.device) -> None:
+        classes = sorted(labels_by_class)
+        self.items = [int(i) for c in classes for i in labels_by_class[c]]
+        self.labels = np.array([k for k, c in enumerate(classes) for _ in labels_by_class[c]], dtype=np.int64)
+        self.seed, self.batch = seed, cfg.pretrain_batch_size  # the batch as configured: back-off splits it
+        self.per_epoch = -(-len(self.items) // self.batch)
+        self.steps = cfg.pretrain_epochs * self.per_epoch
+        self.classifier = nn.Linear(model.embedding_dim, len(classes)).to(device)
+        self.optimizer = torch.optim.Adam([*(p for n, p in model.named_parameters() if not n.startswith(
+            ("adapter.", "head."))), *self.classifier.parameters()],
+            lr=cfg.lr if cfg.pretrain_lr is None else cfg.pretrain_lr)
+        #: micro-batches per part: doubled by each back-off of --pretrain-batch-size
+        self.accumulation = 1
+        #: a batch's parts, as many as a step's episodes: BatchNorm normalises each on its own, in any number of ranks
+        self.parts = cfg.episodes_per_step
+        #: what DistributedDataParallel wraps in this phase: the parameters it trains, the adaptation left out
+        self.module = _Classifying(model, self.classifier)
+
+    def batch_rows(self, step: int) -> np.ndarray:
+        """Step `step`'s rows of `items` and `labels` (the last batch of an epoch may be short)."""
+        epoch, index = divmod(step - 1, self.per_epoch)
+        order = np.random.default_rng(np.random.SeedSequence([self.seed, 31, epoch])).permutation(len(self.items))
+        return order[index * self.batch:(index + 1) * self.batch]
+
+    def shares(self, step: int) -> list[np.ndarray]:
+        """Step `step`'s batch in `parts` shares, the step's parts (torchrun's ranks take them as they take
+        episodes; a share may be empty at an epoch's short end)."""
+        return np.array_split(self.batch_rows(step), self.parts)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"classifier": self.classifier.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.classifier.load_state_dict(state["classifier"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
 class MahalanobisTask(Task):
-    backoff_knobs = (BackoffKnob("n_query", floor=1),)
+    #: n_query backs off the episodes; pretrain_batch_size the pre-training's batches (`backoff_knobs_at`)
+    backoff_knobs = (BackoffKnob("n_query", floor=1), BackoffKnob("pretrain_batch_size", floor=1))
 
     def __init__(self, cfg: MahalanobisConfig, ctx: RunContext) -> None:
         super().__init__(cfg, ctx)
         cfg.check_ranks(ctx.distributed)
+        cfg.check_pretraining()
         if cfg.flatten and cfg.backbone not in ("resnet18", "resnet34", "resnet50"):
             raise BadInput("--flatten applies to the torchvision ResNets (resnet18, resnet34, resnet50) only.")
         load_libraries()  # for `finish`'s reports, while the address space is not yet filled by the run
@@ -127,6 +187,11 @@ class MahalanobisTask(Task):
         self.optimizer = torch.optim.Adam(param_groups(self.model, self.model.backbone, cfg.lr, cfg.lr_backbone,
                                                        cfg.freeze_backbone))
         self.scaler = grad_scaler(ctx.device, self.model.amp_dtype)
+        self.pretraining: Pretraining | None = None
+        if cfg.pretrain_epochs:
+            self.pretraining = Pretraining(self.model, self.data.items_by_class("train"), cfg, ctx.seed, ctx.device)
+        #: the runner steps pre-training takes before the first episode (0 without --pretrain-epochs)
+        self.pretrain_steps = self.pretraining.steps if self.pretraining is not None else 0
         self.pairs: Counter = Counter()  # (true class, predicted) -> test queries
         self.test_features: tuple[np.ndarray, list[str]] | None = None
         self.loaders = self._loaders(cfg, ctx.device)
@@ -161,26 +226,108 @@ class MahalanobisTask(Task):
                        finish=to_float)
 
     def total_steps(self) -> int:
-        return self.cfg.steps()
+        """Pre-training's steps, then the episodes' optimiser steps."""
+        return self.pretrain_steps + self.cfg.steps()
+
+    def step_phase(self, step: int) -> str:
+        return "pretrain" if step <= self.pretrain_steps else "train"
+
+    def backoff_knobs_at(self, step: int) -> tuple[BackoffKnob, ...]:
+        return self.backoff_knobs[1:] if step <= self.pretrain_steps else self.backoff_knobs[:1]
+
+    def accumulation_of(self, name: str) -> int:
+        if name == "pretrain_batch_size":
+            return self.pretraining.accumulation if self.pretraining is not None else 1
+        return self.accumulation
+
+    def set_knob(self, name: str, value: int, accumulation: int) -> None:
+        """Pre-training's batch knob sets its own micro-batches; the episodes' `accumulation` stays as it is."""
+        if name != "pretrain_batch_size":
+            return super().set_knob(name, value, accumulation)
+        self.cfg.pretrain_batch_size = value
+        if self.pretraining is not None:
+            self.pretraining.accumulation = accumulation
+
+    def wrap_data_parallel(self) -> None:
+        """Under torchrun, each phase's first step wraps what that phase trains (`_data_parallel`)."""
+        self._wrapped: str | None = None
+
+    def _data_parallel(self, phase: str) -> None:
+        """Under torchrun, DistributedDataParallel over what `phase` trains: pre-training's classifier over the
+        features, then the whole model. The wrapper of the phase before is undone first, so that its gradient hooks
+        on the backbone's parameters go with it."""
+        group = self.ctx.distributed
+        if group is None or getattr(self, "_wrapped", None) == phase:
+            return
+        if self._ddp is not None:
+            self._ddp._remove_autograd_hooks()
+            self._ddp = None
+        module = self.pretraining.module if phase == "pretrain" else self.model
+        self._ddp = group.wrap(module, self.sync_batchnorm, self.find_unused_parameters)
+        self._wrapped = phase
 
     def validate_now(self, step: int) -> bool:
-        return "val" in self.samplers and super().validate_now(step)
+        """Every --val-every episodic steps (none during pre-training), not after the last."""
+        every, episodic = self.cfg.val_every, step - self.pretrain_steps
+        return ("val" in self.samplers and bool(every) and episodic > 0 and episodic % every == 0
+                and step < self.total_steps())
 
     def _train_episodes(self, step: int) -> list[Episode]:
-        return [self.samplers["train"].episode(i) for i in self.cfg.step_episodes(step)]
+        """Runner step `step`'s training episodes: episodic step `step` less pre-training's steps."""
+        return [self.samplers["train"].episode(i) for i in self.cfg.step_episodes(step - self.pretrain_steps)]
 
     def _schedule(self, first: tuple[int, int]) -> Iterator[tuple[tuple[int, int], list[int]]]:
-        """This rank's training episodes' images (support, then queries) from step `first`'s part on, in the
-        order the steps take them."""
+        """This rank's training images from step `first`'s part on, in the order the steps take them: pre-training's
+        batches, then each episode's support and queries."""
         for step in range(first[0], self.total_steps() + 1):
+            if step <= self.pretrain_steps:
+                shares = self.pretraining.shares(step)
+                for j in self.my_share(list(range(len(shares)))):
+                    if (step, j) >= first and len(shares[j]):
+                        yield (step, j), [self.pretraining.items[r] for r in shares[j]]
+                continue
             episodes = self._train_episodes(step)
             for j in self.my_share(list(range(len(episodes)))):
                 if (step, j) >= first:
                     yield (step, j), episodes[j].support_items()[0] + episodes[j].query_items()[0]
 
+    def _pretrain_step(self, step: int) -> dict[str, float]:
+        """One batch of pre-training: the model's features, the linear classifier, cross-entropy over the training
+        split's classes; after an OOM back-off the same batch in `accumulation` micro-batches."""
+        pre = self.pretraining
+        self._data_parallel("pretrain")
+        shares = pre.shares(step)
+        total = sum(len(share) for share in shares)
+        pre.optimizer.zero_grad(set_to_none=True)
+        with self.accumulate(step, parts=len(shares)) as grads:
+            for j in grads.parts():
+                rows = shares[j]
+                images = self.feed.get((step, j)) if len(rows) else None
+                labels = torch.from_numpy(pre.labels[rows]).to(self.ctx.device)
+                chunks = [c for c in np.array_split(np.arange(len(rows)), max(1, min(pre.accumulation, len(rows))))
+                          if len(c)]  # none where the share is empty (an epoch's short last batch, many parts)
+                for chunk in grads.micro_steps(chunks):
+                    a, b = int(chunk[0]), int(chunk[-1]) + 1
+                    logits = (self._ddp or pre.module)(images[a:b])  # as `ddp_or_model`, this phase's module
+                    loss = F.cross_entropy(logits, labels[a:b], reduction="sum") / total
+                    grads.backward(self.scaler.scale(loss), loss=float(loss.detach()),
+                                   correct=int((logits.argmax(1) == labels[a:b]).sum()), images=b - a)
+        self.scaler.step(pre.optimizer)
+        self.scaler.update()
+        sums = grads.sums
+        return {"loss": sums["loss"], "accuracy": sums["correct"] / sums["images"], "images": sums["images"],
+                "data_wait_s": self.loaders.take_wait()}
+
     def train_step(self, step: int) -> dict[str, float]:
-        """The step's episodes (one by default); each one's queries in `accumulation` micro-steps after an OOM
-        back-off; data-parallel, each rank takes its share of the episodes."""
+        """Pre-training's batch for its steps; then the step's episodes (one by default), each one's queries in
+        `accumulation` micro-steps after an OOM back-off; data-parallel, each rank takes its share of the
+        episodes."""
+        if step <= self.pretrain_steps:
+            return self._pretrain_step(step)
+        if self.pretraining is not None and self.pretraining.optimizer.state:  # the classifier is done with
+            self.pretraining.optimizer.state.clear()
+            self.pretraining.classifier.zero_grad(set_to_none=True)
+        self._data_parallel("train")
         episodes = self._train_episodes(step)
         weight, device, n_way = 1.0 / len(episodes), self.ctx.device, self.cfg.n_way
         self.optimizer.zero_grad(set_to_none=True)
@@ -261,8 +408,23 @@ class MahalanobisTask(Task):
             self.test_features = (features.float().cpu().numpy(), [self._class_name(class_of[i]) for i in items])
         return {"accuracy": accuracy.mean, "accuracy_ci95": accuracy.ci95}
 
+    def state_dict(self) -> dict[str, Any]:
+        """The model's, optimizer's and scaler's states, and pre-training's classifier and optimizer."""
+        state = super().state_dict()
+        if self.pretraining is not None:
+            state["pretraining"] = self.pretraining.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        if self.pretraining is not None and "pretraining" in state:
+            self.pretraining.load_state_dict(state["pretraining"])
+
     def finish(self, metrics: dict[str, float]) -> dict[str, float]:
-        """confusion.csv/.png and per_class.csv over the test queries; embedding.png with --plots."""
+        """confusion.csv/.png and per_class.csv over the test queries; embedding.png with --plots. A pre-trained
+        run's metrics say how many steps pre-training took."""
+        if self.pretrain_steps:
+            metrics = {**metrics, "pretrain_steps": self.pretrain_steps}
         # matplotlib loads only when a run writes its reports, not when the command is listed
         from fewshot_cli.reports.confusion import write_confusion
         from fewshot_cli.reports.embedding import write_embedding_plot
@@ -287,10 +449,18 @@ class MahalanobisTask(Task):
             episodes = min(count, per_batch)
             return lambda: self._evaluate(phase, [self.samplers[phase].episode(i) for i in range(episodes)])
 
-        phases = {"train": lambda: self.train_step(1)}
+        first = self.pretrain_steps + 1  # the first episodic step
+        phases = {"pretrain": lambda: self.train_step(1)} if self.pretrain_steps else {}
+        phases["train"] = lambda: self.train_step(first)
         if cfg.val_every and "val" in self.samplers:
             phases["val"] = evaluation("val", cfg.val_episodes)
         return {**phases, "test": evaluation("test", cfg.test_episodes)}
+
+    def plan_tracked(self, phase: str) -> tuple[Any, ...]:
+        """Pre-training holds its classifier and its optimizer's state; the episodes the model's optimizer's."""
+        if phase == "pretrain" and self.pretraining is not None:
+            return (self.model, self.pretraining.classifier, self.pretraining.optimizer)
+        return super().plan_tracked(phase)
 
     def plan_extra_bytes(self) -> dict[str, dict[str, int]]:
         """Evaluation keeps every image's features of its episodes at once; planning traces one episode only. The
@@ -299,7 +469,7 @@ class MahalanobisTask(Task):
         items = sum(len(v) for sampler in self.samplers.values() for v in sampler.items.values())
         image = image_bytes(self.data, cfg.image_size)
         episode = cfg.n_way * (cfg.k_shot + cfg.n_query) * image
-        reads = episode_reads(cfg)
+        reads = self._reads()
         train = loader_bytes(cfg.image_cache_mb, items, image, cfg.workers, episode, 2 if cfg.val_every else 1,
                              reads["train"])
         test = loader_bytes(cfg.image_cache_mb, items, image, cfg.workers, cfg.batch_size * image,
@@ -309,14 +479,27 @@ class MahalanobisTask(Task):
                     for phase, episodes in (("val", cfg.val_episodes), ("test", cfg.test_episodes))
                     if phase in self.samplers}
         # validation runs beside training's loaders, which its own counts already
-        return {"train": train, "val": {"evaluation_features": features.get("val", 0), **train},
-                "test": {"evaluation_features": features["test"], **test}}
+        phases = {"train": train, "val": {"evaluation_features": features.get("val", 0), **train},
+                  "test": {"evaluation_features": features["test"], **test}}
+        if self.pretraining is not None:  # one loader, batches of --pretrain-batch-size images
+            phases["pretrain"] = loader_bytes(cfg.image_cache_mb, items, image, cfg.workers,
+                                              self.pretraining.batch * image, reads=reads["pretrain"])
+        return phases
+
+    def _reads(self) -> dict[str, int]:
+        """Images the run reads by the end of pre-training, of training and of its test (`episode_reads`, with
+        pre-training's before them)."""
+        pretrain = self.pretraining.steps * self.pretraining.batch if self.pretraining is not None else 0
+        return {"pretrain": pretrain, **{k: v + pretrain for k, v in episode_reads(self.cfg).items()}}
 
     def plan_notes(self) -> dict[str, dict[str, str]]:
         """What the image cache and prefetch lines hold: training validates with a loader of its own."""
         cfg = self.cfg
         items = sum(len(v) for sampler in self.samplers.values() for v in sampler.items.values())
-        image, reads = image_bytes(self.data, cfg.image_size), episode_reads(cfg)
+        image, reads = image_bytes(self.data, cfg.image_size), self._reads()
         train = loader_notes(cfg.image_cache_mb, items, image, cfg.workers, 2 if cfg.val_every else 1, reads["train"])
-        return {"train": train, "val": train,
-                "test": loader_notes(cfg.image_cache_mb, items, image, cfg.workers, reads=reads["test"])}
+        notes = {"train": train, "val": train,
+                 "test": loader_notes(cfg.image_cache_mb, items, image, cfg.workers, reads=reads["test"])}
+        if self.pretraining is not None:
+            notes["pretrain"] = loader_notes(cfg.image_cache_mb, items, image, cfg.workers, reads=reads["pretrain"])
+        return notes

@@ -51,8 +51,20 @@ class MahalanobisConfig(EpisodicConfig):
     batch_size: int = knob(128, "images per forward when computing evaluation features (halved on OOM)", minimum=1,
                            result_neutral=True)
     lr: float = knob(1e-3, "Adam learning rate", minimum=0.0)
+    pretrain_epochs: int = knob(0, "epochs of pre-training before the episodes: the backbone and a linear classifier "
+                                "over the training split's classes, on batches of images (0: none)", minimum=0,
+                                panel=DATA)
+    pretrain_batch_size: int = knob(64, "images per pre-training step (halved on OOM: the step then runs in "
+                                    "micro-batches)", minimum=1, panel=MEMORY)
+    pretrain_lr: float | None = knob(None, "pre-training's Adam learning rate (default: --lr)", minimum=0.0)
     plots: bool = knob(False, "write embedding.png, the test images' features in 2-D")
     embedding_plot: str = knob("pca", "the 2-D projection of --plots", choices=EMBEDDING_PLOTS)
+
+    def check_pretraining(self) -> None:
+        """Pre-training trains the backbone: a frozen one has nothing to learn from it."""
+        if self.pretrain_epochs and self.freeze_backbone:
+            raise BadInput("--pretrain-epochs trains the backbone, which --freeze-backbone keeps fixed: drop one of "
+                           "them.")
 
     def check_device(self, device_type: str) -> None:
         if self.decode_device == "cuda" and device_type != "cuda":

@@ -11,6 +11,9 @@ import torch
 from fewshot_cli.memory.measure import MiB, freed_memory_returned, probe, return_freed_memory
 from fewshot_cli.memory.terms import OUTSIDE_THE_MEASURE
 
+#: the phases that train (a gradient, an optimizer step); the others evaluate
+TRAINING_PHASES = ("pretrain", "train")
+
 
 def measured(device: torch.device, mem: dict[str, float], baseline_mb: float) -> dict[str, float]:
     """One probe's figures for the check: on CUDA the caching allocator's peak reserved (and allocated beside it),

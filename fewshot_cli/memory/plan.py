@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from fewshot_cli.errors import BadInput
-from fewshot_cli.memory.check import predicted_mb
+from fewshot_cli.memory.check import TRAINING_PHASES, predicted_mb
 from fewshot_cli.memory.devices import device_memory_bytes
 from fewshot_cli.memory.limits import Limit, host_limits, size_text, tightest
 from fewshot_cli.memory.measure import MiB
@@ -114,8 +114,10 @@ def trace(command: Command, config: Any, seed: int = 0, fake: bool = True,
             notes["planned_from"] = getattr(task.model, "planned_from", None)
         for phase, step in task.plan_phases().items():
             tracker = StepTracker()
-            tracker.track_external(*(m for m in (task.model, getattr(task, "optimizer", None)) if m is not None))
-            train = phase == "train"
+            tracked = (task.plan_tracked(phase) if hasattr(task, "plan_tracked")
+                       else (task.model, getattr(task, "optimizer", None)))
+            tracker.track_external(*(m for m in tracked if m is not None))
+            train = phase in TRAINING_PHASES
             task.model.train(train)
             if observe is not None:
                 observe(phase, "start")
@@ -164,7 +166,8 @@ LINE_SOURCES = {
 }
 #: knobs besides a command's `plan_knobs` that decide a peak: a plan's header names those the command has
 HEADER_KNOBS = ("backbone", "model", "image_size", "n_way", "k_shot", "n_query", "batch_size",
-                "triplet_batch_size", "proposals_top_k", "amp", "checkpoint_activations", "workers", "image_cache_mb")
+                "triplet_batch_size", "proposals_top_k", "pretrain_epochs", "pretrain_batch_size", "amp",
+                "checkpoint_activations", "workers", "image_cache_mb")
 #: switches that lower a peak: a plan over its limit says whether each alone would fit
 SAVING_SWITCHES = ("amp", "checkpoint_activations")
 _SOURCES = {"cli": "given", "config": "--config", "planner": "planner"}
@@ -194,7 +197,8 @@ def plan_run(command: Command, resolved: Resolved, device: torch.device, budget:
     phases = {}
     for phase, components in traced.items():
         components = {k: v for k, v in components.items() if device.type == "cpu" or k not in CPU_LINES}
-        bf16_evaluation = "train" in traced and phase != "train" and bool(getattr(resolved.config, "amp", False))
+        bf16_evaluation = ("train" in traced and phase not in TRAINING_PHASES
+                           and bool(getattr(resolved.config, "amp", False)))
         components = {**components, **device_terms(device, components, baseline, "train" in traced,
                                                    bf16_evaluation)}
         phases[phase] = _split(device, components, host_baseline)
@@ -235,8 +239,9 @@ def header_knobs(command: Command, resolved: Resolved) -> dict[str, dict[str, An
     """The knobs that decide the peak, in the order a header names them, each with its value and source."""
     names = [*command.plan_knobs, *(k for k in HEADER_KNOBS if k not in command.plan_knobs)]
     cfg = resolved.config
+    pretrains = bool(getattr(cfg, "pretrain_epochs", 0))  # pre-training's knobs matter only where it runs
     return {k: {"value": getattr(cfg, k), "source": resolved.sources.get(k, "default")}
-            for k in names if hasattr(cfg, k)}
+            for k in names if hasattr(cfg, k) and (pretrains or not k.startswith("pretrain_"))}
 
 
 def fit(command: Command, resolved: Resolved, device: torch.device, limit: Limit, force: bool = False

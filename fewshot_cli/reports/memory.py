@@ -12,7 +12,7 @@ from fewshot_cli.reports.runs import is_number, read_run_log
 from fewshot_cli.runner.input_wait import from_steps
 from fewshot_cli.runner.leaks import LeakDetector
 
-PHASE_ORDER = ("train", "val", "test")
+PHASE_ORDER = ("pretrain", "train", "val", "test")
 
 
 def series_by_phase(events: list[dict[str, Any]]) -> dict[str, dict[str, list[tuple[int, float]]]]:

@@ -4,7 +4,8 @@ is None), and nothing in its steps reads the environment.
 
 FEWSHOT_SIMULATE_OOM="KNOB>N": a training step's micro-steps raise an out-of-memory error while the knob is above N
   (with FEWSHOT_SIMULATE_OOM_RANK="R" under torchrun, on rank R only); "PHASE:KNOB>N" (PHASE `val` or `test`):
-  each part of that evaluation raises instead, while its knob is above N.
+  each part of that evaluation raises instead, while its knob is above N; "pretrain:KNOB>N": the micro-steps of
+  pre-training's steps (mahalanobis-train's --pretrain-epochs) raise.
 FEWSHOT_SIMULATE_LEAK_MB="N": every training step keeps N MiB alive for the rest of the run, on the run's device.
 FEWSHOT_SIMULATE_SLOW_READ_S="S": every image the data loader reads takes S seconds longer (an input-bound run).
 """

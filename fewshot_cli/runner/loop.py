@@ -91,6 +91,10 @@ def _train(opened: Run) -> None:
                    label=opened.command.name)
     with stop.installed(), bar:
         for step in range(opened.first_step, total + 1):
+            phase = task.step_phase(step)
+            if phase != opened.training_phase:  # a phase ended (pre-training): its plan check
+                _plan_check(opened, opened.training_phase)
+                opened.training_phase = phase
             if task.ctx.guard is not None:
                 _stop_before_the_kill(task.ctx.guard, task, step, opened.checkpoint_path, knobs_changed, log, group)
             torch.manual_seed(step_seed(opened.opts.seed, step))
@@ -101,8 +105,8 @@ def _train(opened: Run) -> None:
             if group is not None:  # SIGTERM on any rank stops every rank after this same step
                 stopping = group.any(stopping)
             step_s = round(time.perf_counter() - started, 4)
-            log.write("step", phase="train", step=step, **figures, step_s=step_s, mem=mem, **ranks)
-            opened.check.observe("train", mem)
+            log.write("step", phase=phase, step=step, **figures, step_s=step_s, mem=mem, **ranks)
+            opened.check.observe(phase, mem)
             waits.add(figures, step_s)
             for verdict in leaks.observe(step, worst):
                 log.write("leak_warning", series=verdict.series, growth_mb=verdict.growth_mb,
@@ -118,7 +122,7 @@ def _train(opened: Run) -> None:
         if input_bound is not None:
             log.write("input_bound", **input_bound)
             bar.note(input_bound["advice"])
-    _plan_check(opened, "train")
+    _plan_check(opened, opened.training_phase)
 
 
 def _step_memory(opened: Run, rest_mb: float) -> tuple[dict[str, float], dict[str, Any], dict[str, float]]:
@@ -160,7 +164,7 @@ def _end(opened: Run, **fields: Any) -> None:
     """A stopped run checks the training it did, then writes `run_end` where the disk still allows it: the run's own
     error is the one to report."""
     try:
-        _plan_check(opened, "train")
+        _plan_check(opened, opened.training_phase)
         opened.log.write("run_end", **fields)
         opened.log.close()
     except CannotWrite:
@@ -185,7 +189,8 @@ def _stop_before_the_kill(guard: MemoryGuard, task: Task, step: int, path: Path,
 
 def _checkpoint(task: Task, step: int, path: Path, knobs: dict[str, int], log: Log) -> None:
     save_checkpoint(path, {"step": step, "task": task.state_dict(), "knobs": dict(knobs),
-                           "accumulation": task.accumulation})
+                           "accumulation": task.accumulation,
+                           "accumulations": {name: task.accumulation_of(name) for name in knobs}})
     log.write("checkpoint", step=step, path=str(path))
 
 
@@ -218,19 +223,20 @@ def _step_with_backoff(task: Task, step: int, log: Log, knobs_changed: dict[str,
 
 
 def _back_off(task: Task, step: int, log: Log, knobs_changed: dict[str, int], message: str) -> None:
-    for knob in task.backoff_knobs:
+    knobs = task.backoff_knobs_at(step)
+    for knob in knobs:
         value = getattr(task.cfg, knob.name)
         if value // 2 >= knob.floor:
-            new = value // 2
-            accumulation = task.accumulation * 2 if knob.accumulate else task.accumulation
+            new, accumulation = value // 2, task.accumulation_of(knob.name)
+            accumulation = accumulation * 2 if knob.accumulate else accumulation
             task.set_knob(knob.name, new, accumulation)
             if task.ctx.guard is not None:
-                task.ctx.guard.backed_off("train")
+                task.ctx.guard.backed_off(task.step_phase(step))
             knobs_changed[knob.name] = new
-            log.write("oom_backoff", phase="train", step=step, knob=knob.name, **{"from": value, "to": new},
-                      grad_accumulation=accumulation, error=message)
+            log.write("oom_backoff", phase=task.step_phase(step), step=step, knob=knob.name,
+                      **{"from": value, "to": new}, grad_accumulation=accumulation, error=message)
             return
-    floors = ", ".join(f"{k.name}={getattr(task.cfg, k.name)} (floor {k.floor})" for k in task.backoff_knobs)
+    floors = ", ".join(f"{k.name}={getattr(task.cfg, k.name)} (floor {k.floor})" for k in knobs)
     raise RunFailed(f"out of memory at step {step} with every back-off knob at its floor ({floors or 'none'}); "
                     f"lower the configuration or raise --memory-budget. Last error: {message}")
 

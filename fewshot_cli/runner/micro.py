@@ -40,8 +40,8 @@ class Accumulation:
     The `with` block sees every exception of the loop's body, so this holds wherever in the step memory runs out."""
 
     def __init__(self, model: nn.Module, step: int, seed: int, parts: int, group: Any, ddp: Any,
-                 guard: MemoryGuard | None = None, faults: Faults | None = None) -> None:
-        self.model, self.step, self.seed, self.n_parts = model, step, seed, parts
+                 guard: MemoryGuard | None = None, faults: Faults | None = None, phase: str = "train") -> None:
+        self.model, self.step, self.seed, self.n_parts, self.phase = model, step, seed, parts, phase
         self.group, self.ddp, self.guard, self.faults = group, ddp, guard, faults
         self.mine = list(range(parts)) if group is None else list(range(parts))[group.rank::group.world_size]
         self.stats = _RunningStats(model) if parts > 1 or group is not None else None
@@ -69,9 +69,9 @@ class Accumulation:
         for k, piece in enumerate(slices):
             self._last = self._last_part and k == len(slices) - 1
             if self.faults is not None:
-                self.faults.oom("train")
+                self.faults.oom(self.phase)
             if self.guard is not None:
-                self.guard.check("train", "training")
+                self.guard.check(self.phase, "training" if self.phase == "train" else self.phase)
             if self.ddp is not None:
                 self.ddp.require_backward_grad_sync = self._last  # the earlier micro-steps accumulate locally
             yield piece

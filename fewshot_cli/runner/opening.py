@@ -18,7 +18,7 @@ import torchvision
 import fewshot_cli
 from fewshot_cli.errors import BadInput, CannotWrite
 from fewshot_cli.memory import check as plancheck
-from fewshot_cli.memory.check import PlanCheck
+from fewshot_cli.memory.check import TRAINING_PHASES, PlanCheck
 from fewshot_cli.memory.guard import MemoryGuard
 from fewshot_cli.memory.limits import Limit
 from fewshot_cli.memory.measure import probe
@@ -92,6 +92,8 @@ class Run:
     check: PlanCheck
     #: the resident set (MiB) as the loop starts; the probe that read it reset the CUDA peak
     rest_mb: float
+    #: the training phase of the step last run (`Task.step_phase`), whose plan check comes when it ends
+    training_phase: str = "train"
 
     @property
     def main(self) -> bool:
@@ -241,7 +243,7 @@ def _planner(command: Command, resolved: Resolved, device: torch.device) -> Call
     def predict(phase: str) -> float:
         now = copy.copy(resolved)
         now.config = copy.deepcopy(resolved.config)
-        if phase != "train":
+        if phase not in TRAINING_PHASES:
             for knob in command.task.backoff_knobs:
                 setattr(now.config, knob.name, getattr(began, knob.name))
         with torch.random.fork_rng(), torch.inference_mode(False), torch.enable_grad():
@@ -278,7 +280,7 @@ def _restore(task: Task, path: Path) -> int:
         state = load_checkpoint(path)
         task.load_state_dict(state["task"])
         for name, value in state.get("knobs", {}).items():
-            task.set_knob(name, value, state.get("accumulation", 1))
+            task.set_knob(name, value, state.get("accumulations", {}).get(name, state.get("accumulation", 1)))
         return int(state["step"])
     except Exception as err:  # noqa: BLE001 - truncated, not a checkpoint, or another run's: all one answer
         cause = str(err).splitlines()[0] if str(err) else type(err).__name__

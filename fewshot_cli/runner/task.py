@@ -108,6 +108,20 @@ class Task(ABC):
     def evaluate(self, phase: str, step: int) -> dict[str, float]:
         """Validation (`val`) or the final test (`test`) metrics, accumulated in bounded memory."""
 
+    def step_phase(self, step: int) -> str:
+        """The training phase step `step` belongs to, as its `step` event, its plan check and its back-offs name it:
+        `train`, or `pretrain` for a command whose first steps pre-train (mahalanobis-train's --pretrain-epochs)."""
+        return "train"
+
+    def backoff_knobs_at(self, step: int) -> tuple[BackoffKnob, ...]:
+        """The knobs an OOM in step `step` may shrink, in order: `backoff_knobs` unless the step's phase has its own."""
+        return self.backoff_knobs
+
+    def accumulation_of(self, name: str) -> int:
+        """The micro-steps per part the back-off knob `name` sets now: `accumulation` unless a phase of the task
+        keeps its own (its knob's `set_knob` then sets it)."""
+        return self.accumulation
+
     def validate_now(self, step: int) -> bool:
         every = self.cfg.val_every
         return bool(every) and step % every == 0 and step < self.total_steps()
@@ -169,6 +183,10 @@ class Task(ABC):
         """Each phase's one representative step, for the memory planner to trace under fake tensors."""
         return {"train": lambda: self.train_step(1)}
 
+    def plan_tracked(self, phase: str) -> tuple[Any, ...]:
+        """The modules and optimizers whose parameters, gradients and state the planner counts in `phase`."""
+        return (self.model, self.optimizer)
+
     def plan_extra_bytes(self) -> dict[str, dict[str, int]]:
         """The command's own memory terms that tracing does not see, per phase: {phase: {name: bytes}}."""
         return {}
@@ -185,7 +203,7 @@ class Task(ABC):
         parts) as grads: for j in grads.parts(): for piece in grads.micro_steps(pieces): ... grads.backward(loss,
         **figures)`; `grads.sums` then holds the figures summed over the step (see `runner.micro.Accumulation`)."""
         return Accumulation(self.model, step, step_seed(self.ctx.seed, step), parts, self.ctx.distributed, self._ddp,
-                            self.ctx.guard, self.ctx.faults)
+                            self.ctx.guard, self.ctx.faults, self.step_phase(step))
 
     def my_share(self, items: list[Any]) -> list[Any]:
         """This rank's share of a list (items rank, rank + N, ...); the whole list in one process."""
