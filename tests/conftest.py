@@ -15,6 +15,10 @@ import torch
 from fewshot_cli.runner.loop import _evaluate as evaluate
 from fewshot_cli.runner.task import RunContext, Task
 
+# every test traces its plans: a test that changes what a trace sees (a patched step) must not read another's, and
+# no test writes to the user's cache; tests/test_plan_cache.py turns the cache on in folders of its own
+os.environ["FEWSHOT_PLAN_CACHE"] = "off"
+
 # A mahalanobis-train run of a few seconds: tiny images, few episodes, a short test.
 SMALL = ["--preset", "cpu", "--image-size", "16", "--episodes", "6", "--n-query", "4", "--test-episodes", "10",
          "--val-every", "3", "--val-episodes", "2", "--checkpoint-every", "2", "--quiet"]

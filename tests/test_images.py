@@ -73,3 +73,16 @@ def test_an_unreadable_image_in_a_folder_is_bad_input(tmp_path: Path) -> None:
         (tmp_path / split / f"{split}-a" / "x.jpg").write_bytes(b"\xff\xd8\xff broken")
     with pytest.raises(BadInput, match="Cannot read image"):
         open_splits(tmp_path, 8)[0]
+
+
+def test_to_float_is_torchvisions_uint8_scaling_to_the_bit() -> None:
+    from torchvision.transforms.v2 import functional as TF
+
+    from fewshot_cli.data.images import to_float
+
+    pixels = torch.arange(256, dtype=torch.uint8).repeat(3, 4, 1)
+    pixels = torch.cat([pixels, torch.randint(0, 256, (3, 4, 256), generator=torch.Generator().manual_seed(0),
+                                              dtype=torch.uint8)])
+    ours, theirs = to_float(pixels), TF.to_dtype(pixels, torch.float32, scale=True)
+    assert ours.dtype == theirs.dtype == torch.float32 and torch.equal(ours, theirs)
+    assert to_float(theirs) is theirs  # float images pass as they are

@@ -150,3 +150,53 @@ def test_classify_food101_confusion_has_the_runs_top1_on_its_diagonal(tmp_path):
     counts = np.array([[int(v) for k, v in row.items() if k != "true \\ predicted"] for row in rows])
     assert counts.shape == (4, 4) and counts.sum() == 4 * 3
     assert np.trace(counts) / counts.sum() == pytest.approx(metrics["top1"])
+
+
+def test_the_confusion_scores_are_scikit_learns_to_the_bit() -> None:
+    """Per class precision, recall, F1 and support, and the matrix, from (true, predicted) counts as scikit-learn
+    gives them with the counts as weights: classes never predicted or never true, a pair outside the labels."""
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    from fewshot_cli.reports.confusion import scores
+
+    rng = np.random.default_rng(0)
+    names = [f"c{i}" for i in range(7)]
+    for trial in range(20):
+        pairs = {(str(rng.choice(names[:6])), str(rng.choice(names[1:] + ["Unknown"]))): int(rng.integers(1, 9))
+                 for _ in range(int(rng.integers(1, 30)))}
+        labels = names if trial % 2 else names[:5]
+        y_true, y_pred = zip(*pairs, strict=True)
+        weights = np.asarray(list(pairs.values()), dtype=np.int64)
+        matrix, precision, recall, f1, support = scores(pairs, labels)
+        assert np.array_equal(matrix, confusion_matrix(y_true, y_pred, labels=labels, sample_weight=weights))
+        theirs = precision_recall_fscore_support(y_true, y_pred, labels=labels, sample_weight=weights,
+                                                 zero_division=0)
+        for ours, expected in zip((precision, recall, f1, support), theirs, strict=True):
+            assert np.array_equal(ours, np.asarray(expected, dtype=np.float64)), trial
+
+
+LIBRARIES = """
+import json, resource, sys
+if sys.argv[1] == "capped":
+    resource.setrlimit(resource.RLIMIT_AS, (2**45, resource.getrlimit(resource.RLIMIT_AS)[1]))
+from fewshot_cli.reports.files import load_libraries
+print(json.dumps([load_libraries(), "matplotlib.pyplot" in sys.modules]))
+"""
+
+
+@pytest.mark.parametrize("limit, expected", [("none", [False, False]), ("capped", [True, True])])
+def test_the_reports_library_loads_up_front_only_where_the_address_space_is_limited(limit: str, expected: list
+                                                                                    ) -> None:
+    import os
+    import resource
+    import subprocess
+    import sys
+
+    if limit == "capped" and resource.getrlimit(resource.RLIMIT_AS)[1] not in (resource.RLIM_INFINITY,):
+        pytest.skip("RLIMIT_AS has a hard limit here")
+    if limit == "none" and resource.getrlimit(resource.RLIMIT_AS)[0] != resource.RLIM_INFINITY:
+        pytest.skip("this process's address space is limited already")
+    done = subprocess.run([sys.executable, "-c", LIBRARIES, limit], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.splitlines()[-1]) == expected

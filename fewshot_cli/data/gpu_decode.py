@@ -16,8 +16,6 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_jpeg, read_file
-from torchvision.transforms.v2 import functional as TF
 
 from fewshot_cli.data.images import read_image, resize
 
@@ -34,6 +32,8 @@ RESIZE_BYTES = 128 * 1024 * 1024
 def encoded_or_read(path: Path | str, size: int) -> torch.Tensor:
     """A JPEG nvjpeg decodes as it stands: its bytes, (N,) uint8; any other image (a PNG, a CMYK JPEG, a JPEG with
     an EXIF rotation, which nvjpeg does not apply): `read_image`'s (3, size, size) float32."""
+    from torchvision.io import read_file  # torchvision (and the dynamo it loads) only where files are read
+
     try:
         raw = read_file(str(path))
     except RuntimeError:  # an empty file, say: the CPU reader raises the reader's own error for it
@@ -97,6 +97,8 @@ class Decoder:
         return out
 
     def _decode(self, raws: list[torch.Tensor]) -> list[torch.Tensor]:
+        from torchvision.io import ImageReadMode  # torchvision only where JPEGs are decoded
+
         if self.device.type == "cuda":
             # nvjpeg's hardware decoder writes its outputs on a stream of its own, without waiting for the work
             # queued on ours, into blocks the caching allocator may just have recycled from tensors that work
@@ -110,9 +112,18 @@ class Decoder:
             return [decode_jpeg(raw, mode=ImageReadMode.RGB).to(self.device) for raw in raws]
 
 
+def decode_jpeg(data: torch.Tensor | list[torch.Tensor], **kwargs: object) -> torch.Tensor | list[torch.Tensor]:
+    """torchvision's `decode_jpeg`, imported when a JPEG is first decoded: importing torchvision loads its dynamo."""
+    from torchvision.io import decode_jpeg as decode  # torchvision only where JPEGs are decoded
+
+    return decode(data, **kwargs)
+
+
 def resized(images: list[torch.Tensor], size: int) -> list[torch.Tensor]:
     """(3, H, W) uint8 images -> (3, size, size) float32 in [0, 1], those of one shape resized together, in
     slices of at most RESIZE_BYTES of float pixels (a resize works in float32 off the CPU)."""
+    from torchvision.transforms.v2 import functional as TF  # torchvision only where JPEGs are decoded
+
     out: list[torch.Tensor | None] = [None] * len(images)
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for i, image in enumerate(images):

@@ -9,8 +9,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from torchvision.io import ImageReadMode, decode_image
-from torchvision.transforms.v2 import functional as TF
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 #: what a file that is not a readable image raises, from either decoder
@@ -28,6 +26,8 @@ def read_rgb(path: Path | str) -> torch.Tensor:
     """An image file as upright 8-bit RGB, (3, H, W) uint8; transparency is laid on white."""
     raw = Path(path).read_bytes()
     if raw.startswith(_TORCHVISION) and not _png_transparency(raw):
+        from torchvision.io import ImageReadMode, decode_image  # torchvision (and the dynamo it loads): on a file only
+
         data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
         try:
             image = decode_image(data, mode=ImageReadMode.UNCHANGED, apply_exif_orientation=True)
@@ -35,6 +35,8 @@ def read_rgb(path: Path | str) -> torch.Tensor:
             image = None  # a variant libpng or libwebp refuses; PIL may still read it
         if image is not None and image.dtype == torch.uint8:  # 16-bit PNGs take PIL's path, scaled there
             return _rgb(image[0] if image.ndim == 4 else image)  # an animated GIF: its first frame
+    from torchvision.transforms.v2 import functional as TF  # torchvision only once an image file is read
+
     return TF.pil_to_tensor(read_pil(path))
 
 
@@ -56,11 +58,14 @@ def read_pixels(path: Path | str, size: int) -> torch.Tensor:
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
     """uint8 pixels to float32 in [0, 1] (the same operation wherever it runs, so the same values); float images
-    pass as they are."""
-    return TF.to_dtype(images, torch.float32, scale=True) if images.dtype == torch.uint8 else images
+    pass as they are. It is torchvision's `to_dtype(images, torch.float32, scale=True)` for uint8, written out so that
+    a run that reads no image file loads no torchvision (`tests/test_images.py` holds the two equal)."""
+    return images.to(torch.float32).mul_(1.0 / 255) if images.dtype == torch.uint8 else images
 
 
 def resize(image: torch.Tensor, size: int) -> torch.Tensor:
+    from torchvision.transforms.v2 import functional as TF  # torchvision only once an image is resized
+
     return TF.resize(image, [size, size], antialias=True)
 
 

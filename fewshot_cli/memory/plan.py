@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import functools
+import hashlib
 import importlib
+import importlib.metadata
+import json
+import os
+import platform
 import textwrap
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from unittest.mock import patch
 
@@ -20,8 +28,9 @@ from fewshot_cli.memory.devices import device_memory_bytes
 from fewshot_cli.memory.limits import Limit, host_limits, size_text, tightest
 from fewshot_cli.memory.measure import MiB
 from fewshot_cli.memory.onednn import ConvCopies
+from fewshot_cli.memory.onednn import in_use as onednn_in_use
 from fewshot_cli.memory.terms import CPU_LINES, HOST_LINES, TERM_NOTES, TERM_TAGS, device_terms
-from fewshot_cli.memory.torch_private import FakeTensor, FakeTensorMode, MemTracker
+from fewshot_cli.memory.torch_private import FakeTensor, FakeTensorMode
 
 if TYPE_CHECKING:
     from fewshot_cli.runner.command import Command
@@ -36,21 +45,37 @@ _KINDS = {"PARAM": "parameters", "BUFFER": "buffers", "GRAD": "gradients", "OPT"
           "ACT": "activations", "TEMP": "temporaries", "OTH": "other"}
 
 
-class StepTracker(MemTracker):
+@functools.cache
+def _step_tracker() -> type:
     """torch's MemTracker without its per-module statistics, which refuse a module called twice in one step
-    (support and query through one backbone, evaluation in batches); the per-kind peaks are all we read."""
+    (support and query through one backbone, evaluation in batches); the per-kind peaks are all we read. Made when
+    a step is first traced: importing MemTracker loads torch.distributed's tools, and with them torch's dynamo,
+    inductor and sympy (seconds), which a run whose plan comes from the cache (`cached_trace`) never needs."""
+    from fewshot_cli.memory.torch_private import MemTracker  # seconds of imports: only once a step is traced
 
-    def _pre_fw_hook(self, module: nn.Module, inputs: Any) -> None:
-        pass
+    class StepTracker(MemTracker):
+        def _pre_fw_hook(self, module: nn.Module, inputs: Any) -> None:
+            pass
 
-    def _post_fw_hook(self, module: nn.Module, inputs: Any, outputs: Any) -> None:
-        pass
+        def _post_fw_hook(self, module: nn.Module, inputs: Any, outputs: Any) -> None:
+            pass
 
-    def _pre_bw_hook(self, module: nn.Module, args: Any) -> None:
-        pass
+        def _pre_bw_hook(self, module: nn.Module, args: Any) -> None:
+            pass
 
-    def _post_bw_hook(self, module: nn.Module, args: Any) -> None:
-        pass
+        def _post_bw_hook(self, module: nn.Module, args: Any) -> None:
+            pass
+
+    StepTracker.__doc__ = _step_tracker.__doc__
+    StepTracker.__module__ = __name__
+    return StepTracker
+
+
+def __getattr__(name: str) -> Any:
+    """`StepTracker`, made on first use (`_step_tracker`)."""
+    if name != "StepTracker":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return _step_tracker()
 
 
 @contextmanager
@@ -113,7 +138,7 @@ def trace(command: Command, config: Any, seed: int = 0, fake: bool = True,
             notes["lines"] = task.plan_notes() if hasattr(task, "plan_notes") else {}
             notes["planned_from"] = getattr(task.model, "planned_from", None)
         for phase, step in task.plan_phases().items():
-            tracker = StepTracker()
+            tracker = _step_tracker()()
             tracked = (task.plan_tracked(phase) if hasattr(task, "plan_tracked")
                        else (task.model, getattr(task, "optimizer", None)))
             tracker.track_external(*(m for m in tracked if m is not None))
@@ -136,6 +161,99 @@ def trace(command: Command, config: Any, seed: int = 0, fake: bool = True,
             components.update(extra.get(phase, {}))
             phases[phase] = components
     return phases
+
+
+#: the environment variable naming the folder of traced plans (`off`: no cache)
+CACHE_ENV = "FEWSHOT_PLAN_CACHE"
+#: the layout of a cached trace; a new one invalidates every file of the old
+CACHE_FORMAT = 1
+
+
+def cache_dir() -> Path | None:
+    """Where traced plans are kept: $FEWSHOT_PLAN_CACHE, else $XDG_CACHE_HOME/fewshot/plans (~/.cache/...); None
+    when $FEWSHOT_PLAN_CACHE is `off` (or 0, no, false)."""
+    value = os.environ.get(CACHE_ENV, "").strip()
+    if value.lower() in ("off", "0", "no", "false"):
+        return None
+    if value:
+        return Path(value).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fewshot" / "plans"
+
+
+def cached_trace(command: Command, config: Any, notes: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """`trace(command, config)` (fake tensors, seed 0), taken from the cache where the same trace was made before
+    (`trace_key`: everything a trace depends on), else traced and kept. A trace is the same bytes whenever its key
+    is: it follows shapes, which come from the config and the code, never from the data, the weights or the
+    machine's memory (what the machine adds, the device's lines and the start-up baseline, is not cached). A model
+    planned from files outside the key (`planned_from`: a Hugging Face config) is traced every time. A cache that
+    cannot be read or written is passed by: the plan is traced."""
+    folder = cache_dir()
+    path = folder / f"{trace_key(command, config)}.json" if folder is not None else None
+    if path is not None:
+        kept = _read_kept(path)
+        if kept is not None:
+            notes.update(kept["notes"])
+            return kept["phases"]
+    traced = trace(command, config, notes=notes)
+    if path is not None and notes.get("planned_from") is None:
+        _keep(path, {"format": CACHE_FORMAT, "command": command.name, "phases": traced,
+                     "notes": {"lines": notes.get("lines", {}), "planned_from": None}})
+    return traced
+
+
+def trace_key(command: Command, config: Any) -> str:
+    """What a trace depends on, hashed: the command, every knob's value (less the weights, which `trace` leaves
+    out), fewshot's code, torch's, torchvision's and python's versions, whether CPU convolutions go through oneDNN
+    (its copies are a line) and torch's default dtype."""
+    values = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(vars(config))
+    for name in ("weights", "init"):
+        if name in values:
+            values[name] = None
+    try:
+        vision = importlib.metadata.version("torchvision")
+    except importlib.metadata.PackageNotFoundError:
+        vision = None
+    described = {"format": CACHE_FORMAT, "command": command.name, "config": values, "code": _code_hash(),
+                 "torch": torch.__version__, "torchvision": vision, "python": platform.python_version(),
+                 "onednn": onednn_in_use(), "dtype": str(torch.get_default_dtype())}
+    return hashlib.sha256(json.dumps(described, sort_keys=True, default=repr).encode()).hexdigest()[:32]
+
+
+def _code_hash() -> str:
+    """The sha256 of fewshot's own source files (each one's path and bytes): any change to the code is a new key."""
+    if "_CODE_HASH" not in globals():
+        root = Path(__file__).resolve().parents[1]
+        digest = hashlib.sha256()
+        for path in sorted(root.rglob("*.py")):
+            digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+        globals()["_CODE_HASH"] = digest.hexdigest()
+    return globals()["_CODE_HASH"]
+
+
+def _read_kept(path: Path) -> dict[str, Any] | None:
+    """A kept trace, or None where there is none or it is not one (then it is traced again and rewritten)."""
+    try:
+        kept = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(kept, dict) or kept.get("format") != CACHE_FORMAT:
+        return None
+    phases, notes = kept.get("phases"), kept.get("notes")
+    if not isinstance(phases, dict) or not isinstance(notes, dict) or not all(
+            isinstance(lines, dict) and all(isinstance(v, int) for v in lines.values()) for lines in phases.values()):
+        return None
+    return {"phases": phases, "notes": {"lines": notes.get("lines") or {}, "planned_from": None}}
+
+
+def _keep(path: Path, kept: dict[str, Any]) -> None:
+    """Write a trace atomically (a reader never sees half a file); a folder that cannot be written is passed by."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.{os.getpid()}")
+        partial.write_text(json.dumps(kept))
+        os.replace(partial, path)
+    except OSError:
+        pass
 
 
 def _by_kind(snapshot: dict[Any, dict[Any, int]]) -> dict[str, int]:
@@ -193,7 +311,7 @@ def plan_run(command: Command, resolved: Resolved, device: torch.device, budget:
     baseline = startup_baseline(device)  # before tracing, which loads more of torch
     host_baseline = psutil.Process().memory_info().rss if device.type != "cpu" else 0
     notes: dict[str, Any] = {}
-    traced = trace(command, resolved.config, notes=notes)
+    traced = cached_trace(command, resolved.config, notes)
     phases = {}
     for phase, components in traced.items():
         components = {k: v for k, v in components.items() if device.type == "cpu" or k not in CPU_LINES}

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import sys
+from collections.abc import Callable
 from importlib import import_module
 from typing import Any
 
@@ -22,6 +25,12 @@ PRIVATE = {
     # a mode that sees every aten op (the planner's oneDNN copies), and the flattening of an op's outputs
     "TorchDispatchMode": ("torch.utils._python_dispatch", "TorchDispatchMode"),
     "tree_leaves": ("torch.utils._pytree", "tree_leaves"),
+    # the decorator torch marks its own functions with (an optimizer's add_param_group, state_dict, ...) so that
+    # torch.compile does not trace into them; it imports torch._dynamo the first time such a function runs
+    "disable_dynamo": ("torch._compile", "_disable_dynamo"),
+    # the decorator of an optimizer's step (grad mode as `differentiable` says), which imports torch._dynamo to mark
+    # a graph break, a no-op outside torch.compile
+    "use_grad_for_differentiable": ("torch.optim.optimizer", "_use_grad_for_differentiable"),
 }
 #: MemTracker's per-module hooks the planner's tracker switches off (plan.StepTracker overrides them by name)
 MEM_TRACKER_HOOKS = ("_pre_fw_hook", "_post_fw_hook", "_pre_bw_hook", "_post_bw_hook")
@@ -49,3 +58,88 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = globals()[name] = load(name)
     return value
+
+
+def defer_dynamo(*packages: str) -> int:
+    """Let the functions torch marks with `_disable_dynamo` in the loaded modules of `packages` (`torch.optim`: the
+    module and its submodules, their functions and their classes' methods) run without importing torch._dynamo
+    (seconds, with the sympy it loads: as long as `import torch` on a CPU), for as long as nothing else imports it.
+    Building an optimizer runs one (`add_param_group`), as do its `zero_grad` and `state_dict`; and an optimizer's
+    `step` (torch's `_use_grad_for_differentiable`) imports it to mark a graph break: every training run would load
+    dynamo before its first step, and again in it, for them alone.
+
+    The same calls, the same results: `torch._dynamo.disable(fn)` changes only what happens under a frame dynamo
+    evaluates, and no frame is evaluated by dynamo before torch._dynamo is imported (torch.compile imports it
+    first). Each marked function gets, where torch caches its disabled form (the attribute `__dynamo_disable` of the
+    function it wraps), a stand-in that calls that function itself while torch._dynamo is not loaded, and once it
+    is, makes torch's disabled form, caches it in torch's place and calls it, as torch would have. Returns how many
+    functions it covered; a torch whose decorators work otherwise gets none (nothing changes, dynamo loads as it
+    did). An optimizer class's `step` is covered the same way (`_eager_step`) where no instance of it was made yet
+    (the first one wraps its class's step with its hooks)."""
+    code = getattr(load("disable_dynamo")(lambda: None), "__code__", None)  # every marked function's wrapper
+    if code is None or not {"fn", "recursive"} <= set(code.co_freevars):
+        return 0
+    step_code = getattr(load("use_grad_for_differentiable")(lambda: None), "__code__", None)
+    covered = 0
+    for owner in _owners(packages):
+        step = vars(owner).get("step")
+        if isinstance(owner, type) and step is not None and getattr(step, "__code__", None) is step_code \
+                and hasattr(step, "__wrapped__"):
+            owner.step = _eager_step(step)
+            covered += 1
+        for value in list(vars(owner).values()):
+            value = getattr(value, "__func__", value)  # a staticmethod or classmethod: its function
+            if getattr(value, "__code__", None) is not code:
+                continue
+            cells = dict(zip(code.co_freevars, (cell.cell_contents for cell in value.__closure__), strict=True))
+            fn = cells["fn"]
+            if getattr(fn, "__dynamo_disable", None) is None:
+                setattr(fn, "__dynamo_disable", _on_demand(fn, cells["recursive"]))
+                covered += 1
+    return covered
+
+
+def _owners(packages: tuple[str, ...]) -> list[Any]:
+    """The loaded modules of `packages` (each and its submodules), and the classes each of them defines."""
+    modules = [m for name, m in list(sys.modules.items()) if m is not None
+               and any(name == p or name.startswith(p + ".") for p in packages)]
+    classes = [v for m in modules for v in list(vars(m).values())
+               if isinstance(v, type) and v.__module__ == m.__name__]
+    return [*modules, *classes]
+
+
+def _on_demand(fn: Callable[..., Any], recursive: bool) -> Callable[..., Any]:
+    """`fn` itself while torch._dynamo is not loaded; torch's `torch._dynamo.disable(fn)` once it is."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        dynamo = sys.modules.get("torch._dynamo")
+        if dynamo is None:
+            return fn(*args, **kwargs)
+        disabled = dynamo.disable(fn, recursive, wrapping=False)
+        setattr(fn, "__dynamo_disable", disabled)  # torch's own cache: from now on torch calls it directly
+        return disabled(*args, **kwargs)
+
+    return call
+
+
+def _eager_step(marked: Callable[..., Any]) -> Callable[..., Any]:
+    """An optimizer's step as torch's `_use_grad_for_differentiable` makes it (`marked`), less its import of
+    torch._dynamo while that is not loaded: grad mode as the optimizer's `differentiable` default says during the
+    step, restored after it. Its two `torch._dynamo.graph_break()` calls do nothing outside torch.compile; once
+    torch._dynamo is loaded, torch's own wrapper runs."""
+    func = marked.__wrapped__
+
+    @functools.wraps(func)
+    def step(*args: Any, **kwargs: Any) -> Any:
+        if "torch._dynamo" in sys.modules:
+            return marked(*args, **kwargs)
+        import torch  # loaded already: a step runs on an optimizer
+
+        previous = torch.is_grad_enabled()
+        try:
+            torch.set_grad_enabled(args[0].defaults["differentiable"])
+            return func(*args, **kwargs)
+        finally:
+            torch.set_grad_enabled(previous)
+
+    return step

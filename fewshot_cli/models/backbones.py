@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torchvision
 from torch import nn
 
 from fewshot_cli.errors import BadInput
@@ -49,6 +48,8 @@ def resnet12(widths: tuple[int, ...] = (64, 160, 320, 640)) -> nn.Sequential:
 
 def torchvision_resnet(name: str, flatten: bool) -> nn.Sequential:
     """torchvision's ResNet without its classifier; `flatten` keeps the last feature map (C x H x W) unpooled."""
+    import torchvision  # torchvision (and the dynamo it loads) only for its own backbones
+
     model = getattr(torchvision.models, name)(weights=None)
     body = [model.conv1, model.bn1, model.relu, model.maxpool, model.layer1, model.layer2, model.layer3,
             model.layer4]

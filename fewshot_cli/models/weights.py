@@ -16,7 +16,6 @@ from typing import Any
 from urllib.parse import urlparse
 
 import torch
-import torchvision
 from torch import nn
 
 from fewshot_cli.errors import BadInput
@@ -65,6 +64,8 @@ def _is_file_spec(spec: str) -> bool:
 
 def torchvision_weights(spec: str, arch: str, option: str = "--weights") -> Any:
     """The `torchvision.models.WeightsEnum` member `spec` names for `arch`; an unknown name is a BadInput."""
+    import torchvision  # torchvision (and the dynamo it loads) only for its own weights' names
+
     try:
         enum = torchvision.models.get_model_weights(arch)
     except (ValueError, KeyError):

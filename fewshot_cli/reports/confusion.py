@@ -19,25 +19,44 @@ def write_confusion(run_dir: Path, pairs: Mapping[tuple[str, str], int], labels:
     """confusion.csv (rows: true class, columns: predicted), confusion.png and per_class.csv in `run_dir`, from
     the number of queries of each (true, predicted) pair (kept as counts: their memory does not grow with the
     queries). Nothing is written without a labelled query."""
-    from sklearn.metrics import (  # scikit-learn: loaded only when a confusion matrix is written
-        confusion_matrix,
-        precision_recall_fscore_support,
-    )
-
     if not pairs:
         return
     labels = list(labels)
-    y_true, y_pred = zip(*pairs, strict=True)
-    weights = np.asarray(list(pairs.values()), dtype=np.int64)
-    matrix = confusion_matrix(y_true, y_pred, labels=labels, sample_weight=weights)
+    matrix, precision, recall, f1, support = scores(pairs, labels)
     write_csv(run_dir / "confusion.csv", ["true \\ predicted", *labels],
               ([name, *row.tolist()] for name, row in zip(labels, matrix, strict=True)))
-    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=labels,
-                                                                     sample_weight=weights, zero_division=0)
     rows = [[name, fmt(p), fmt(r), fmt(f), int(s)]
             for name, p, r, f, s in zip(labels, precision, recall, f1, support, strict=True)]
     write_csv(run_dir / "per_class.csv", ["class", "precision", "recall", "f1", "support"], rows)
     plot_confusion(run_dir / "confusion.png", matrix, labels)
+
+
+def scores(pairs: Mapping[tuple[str, str], int], labels: Sequence[str]
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """From the (true, predicted) counts: the confusion matrix over `labels` (int64, rows true) and per label its
+    precision, recall, F1 and support, 0 where a ratio has nothing to divide by. The same numbers, to the bit, as
+    scikit-learn's `confusion_matrix` and `precision_recall_fscore_support(..., zero_division=0)` with the counts as
+    sample weights (`tests/test_reports.py` holds them equal), without loading scikit-learn and scipy (a second
+    or more) to divide a few counts: a pair whose true or predicted class is not among `labels` is left out of the
+    matrix and still counts in the other class's sums, as there."""
+    index = {name: i for i, name in enumerate(labels)}
+    n = len(labels)
+    matrix = np.zeros((n, n), dtype=np.int64)
+    true_sum, pred_sum = np.zeros(n), np.zeros(n)
+    for (true, predicted), count in pairs.items():
+        t, p = index.get(true), index.get(predicted)
+        if t is not None and p is not None:
+            matrix[t, p] += count
+        if t is not None:
+            true_sum[t] += count
+        if p is not None:
+            pred_sum[p] += count
+    hits = np.diag(matrix).astype(np.float64)
+
+    def ratio(top: np.ndarray, bottom: np.ndarray) -> np.ndarray:
+        return np.divide(top, bottom, out=np.zeros(n), where=bottom != 0)
+
+    return matrix, ratio(hits, pred_sum), ratio(hits, true_sum), ratio(2 * hits, true_sum + pred_sum), true_sum
 
 
 def plot_confusion(path: Path, matrix: np.ndarray, labels: Sequence[str]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import resource
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,16 +21,21 @@ def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) 
     atomic_write_bytes(Path(path), lambda handle: handle.write(data))
 
 
-def load_libraries() -> None:
-    """Import what the reports draw and score with (matplotlib's file-only backend, scikit-learn's metrics) now, for
-    a run to call while it has address space to spare: a run capped near its limit by its end cannot map their
-    shared libraries then (measured: `ImportError: ... failed to map segment from shared object` after a capped
-    test evaluation had backed off)."""
+def load_libraries() -> bool:
+    """Where the address space is limited (RLIMIT_AS, `ulimit -v`), import what the reports draw with (matplotlib's
+    file-only backend) now, for a run to call while it has address space to spare: a run capped near its limit by
+    its end cannot map its shared libraries then (measured: `ImportError: ... failed to map segment from shared
+    object` after a capped test evaluation had backed off). Elsewhere nothing refuses the mapping, and it loads
+    when the reports are drawn, after the test: a run does not wait for it before its first step. Returns whether
+    it was loaded now."""
+    if resource.getrlimit(resource.RLIMIT_AS)[0] == resource.RLIM_INFINITY:
+        return False
     import matplotlib  # matplotlib: loaded only when a figure is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot  # noqa: F401
-    import sklearn.metrics  # noqa: F401
+
+    return True
 
 
 def figure(width: float = 6.0, height: float = 4.5) -> tuple[Any, Any]:

@@ -57,8 +57,10 @@ class LaunchOptions:
 def launch(command: Command, knobs: dict[str, Any], options: LaunchOptions) -> dict[str, float] | None:
     """Run `command` to its end with these knob values (None: not given) and options; its final metrics, or None
     on a torchrun rank other than 0 (rank 0 alone writes the run directory and reports)."""
-    from fewshot_cli.runner import distributed  # loads torch, which --help must not
+    from fewshot_cli.memory.torch_private import defer_dynamo  # loads torch, which --help must not
+    from fewshot_cli.runner import distributed
 
+    defer_dynamo("torch.optim")  # else torch's optimizers import its dynamo (seconds) before the first step
     group = distributed.from_env()  # under torchrun every rank runs this
     try:
         metrics = _run(command, knobs, options, group)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 import platform
+import re
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -13,7 +16,6 @@ from typing import Any
 
 import psutil
 import torch
-import torchvision
 
 import fewshot_cli
 from fewshot_cli.errors import BadInput, CannotWrite
@@ -113,7 +115,26 @@ class Run:
 
 def versions() -> dict[str, str]:
     return {"python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "fewshot": fewshot_cli.__version__}
+            "torchvision": torchvision_version(), "fewshot": fewshot_cli.__version__}
+
+
+def torchvision_version() -> str:
+    """`torchvision.__version__` (`0.29.1+cu130`: the package metadata's lacks the build), read from its
+    version.py where torchvision is not loaded yet: importing it loads torch's dynamo, which a run that uses no
+    torchvision would pay for at its start."""
+    if "torchvision" not in sys.modules:
+        spec = importlib.util.find_spec("torchvision")  # finds the package without running its __init__
+        for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+            try:
+                found = re.search(r"^__version__ = ['\"]([^'\"]+)['\"]", (Path(folder) / "version.py").read_text(),
+                                  re.MULTILINE)
+            except OSError:
+                continue
+            if found:
+                return found.group(1)
+    import torchvision  # where its version.py cannot be read: the package's own attribute
+
+    return torchvision.__version__
 
 
 class _NoLog:
