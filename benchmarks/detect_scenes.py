@@ -1,7 +1,7 @@
 """Where detect-train's novel-class misses are, on scenes of real handwritten digits in COCO format.
 
-    python benchmarks/detect_scenes.py [--train 400] [--test 160] [--size 192] [--seed 0] [--runs DIR]
-        [--out results/detect_scenes.md] [-- DETECT-TRAIN OPTIONS ...]
+    python benchmarks/detect_scenes.py [--train 400] [--test 160] [--size 192] [--seed 0] [--no-baseline]
+        [--runs DIR] [--out results/detect_scenes.md] [-- DETECT-TRAIN OPTIONS ...]
 
 The scenes: scikit-learn's bundled `load_digits` (1,797 real 8x8 scans of digits written by 43 people), each digit
 scaled to a side of 16 to 64 px and laid on a 192 px canvas of noise, 2 to 6 per scene, touching one another at
@@ -10,8 +10,10 @@ from the first writers' scans; test scenes hold digits of all ten classes from t
 ones are distractors: a novel-class episode must not fire on them). Written as `annotations/{train,test}.json` and
 `images/`, the COCO layout `--data` reads.
 
-One `detect-train --preset cpu` run on them (options after `--` are added), then a diagnosis from the run's own
-`gt.json`, `detections.json` and `config.json`, every figure by pycocotools:
+Two `detect-train --preset cpu` runs on them, side by side: `after` at the preset's defaults, `before` with the
+knobs this benchmark's fixes changed set back (`BEFORE`; `--no-baseline` skips it); options after `--` go to both.
+Then a diagnosis of each from the run's own `gt.json`, `detections.json` and `config.json`, every figure by
+pycocotools:
 
 - map, map50, per-class AP50;
 - recall of the proposal grid (`--proposal-step`, `--proposal-scales`): the share of objects some grid box covers
@@ -169,7 +171,8 @@ def grid_recall(gt: dict, config: dict) -> float:
     knobs = {k: v["value"] for k, v in config["knobs"].items()}
     side = int(knobs["image_size"])
     scales = tuple(float(s) for s in str(knobs["proposal_scales"]).split(","))
-    grid = dense_proposals(side, int(knobs["proposal_step"]), tuple(s * side for s in scales))
+    ratios = tuple(float(r) for r in str(knobs.get("proposal_ratios", "1")).split(","))
+    grid = dense_proposals(side, int(knobs["proposal_step"]), tuple(s * side for s in scales), ratios)
     grid = torch.as_tensor(grid, dtype=torch.float64).numpy()
     sizes = {image["id"]: (image["width"], image["height"]) for image in gt["images"]}
     found = []
@@ -238,17 +241,34 @@ def diagnose(run_dir: Path) -> dict:
             "objects": len(gt["annotations"]), "detections": len(detections)}
 
 
-def render(found: dict, command: str) -> str:
-    m, o = found["metrics"], found["oracles"]
-    lines = [f"`{command}`", "", f"- map {m['map']:.3f}, map50 {m['map50']:.3f} over {found['objects']} novel "
-             f"objects in the test episodes' queries ({found['detections']} detections)",
-             "- AP50 per novel class: " + ", ".join(f"{k} {v:.3f}" for k, v in found["per_class"].items()),
-             f"- recall at IoU 0.5: proposal grid {found['grid_recall']:.3f}, "
-             f"detections {found['detection_recall']:.3f}",
-             "", "| error fixed | map50 | gain |", "|---|---|---|"]
-    for name, value in o.items():
-        lines.append(f"| {name} | {value:.3f} | {value - o['as run']:+.3f} |")
+def render(runs: dict[str, dict], commands: dict[str, str]) -> str:
+    """The figures of each run side by side (`runs`: label -> diagnosis), each oracle as the map50 gain it gives."""
+    labels = list(runs)
+    lines = [f"- {label}: `{commands[label]}`" for label in labels]
+    objects = {found["objects"] for found in runs.values()}
+    lines += ["", f"{', '.join(map(str, sorted(objects)))} novel objects in the test episodes' queries.", "",
+              "| figure | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+
+    def row(name: str, values: list[float], sign: bool = False) -> None:
+        lines.append(f"| {name} | " + " | ".join(f"{v:+.3f}" if sign else f"{v:.3f}" for v in values) + " |")
+
+    row("map", [found["metrics"]["map"] for found in runs.values()])
+    row("map50", [found["metrics"]["map50"] for found in runs.values()])
+    for name in next(iter(runs.values()))["per_class"]:
+        row(f"AP50 class {name}", [found["per_class"][name] for found in runs.values()])
+    row("recall at IoU 0.5, proposal grid", [found["grid_recall"] for found in runs.values()])
+    row("recall at IoU 0.5, detections", [found["detection_recall"] for found in runs.values()])
+    lines.append("| detections | " + " | ".join(str(found["detections"]) for found in runs.values()) + " |")
+    for name in next(iter(runs.values()))["oracles"]:
+        if name != "as run":
+            row(f"map50 gain with {name} errors fixed",
+                [found["oracles"][name] - found["oracles"]["as run"] for found in runs.values()], sign=True)
     return "\n".join(lines) + "\n"
+
+
+# the cpu preset's values of the knobs this benchmark's fixes changed, before them
+BEFORE = ["--finetune-steps", "0", "--class-scores", "sigmoid", "--score-threshold", "0.05", "--nms-iou", "0.5",
+          "--eval-top-k", "64"]
 
 
 def main() -> None:
@@ -259,19 +279,27 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=160)
     parser.add_argument("--size", type=int, default=192)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--runs", type=Path, default=None, help="where the run directory goes (default: a temp dir)")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="skip the run at the defaults before the fixes (" + " ".join(BEFORE) + ")")
+    parser.add_argument("--runs", type=Path, default=None, help="where the run directories go (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=None, help="a markdown file for the diagnosis")
     args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    settings = {"after": extra} if args.no_baseline else {"before": [*BEFORE, *extra], "after": extra}
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "digit_scenes"
         write_scenes(data, args.train, args.test, args.size, args.seed)
         runs = args.runs or Path(tmp) / "runs"
-        command = ["detect-train", "--preset", "cpu", "--data", str(data), "--novel-classes", "5,6,7,8,9",
-                   "--seed", str(args.seed), "--out", str(runs), "--name", "scenes", "--quiet", *extra]
-        subprocess.run(["fewshot", *command], check=True, env={**os.environ})
-        shown = "fewshot " + " ".join(c if not c.startswith(tmp) else "DATA" if c == str(data) else "RUNS"
-                                      for c in command)
-        text = render(diagnose(runs / "scenes"), shown)
+        commands = {label: ["detect-train", "--preset", "cpu", "--data", str(data), "--novel-classes", "5,6,7,8,9",
+                            "--seed", str(args.seed), "--out", str(runs), "--name", f"scenes-{label}", "--quiet",
+                            *options] for label, options in settings.items()}
+        # the runs are independent: side by side, one core each
+        started = [subprocess.Popen(["fewshot", *command], env={**os.environ}) for command in commands.values()]
+        if any(process.wait() for process in started):
+            raise SystemExit("a detect-train run failed")
+        shown = {label: "fewshot " + " ".join(c if not c.startswith(tmp) else "DATA" if c == str(data) else "RUNS"
+                                              for c in command) for label, command in commands.items()}
+        found = {label: diagnose(runs / f"scenes-{label}") for label in commands}
+        text = render(found, shown)
     print(text)
     if args.out is not None:
         args.out.write_text(f"# detect-train on real-digit scenes\n\n`python benchmarks/detect_scenes.py "

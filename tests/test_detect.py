@@ -36,6 +36,7 @@ from fewshot_cli.models.detection import (
     validate_box_array,
     validate_boxes,
 )
+from fewshot_cli.runner.faults import Faults
 from fewshot_cli.runner.task import RunContext
 
 TINY = {"image_size": 64, "backbone": "small", "embedding_dim": 8, "head_hidden": 16, "objectness_hidden": 4,
@@ -95,6 +96,16 @@ def test_proposals_cover_the_whole_image_at_the_configured_stride() -> None:
     assert xs[0] == step / 2 and float(xs[-1]) >= size - step / 2
 
 
+def test_proposal_ratios_shape_boxes_of_the_same_area_around_the_same_centres() -> None:
+    square = dense_proposals(64, 32, (20.0,))
+    shaped = dense_proposals(64, 32, (20.0,), ratios=(0.5, 1.0))
+    sides = shaped[:, 2:] - shaped[:, :2]
+    assert len(shaped) == 2 * len(square)
+    assert torch.allclose(sides[:, 0] * sides[:, 1], torch.full((len(shaped),), 400.0))
+    assert torch.allclose(sides[:len(square), 0] / sides[:len(square), 1], torch.tensor(0.5))
+    assert torch.allclose(shaped[len(square):], square)
+
+
 @pytest.mark.parametrize("on", ["device", "host"])
 def test_box_validation_drops_non_finite_and_degenerate_boxes_and_clamps_the_rest(on: str) -> None:
     boxes = torch.tensor([
@@ -133,6 +144,22 @@ def test_objectness_input_has_the_embedding_size_for_every_n_way(n_way: int) -> 
     logits, objectness, deltas = model.score(torch.randn(7, 16), prototypes)
     assert seen == [torch.Size([7, 16])]
     assert logits.shape == (7, n_way) and objectness.shape == (7,) and deltas.shape == (7, 4)
+
+
+def test_softmax_class_scores_share_the_objectness_among_the_episodes_classes() -> None:
+    torch.manual_seed(0)
+    backbone, stride = build_feature_backbone("small", 8)
+    model = FewShotDetector(backbone, stride, 8, 16, 4).eval()
+    prototypes = torch.nn.functional.normalize(torch.randn(3, 8), dim=1)
+    proposals = dense_proposals(64, 16, (16.0, 32.0))
+    images = torch.rand(2, 3, 64, 64)
+    boxes, sigmoid = model.candidates(images, prototypes, prototypes, proposals, 8)
+    same_boxes, softmax = model.candidates(images, prototypes, prototypes, proposals, 8, "softmax")
+    assert torch.equal(boxes, same_boxes)
+    # the same class ranks first either way; with softmax the scores of a box add up to its objectness (at most 1)
+    objectness = softmax.sum(dim=2)
+    assert torch.all(objectness <= 1) and not torch.allclose(sigmoid.sum(dim=2), objectness)
+    assert torch.equal(sigmoid.argmax(dim=2), softmax.argmax(dim=2))
 
 
 def test_support_encoder_is_frozen() -> None:
@@ -360,3 +387,83 @@ def test_fake_tensors_still_cannot_trace_a_detection() -> None:
         proposals = dense_proposals(32, 8, (8.0, 16.0))
         with pytest.raises((DataDependentOutputException, DynamicOutputShapeException)), torch.no_grad():
             model.detect(item.image[None], prototypes, prototypes, proposals, 8, 0.05, 0.5, 10)
+
+
+# ---------------------------------------------------------------- fine-tuning on the support
+
+
+def _detections_by_episode(task: DetectTask, order: list[int] | None = None) -> dict[int, list[tuple]]:
+    """Evaluate the test phase, with its episodes taken in `order` where given: per episode index, every detection
+    as (query file, category, box, score)."""
+    if order is not None:
+        sampler = task.samplers["test"]
+        task.samplers["test"] = type("Reordered", (), {"episode": lambda self, i: sampler.episode(order[i])})()
+    evaluate(task, "test", 1)
+    gt, detections = task.test_files
+    images = {image["id"]: image for image in gt["images"]}
+    out: dict[int, list[tuple]] = {}
+    for d in detections:
+        image = images[d["image_id"]]
+        episode = image["episode"] if order is None else order[image["episode"]]
+        out.setdefault(episode, []).append((image["file_name"], d["category_id"], tuple(d["bbox"]), d["score"]))
+    return out
+
+
+def _trained(**overrides: object) -> DetectTask:
+    torch.manual_seed(0)  # the model's initial weights, as a run's launch seeds them
+    task = tiny_task(score_threshold=0.0, test_episodes=3, **overrides)
+    task.train_step(1)
+    return task
+
+
+def test_finetuning_changes_the_scores_and_puts_the_trained_head_back() -> None:
+    plain = _detections_by_episode(_trained())
+    task = _trained(finetune_steps=3)
+    trained = {k: v.clone() for k, v in task.model.state_dict().items()}
+    tuned = _detections_by_episode(task)
+    assert tuned != plain
+    assert all(torch.equal(v, task.model.state_dict()[k]) for k, v in trained.items())
+
+
+def test_finetuning_is_deterministic_and_each_episode_independent_of_the_others() -> None:
+    forward = _detections_by_episode(_trained(finetune_steps=3))
+    assert _detections_by_episode(_trained(finetune_steps=3)) == forward
+    assert _detections_by_episode(_trained(finetune_steps=3), order=[2, 1, 0]) == forward
+
+
+def test_finetuning_backs_off_on_an_injected_oom_to_the_same_detections() -> None:
+    expected = _detections_by_episode(_trained(finetune_steps=3, eval_batch_size=4))
+    task = _trained(finetune_steps=3, eval_batch_size=4)
+    task.ctx.faults = Faults(task.cfg, oom_phase="test", oom_knob="eval_batch_size", oom_above=1)
+    assert _detections_by_episode(task) == expected
+    assert task.cfg.eval_batch_size == 1
+
+
+def test_evaluation_keeps_its_own_number_of_proposals_per_image() -> None:
+    def most_per_image(task: DetectTask) -> int:
+        evaluate(task, "test", 1)
+        counts: dict[int, int] = {}
+        for d in task.test_files[1]:
+            counts[d["image_id"]] = counts.get(d["image_id"], 0) + 1
+        return max(counts.values())
+
+    n_way = TINY["n_way"]
+    assert most_per_image(_trained(eval_top_k=2)) <= 2 * n_way < most_per_image(_trained())
+    assert _trained(eval_top_k=2).plan_extra_bytes()["test"]["nms_inputs"] * 4 == \
+        _trained().plan_extra_bytes()["test"]["nms_inputs"]
+
+
+def test_the_planned_test_holds_the_finetuning() -> None:
+    plan = pytest.importorskip("fewshot_cli.memory.plan")
+    plain = plan.trace(detect.COMMAND, DetectConfig(**TINY))["test"]
+    tuned = plan.trace(detect.COMMAND, DetectConfig(**TINY, finetune_steps=2))["test"]
+    assert sum(tuned.values()) > sum(plain.values())
+
+
+@pytest.mark.parametrize("option", [("--finetune-steps", "-1"), ("--finetune-lr", "-0.1"),
+                                    ("--class-scores", "logits"), ("--proposal-ratios", "0"),
+                                    ("--proposal-ratios", "wide")])
+def test_cli_bad_finetuning_values_exit_2(option: tuple[str, str], tmp_path: Path) -> None:
+    done = run_cli(*option, "--out", str(tmp_path / "runs"), *CLI_TINY)
+    assert done.returncode == 2
+    assert option[0] in done.stderr and "Traceback" not in done.stderr

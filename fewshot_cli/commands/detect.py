@@ -89,8 +89,8 @@ class DetectTask(Task):
             "test": EpisodeSampler(self.test_data.items_by_class(self.novel), cfg.n_way, cfg.k_shot, cfg.n_query,
                                    ctx.seed, "test"),
         }
-        self.proposals = dense_proposals(cfg.image_size, cfg.proposal_step,
-                                         tuple(s * cfg.image_size for s in scales)).to(ctx.device)
+        self.proposals = dense_proposals(cfg.image_size, cfg.proposal_step, tuple(s * cfg.image_size for s in scales),
+                                         _parse_ratios(cfg.proposal_ratios)).to(ctx.device)
         backbone, stride = build_feature_backbone(cfg.backbone, cfg.embedding_dim)
         weights = load_backbone_weights(backbone, cfg.weights, cfg.backbone, ctx.emit, cfg.weights_strict)
         self.loaded_weights = (weights.record,) if weights is not None else ()
@@ -194,6 +194,10 @@ class DetectTask(Task):
             support = self._support(read, episode)
             prototypes, pooled = self.model.prototypes(support.images, torch.stack(support.boxes),
                                                        torch.cat(support.labels), cfg.n_way)
+            start = self.model.head_state() if cfg.finetune_steps else None
+            if start is not None:  # each episode fine-tunes the trained head afresh: episodes stay independent
+                prototypes = evaluation_part(self, phase, step, "eval_batch_size", partial(
+                    self._finetune, read, episode, prototypes, pooled, start))
             chunk = [query for part in self._query_chunks(episode) for query in part]
             while chunk:
                 # each image is detected on its own, so how many are scored at once never changes a detection
@@ -213,6 +217,8 @@ class DetectTask(Task):
                     for box, score, label in zip(boxes.cpu() * scale, scores.tolist(), classes.tolist(),
                                                  strict=True):
                         detections.append(_coco_box(box, episode.classes[label], image_id, score=score))
+            if start is not None:
+                self._restore(start)
         if dropped.dropped or dropped.clamped:
             self.ctx.emit("boxes_dropped", stage="predictions", phase=phase, step=step,
                           non_finite=dropped.non_finite, degenerate=dropped.degenerate, clamped=dropped.clamped)
@@ -228,13 +234,53 @@ class DetectTask(Task):
             return {"map": map_all, "map50": map50, "test_episodes": float(episodes)}
         return {"map": map_all, "map50": map50}
 
+    def _finetune(self, read: Read, episode: Episode, prototypes: torch.Tensor, pooled: torch.Tensor,
+                  start: dict[str, torch.Tensor]) -> torch.Tensor:
+        """TFA's stage: from the trained head (`start`), cfg.finetune_steps full-batch AdamW steps of the training
+        loss on the episode's support images (their boxes of the episode's classes; all else background), with the
+        backbone frozen and the prototypes (n_way x C) tuned as the cosine classifier's weights; returns them. The
+        support's feature maps are made eval_batch_size images at a time, which changes no value."""
+        cfg = self.cfg
+        self._restore(start)  # after an OOM, the part starts again from the same head
+        items = [(item, cls) for cls, items in zip(episode.classes, episode.support, strict=True) for item in items]
+        support = self._queries(read, self.test_data, items, episode.classes)
+        # evaluation runs in inference mode, whose tensors autograd cannot save: the stage makes its own copies
+        with torch.inference_mode(False), torch.enable_grad():
+            with torch.no_grad():
+                images = support.images.clone()
+                features = torch.cat([self.model(images[i:i + cfg.eval_batch_size])
+                                      for i in range(0, len(images), cfg.eval_batch_size)])
+                # the backbone is frozen: the candidates, their labels and ROI features are the same every step
+                rois, labels, targets = self.model.assign(
+                    features, [b.clone() for b in support.boxes], [x.clone() for x in support.labels],
+                    pooled.clone(), self.proposals, self._eval_top_k(), cfg.n_way)
+            weights = torch.nn.Parameter(prototypes.clone())
+            optimizer = torch.optim.AdamW([*self.model.head_parameters(), weights], lr=cfg.finetune_lr,
+                                          weight_decay=1e-4)
+            for _ in range(cfg.finetune_steps):
+                optimizer.zero_grad(set_to_none=True)
+                loss = self.model.roi_loss(rois, labels, targets, torch.nn.functional.normalize(weights, dim=1),
+                                           cfg.negative_ratio)
+                loss.total.backward()
+                optimizer.step()
+            return torch.nn.functional.normalize(weights.detach(), dim=1)
+
+    def _eval_top_k(self) -> int:
+        """Proposals kept per image in evaluation and its fine-tuning."""
+        return self.cfg.eval_top_k or self.cfg.proposals_top_k
+
+    def _restore(self, state: dict[str, torch.Tensor]) -> None:
+        """Put back the head weights `state` (from `FewShotDetector.head_state`)."""
+        with torch.inference_mode(False), torch.no_grad():
+            self.model.load_state_dict(state, strict=False)
+
     def _detect(self, read: Read, chunk: list[tuple[int, int]], classes: tuple, prototypes: torch.Tensor,
                 pooled: torch.Tensor) -> tuple[Batch, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], BoxCounts]:
         """The first `eval_batch_size` query images of `chunk`, their detections and dropped boxes."""
         cfg = self.cfg
         queries = self._queries(read, self.test_data, chunk[:cfg.eval_batch_size], classes)
-        found, counts = self.model.detect(queries.images, prototypes, pooled, self.proposals, cfg.proposals_top_k,
-                                          cfg.score_threshold, cfg.nms_iou, cfg.max_detections)
+        found, counts = self.model.detect(queries.images, prototypes, pooled, self.proposals, self._eval_top_k(),
+                                          cfg.score_threshold, cfg.nms_iou, cfg.max_detections, cfg.class_scores)
         return queries, found, counts
 
     def finish(self, metrics: dict[str, float]) -> dict[str, float]:
@@ -266,22 +312,26 @@ class DetectTask(Task):
         support = self._support(read, episode)
         prototypes, pooled = self.model.prototypes(support.images, torch.stack(support.boxes),
                                                    torch.cat(support.labels), cfg.n_way)
+        start = self.model.head_state() if cfg.finetune_steps else None
+        if start is not None:
+            prototypes = self._finetune(read, episode, prototypes, pooled, start)
         chunk = [query for part in self._query_chunks(episode) for query in part][:cfg.eval_batch_size]
         queries = self._queries(read, self.test_data, chunk, episode.classes)
-        self.model.candidates(queries.images, prototypes, pooled, self.proposals, cfg.proposals_top_k)
+        self.model.candidates(queries.images, prototypes, pooled, self.proposals, self._eval_top_k(),
+                              cfg.class_scores)
 
     def plan_extra_bytes(self) -> dict[str, dict[str, int]]:
         """The dense proposal grid (made before tracing starts), its per-image pooled descriptors and, at test,
         the NMS inputs (boxes x classes) the traced chunk stops before and the previous episode's query batch,
         which evaluation keeps until the next detection returns; the loader's host memory."""
         cfg = self.cfg
-        n_scales = len(_parse_scales(cfg.proposal_scales))
+        n_shapes = len(_parse_scales(cfg.proposal_scales)) * len(_parse_ratios(cfg.proposal_ratios))
         per_side = math.ceil(cfg.image_size / cfg.proposal_step)
-        n_proposals = per_side * per_side * n_scales
+        n_proposals = per_side * per_side * n_shapes
         images = cfg.n_way * cfg.n_query
         grid = n_proposals * 4 * FLOAT
         ranking = images * n_proposals * (cfg.embedding_dim + cfg.n_way + 1) * FLOAT
-        top_k = min(cfg.proposals_top_k, n_proposals)
+        top_k = min(self._eval_top_k(), n_proposals)
         nms = top_k * cfg.n_way * (4 + 1 + 1) * FLOAT  # one image at a time: boxes, scores, class ids
         image = 3 * cfg.image_size**2 * FLOAT
         queries = min(cfg.eval_batch_size or images, images) * image if cfg.test_episodes > 1 else 0
@@ -425,6 +475,16 @@ def _parse_scales(text: str) -> tuple[float, ...]:
     if not scales or not all(0 < s <= 1 for s in scales):
         raise BadInput(f"--proposal-scales must be fractions in (0, 1], comma-separated, not {text!r}.")
     return scales
+
+
+def _parse_ratios(text: str) -> tuple[float, ...]:
+    try:
+        ratios = tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        ratios = ()
+    if not ratios or not all(0.1 <= r <= 10 for r in ratios):
+        raise BadInput(f"--proposal-ratios must be width / height ratios in [0.1, 10], comma-separated, not {text!r}.")
+    return ratios
 
 
 def _coco_box(box: torch.Tensor, category: int, image_id: int, id: int | None = None,

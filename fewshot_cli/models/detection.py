@@ -76,13 +76,16 @@ def validate_box_array(boxes: np.ndarray, height: float, width: float,
     return clamped[keep], keep, counts
 
 
-def dense_proposals(image_size: int, step: int, sides: tuple[float, ...]) -> Tensor:
-    """Square boxes of each side (pixels) centred on a grid every `step` px, validated: every pixel lies within
-    step/2 of a centre, and the last row and column of centres are pulled inside the image."""
+def dense_proposals(image_size: int, step: int, sides: tuple[float, ...], ratios: tuple[float, ...] = (1.0,)
+                    ) -> Tensor:
+    """Boxes of each side (pixels: the square root of their area) and each width / height ratio, centred on a grid
+    every `step` px, validated: every pixel lies within step/2 of a centre, and the last row and column of centres
+    are pulled inside the image."""
     n = math.ceil(image_size / step)
     centres = np.minimum(np.arange(n) * step + step / 2, image_size - min(step, image_size) / 2)
     cy, cx = (a.reshape(-1) for a in np.meshgrid(centres, centres, indexing="ij"))
-    boxes = np.concatenate([np.stack([cx - s / 2, cy - s / 2, cx + s / 2, cy + s / 2], axis=1) for s in sides])
+    shapes = [(s * math.sqrt(r) / 2, s / math.sqrt(r) / 2) for s in sides for r in ratios]
+    boxes = np.concatenate([np.stack([cx - w, cy - h, cx + w, cy + h], axis=1) for w, h in shapes])
     kept, _, _ = validate_box_array(boxes, image_size, image_size)
     return torch.from_numpy(kept)
 
@@ -197,6 +200,15 @@ class FewShotDetector(nn.Module):
         nn.init.zeros_(self.box_regression.bias)
         nn.init.constant_(self.objectness[-1].bias, -math.log(99.0))
 
+    def head_state(self) -> dict[str, Tensor]:
+        """A copy of every weight but the backbone's: what a fine-tuning of the head changes."""
+        return {name: value.detach().clone() for name, value in self.state_dict().items()
+                if not name.startswith("backbone.")}
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """The parameters of the head, objectness, box regression and class-logit scale and bias."""
+        return [p for name, p in self.named_parameters() if not name.startswith("backbone.")]
+
     def forward(self, images: Tensor) -> Tensor:
         """Images B x 3 x S x S to the backbone's feature map B x embedding_dim x S/stride x S/stride."""
         return self.backbone(images)
@@ -240,11 +252,18 @@ class FewShotDetector(nn.Module):
         return class_logits, objectness, self.box_regression(embeddings)
 
     def loss(self, feature_map: Tensor, gt_boxes: list[Tensor], gt_labels: list[Tensor], prototypes: Tensor,
-             pooled_prototypes: Tensor, proposals: Tensor, top_k: int, negative_ratio: float,
-             positive_iou: float = 0.5, negative_iou: float = 0.4) -> DetectionLoss:
+             pooled_prototypes: Tensor, proposals: Tensor, top_k: int, negative_ratio: float) -> DetectionLoss:
         """Focal class and objectness losses over positives and the hardest negatives, smooth L1 on positives, of
         the queries' feature map (this model's forward of the query images)."""
-        n_way = prototypes.shape[0]
+        rois, labels, targets = self.assign(feature_map, gt_boxes, gt_labels, pooled_prototypes, proposals, top_k,
+                                            prototypes.shape[0])
+        return self.roi_loss(rois, labels, targets, prototypes, negative_ratio)
+
+    def assign(self, feature_map: Tensor, gt_boxes: list[Tensor], gt_labels: list[Tensor], pooled_prototypes: Tensor,
+               proposals: Tensor, top_k: int, n_way: int, positive_iou: float = 0.5, negative_iou: float = 0.4,
+               ) -> tuple[Tensor, Tensor, Tensor]:
+        """The training candidates of each image (its ranked proposals and its ground-truth boxes): their ROI
+        features R x C x 7 x 7, labels R (an episode label, n_way for background, -1 ignored) and box targets R x 4."""
         top = self.rank_proposals(feature_map, proposals, pooled_prototypes, top_k)
         # the ground-truth boxes join the ranked proposals so every object has a positive from step one
         candidates = [torch.cat([proposals[idx], gt]) for idx, gt in zip(top, gt_boxes, strict=True)]
@@ -260,8 +279,15 @@ class FewShotDetector(nn.Module):
                 label = torch.full((len(boxes),), n_way, dtype=torch.long, device=boxes.device)
                 matched.append(torch.zeros_like(boxes))
             labels.append(label)
-        labels_all, deltas_target = torch.cat(labels), torch.cat(matched)
-        class_logits, objectness, deltas = self.score(self.roi_embeddings(feature_map, candidates), prototypes)
+        rois = roi_align(feature_map, candidates, ROI_SIZE, spatial_scale=1 / self.stride, sampling_ratio=1,
+                         aligned=True)
+        return rois, torch.cat(labels), torch.cat(matched)
+
+    def roi_loss(self, rois: Tensor, labels_all: Tensor, deltas_target: Tensor, prototypes: Tensor,
+                 negative_ratio: float) -> DetectionLoss:
+        """The loss of `assign`'s candidates against the prototypes (n_way x C)."""
+        n_way = prototypes.shape[0]
+        class_logits, objectness, deltas = self.score(self.head(rois), prototypes)
         # every term below keeps a fixed shape (masks as weights, counts as tensors) so the memory planner can
         # trace the step under fake tensors
         positive = (labels_all >= 0) & (labels_all < n_way)
@@ -285,24 +311,26 @@ class FewShotDetector(nn.Module):
 
     @torch.no_grad()
     def candidates(self, images: Tensor, prototypes: Tensor, pooled_prototypes: Tensor, proposals: Tensor,
-                   top_k: int) -> tuple[Tensor, Tensor]:
-        """Decoded boxes (images x top_k x 4) and class scores (images x top_k x n_way) of the ranked proposals;
-        a class score is sigmoid(class logit) * sigmoid(objectness)."""
+                   top_k: int, classes: str = "sigmoid") -> tuple[Tensor, Tensor]:
+        """Decoded boxes (images x top_k x 4) and class scores (images x top_k x n_way) of the ranked proposals:
+        sigmoid(objectness) times each class's probability, `classes` `sigmoid` (of its own logit) or `softmax`
+        (over the episode's classes, which exclude one another)."""
         feature_map = self(images)
         top = self.rank_proposals(feature_map, proposals, pooled_prototypes, top_k)
         ranked = [proposals[idx] for idx in top]
         class_logits, objectness, deltas = self.score(self.roi_embeddings(feature_map, ranked), prototypes)
-        scores = torch.sigmoid(class_logits) * torch.sigmoid(objectness)[:, None]
+        probability = class_logits.softmax(dim=1) if classes == "softmax" else torch.sigmoid(class_logits)
+        scores = probability * torch.sigmoid(objectness)[:, None]
         boxes = decode_boxes(deltas, torch.cat(ranked))
         n = len(images)
         return boxes.view(n, top.shape[1], 4), scores.view(n, top.shape[1], -1)
 
     @torch.no_grad()
     def detect(self, images: Tensor, prototypes: Tensor, pooled_prototypes: Tensor, proposals: Tensor, top_k: int,
-               score_threshold: float, nms_iou: float, max_detections: int,
+               score_threshold: float, nms_iou: float, max_detections: int, classes: str = "sigmoid",
                ) -> tuple[list[tuple[Tensor, Tensor, Tensor]], BoxCounts]:
         """Per image (boxes, scores, class indices) after box validation and class-aware NMS."""
-        boxes, scores = self.candidates(images, prototypes, pooled_prototypes, proposals, top_k)
+        boxes, scores = self.candidates(images, prototypes, pooled_prototypes, proposals, top_k, classes)
         height, width = images.shape[-2:]
         n_way = prototypes.shape[0]
         counts, out = BoxCounts(), []
