@@ -2,30 +2,28 @@
 episodes and from the same initial weights, and the curve of test accuracy against training episodes.
 
     python benchmarks/peer_accuracy.py reproduce [--seeds 0,1,2] [--episodes 60] [--test-episodes 100]
-        [--workers 2] --json PART.json
-    python benchmarks/peer_accuracy.py variants [--seeds 0,1,2] [--episodes 60] [--test-episodes 100]
-        [--only NAME,...] --json PART.json
-    python benchmarks/peer_accuracy.py curve [--seeds 0,1,2] [--checkpoints 60,300,1000] [--test-episodes 100]
-        --json PART.json
+        [--workers 2] [--data DIR] --json PART.json
+    python benchmarks/peer_accuracy.py controlled [--seeds 0,1,2] [--episodes 60] [--checkpoints 300,1000]
+        [--test-episodes 100] [--only NAME;...] [--budget-s S] [--data DIR] --json PART.json
     python benchmarks/peer_accuracy.py render PART.json ... --out results/peer_accuracy.md
 
 The data: `photo_folder.make_photo_folder` (crops of the photographs and elevation renders installed with
-scikit-learn and matplotlib, 512 x 384 JPEGs; 36 train and 24 test classes of 20 images). Every part: conv4 (fewshot's
+scikit-learn and matplotlib, 512 x 384 JPEGs; 72 train and 48 test classes of 20 images). Every part: conv4 (fewshot's
 `build_backbone`), 5-way 5-shot 15 queries at 84 px, Adam, one episode per step, on one thread.
 
 `reproduce`: the two libraries as a user runs them: fewshot's CLI (`mahalanobis-train --preset cpu --backbone
 conv4 --head euclidean --adapt none --reduced-dim 0`, with `--distance squared` and `plain`) and easyfsl 1.5.0's
-own loop
-(`EasySet` + `TaskSampler` + `PrototypicalNetworks`, `input_pipeline.run_easyfsl`), each with its own episodes and
-initial weights.
+own loop (`EasySet` + `TaskSampler` + `PrototypicalNetworks`, `input_pipeline.run_easyfsl`), each with its own
+episodes and initial weights.
 
-`variants` and `curve`: a harness that holds every image of the folder in memory, read both ways (fewshot's
+`controlled`: a harness that holds every image of the folder in memory, read both ways (fewshot's
 reader: torchvision's antialiased resize of the uint8 pixels, rounded to uint8; easyfsl's: PIL's resize, then
 ToTensor), and trains one model per setting on the same episodes (fewshot's `EpisodeSampler` at the seed) from the
 same initial weights (drawn at the seed; extra parameters, a convolution bias or the projection, from a stream of
 their own). A setting is fewshot's choices (`FEWSHOT`) with one of them changed to easyfsl's, or easyfsl's
 (`EASYFSL`) with one changed to fewshot's. Test accuracy: the mean over the test episodes, with its 95% interval.
-`curve` trains each library's setting once per seed and tests it after each checkpoint's number of episodes.
+The curve's settings (--libraries: fewshot's, fewshot's with -distance, easyfsl's) are trained on and tested
+again after each of --checkpoints.
 An out file's hand-written notes (from its `## Notes` heading on) are kept when the table is rewritten.
 """
 
@@ -345,8 +343,11 @@ def render(rows: list[dict], meta: dict) -> str:
         lines += seed_table([r for r in controlled if r["episodes"] == first], baseline=True)
         curve = [r for r in controlled if any(o["setting"] == r["setting"] and o["episodes"] > first
                                               for o in controlled)]
-        lines += ["## Test accuracy against training episodes (same episodes, same initial weights)", "",
-                  "One run per seed and setting, tested after each number of episodes (a blank: not reached within "
+        lines += ["## Test accuracy against training episodes (same episodes, same initial weights)", ""]
+        if not curve:
+            lines += [f"No run went past {first} episodes within its part's time budget (`--budget-s`).", ""]
+            return "\n".join(lines)
+        lines += ["One run per seed and setting, tested after each number of episodes (a blank: not reached within "
                   "the part's time budget).", ""]
         checkpoints = sorted({r["episodes"] for r in curve})
         seeds_seen = sorted({r["seed"] for r in curve})

@@ -2,7 +2,8 @@
 # ProtoNet (conv4, 84 px) on photo-like JPEGs made from images installed with scikit-learn and matplotlib:
 # fewshot against easyfsl 1.5.0 as users run them, one difference at a time on the same episodes and initial
 # weights, and test accuracy against training episodes; writes results/peer_accuracy.md. Needs the `bench` extra.
-# About 1.5 hours of CPU at the defaults; each part and seed is a process of its own, run side by side.
+# About 3 hours of CPU at the defaults (a conv4 training episode at 84 px took 1.1 to 1.5 s of CPU on a 2-core
+# EPYC); each part and seed is a process of its own, run side by side.
 # BUDGET_S=SECONDS: past that much wall time a process stops (fewshot's and easyfsl's 60 episodes always finish).
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"

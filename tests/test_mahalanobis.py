@@ -129,7 +129,7 @@ def test_one_shot_shrinkage_head_is_euclidean_up_to_a_positive_scale() -> None:
     assert ratio[0, 0] > 0
 
 
-def test_euclidean_head_scores_minus_the_distance_by_default_and_its_square_on_request() -> None:
+def test_euclidean_head_scores_minus_the_squared_distance_by_default_and_the_distance_on_request() -> None:
     support, labels, query = _episode(5, 3, 20)
     centres = torch.stack([support[labels == k].mean(0) for k in range(5)])
     distance = torch.cdist(query, centres)
@@ -138,15 +138,14 @@ def test_euclidean_head_scores_minus_the_distance_by_default_and_its_square_on_r
                                                      image_size=16),
                                    lambda **f: None)
         torch.testing.assert_close(model.logits(support, labels, query, 5), expected)
-    assert MahalanobisConfig().distance == "plain"
+    assert MahalanobisConfig().distance == "squared"
 
 
 @pytest.mark.parametrize("estimator", ["ledoit-wolf", "oas"])
 def test_one_shot_shrinkage_model_predicts_what_euclidean_predicts_with_the_same_weights(estimator) -> None:
     torch.manual_seed(0)
     # one-shot shrinkage is the squared distance in units of the features' variance
-    euclidean = FewShotTransformer(MahalanobisConfig(head="euclidean", distance="squared", image_size=16),
-                                   lambda **f: None).eval()
+    euclidean = FewShotTransformer(MahalanobisConfig(head="euclidean", image_size=16), lambda **f: None).eval()
     shrunk = FewShotTransformer(MahalanobisConfig(head="mahalanobis", covariance_estimator=estimator, image_size=16),
                                 lambda **f: None).eval()
     shrunk.load_state_dict(euclidean.state_dict(), strict=False)  # all but the head's temperature
