@@ -194,12 +194,12 @@ def easyfsl_set(data: Path, split: str, tmp: Path, size: int):
 
 
 def run_easyfsl(data: Path, backbone: str, workers: int, episodes: int, device: torch.device, tmp: Path,
-                size: int, amp: bool = False) -> dict:
+                size: int, amp: bool = False, seed: int = 0, test_episodes: int | None = None) -> dict:
     from easyfsl.methods import PrototypicalNetworks
     from easyfsl.samplers import TaskSampler
 
-    random.seed(0)
-    torch.manual_seed(0)
+    random.seed(seed)
+    torch.manual_seed(seed)
     model = PrototypicalNetworks(build_backbone(backbone)).to(device)
     dtype = autocast_dtype(device, amp)
     scaler = grad_scaler(device, dtype)
@@ -207,7 +207,8 @@ def run_easyfsl(data: Path, backbone: str, workers: int, episodes: int, device: 
     loaders = {}
     for split in ("train", "test"):
         dataset = easyfsl_set(data, split, tmp, size)
-        sampler = TaskSampler(dataset, n_way=N_WAY, n_shot=K_SHOT, n_query=N_QUERY, n_tasks=episodes)
+        n_tasks = episodes if split == "train" or test_episodes is None else test_episodes
+        sampler = TaskSampler(dataset, n_way=N_WAY, n_shot=K_SHOT, n_query=N_QUERY, n_tasks=n_tasks)
         loaders[split] = DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
                                     pin_memory=device.type == "cuda", collate_fn=sampler.episodic_collate_fn)
     wait = first_wait = first_s = 0.0

@@ -129,9 +129,22 @@ def test_one_shot_shrinkage_head_is_euclidean_up_to_a_positive_scale() -> None:
     assert ratio[0, 0] > 0
 
 
+def test_euclidean_head_scores_minus_the_squared_distance_by_default_and_the_distance_on_request() -> None:
+    support, labels, query = _episode(5, 3, 20)
+    centres = torch.stack([support[labels == k].mean(0) for k in range(5)])
+    distance = torch.cdist(query, centres)
+    for distance_knob, expected in (("plain", -distance), ("squared", -distance.pow(2))):
+        model = FewShotTransformer(MahalanobisConfig(head="euclidean", distance=distance_knob, adapt="none",
+                                                     image_size=16),
+                                   lambda **f: None)
+        torch.testing.assert_close(model.logits(support, labels, query, 5), expected)
+    assert MahalanobisConfig().distance == "squared"
+
+
 @pytest.mark.parametrize("estimator", ["ledoit-wolf", "oas"])
 def test_one_shot_shrinkage_model_predicts_what_euclidean_predicts_with_the_same_weights(estimator) -> None:
     torch.manual_seed(0)
+    # one-shot shrinkage is the squared distance in units of the features' variance
     euclidean = FewShotTransformer(MahalanobisConfig(head="euclidean", image_size=16), lambda **f: None).eval()
     shrunk = FewShotTransformer(MahalanobisConfig(head="mahalanobis", covariance_estimator=estimator, image_size=16),
                                 lambda **f: None).eval()

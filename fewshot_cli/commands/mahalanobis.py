@@ -68,7 +68,7 @@ class FewShotTransformer(nn.Module):
         self.adapt = cfg.adapt
         self.adapter = SetToSetAttention(dim, cfg.variant) if cfg.adapt != "none" else None
         self.head = build_head(cfg.head, cfg.beta, cfg.covariance, on_fallback, cfg.covariance_estimator,
-                               cfg.ridge)
+                               cfg.ridge, squared=cfg.distance == "squared")
         self.checkpoint_activations = cfg.checkpoint_activations
         self.layout = torch.contiguous_format  # the backbone's and its input's (`use_layout`)
         self.amp_dtype: torch.dtype | None = None  # the backbone's autocast dtype under --amp

@@ -30,6 +30,10 @@ class MahalanobisConfig(EpisodicConfig):
                            "auto (lowrank when d exceeds the support count)", choices=COVARIANCES)
     covariance_estimator: str = knob("ledoit-wolf", "Mahalanobis covariance: the pooled within-class scatter shrunk "
                                      "by Ledoit-Wolf or OAS, or Simple CNAPS's own", choices=ESTIMATORS)
+    distance: str = knob("squared", "euclidean head: logits -squared distance (squared, the ProtoNet paper's) or "
+                         "-distance (plain, easyfsl's: smaller logits when features are many, as conv4's 1600 at 84 "
+                         "px)",
+                         choices=("squared", "plain"))
     beta: float = knob(1.0, "simple-cnaps: ridge beta in Q_k = l_k S_k + (1 - l_k) S_task + beta I", minimum=1e-8)
     ridge: float = knob(10.0, "ledoit-wolf / oas: ridge as a multiple of the features' mean variance", minimum=1e-8)
     reduced_dim: int = knob(512, "project features above this size to it (0: never)", minimum=0)

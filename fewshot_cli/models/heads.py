@@ -35,8 +35,15 @@ class CosineHead(FewShotHead):
 
 
 class EuclideanHead(FewShotHead):
+    """Logits -||q - c_k|| (`squared=False`, easyfsl's) or -||q - c_k||^2 (the ProtoNet paper's), (m, n_way)."""
+
+    def __init__(self, squared: bool = True) -> None:
+        super().__init__()
+        self.squared = squared
+
     def forward(self, query: torch.Tensor) -> torch.Tensor:
-        return -torch.cdist(query, self.centres).pow(2)
+        distance = torch.cdist(query, self.centres)
+        return -distance.pow(2) if self.squared else -distance
 
 
 class MahalanobisHead(FewShotHead):
@@ -183,11 +190,11 @@ def by_class(rows: torch.Tensor, labels: torch.Tensor, one_hot: torch.Tensor) ->
 
 def build_head(name: str, beta: float = 1.0, covariance: str = "auto",
                on_fallback: Callable[..., None] | None = None, estimator: str = "ledoit-wolf",
-               ridge: float = 10.0) -> FewShotHead:
+               ridge: float = 10.0, squared: bool = True) -> FewShotHead:
     if name == "cosine":
         return CosineHead()
     if name == "euclidean":
-        return EuclideanHead()
+        return EuclideanHead(squared)
     return MahalanobisHead(beta, covariance, on_fallback, estimator, ridge)
 
 
