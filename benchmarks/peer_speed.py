@@ -11,7 +11,8 @@ Two settings, as a researcher would run them:
 - jpeg: the 512 x 384 JPEGs of `input_pipeline.py` (16 classes x 30), 84 px, 2 loader workers.
 
 Every run is a process of its own, and each repeat runs the three of a setting in turn (the order rotating from one
-repeat to the next, so that a busy spell of a shared machine does not always fall on one side):
+repeat to the next, so that a busy spell of a shared machine does not always fall on one side; `--jobs N` runs N
+repeats at once, their CPU seconds still each process's own, from wait4):
 
 - easyfsl 1.5.0: its README's loop (`input_pipeline.run_easyfsl`: EasySet, TaskSampler, DataLoader,
   PrototypicalNetworks, Adam), the same conv4 and episode shape (5-way 5-shot 15 queries);
@@ -36,12 +37,12 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
@@ -56,10 +57,24 @@ SETTINGS = {"digits": {"size": 32, "workers": 0}, "jpeg": {"size": 84, "workers"
 BARE_EPISODES = 20  # distinct episodes held in memory; the bare loop cycles through them
 
 
-def children_cpu() -> float:
-    """User + system CPU seconds of every child process waited for so far (their own children included)."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+def run_process(command: list[str], env: dict[str, str], on_poll=None, period_s: float = 0.1
+                ) -> tuple[int, str, str, float]:
+    """Run a process to its end, calling `on_poll()` every `period_s` while it runs; its exit code, stdout, stderr
+    and CPU seconds (user + system of it and of its children it waited for: its loader workers), from wait4, so
+    that runs going on at the same time in other threads are not counted."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        process = subprocess.Popen(command, stdout=out, stderr=err, text=True, env=env)
+        while True:
+            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+            if pid:
+                break
+            if on_poll is not None:
+                on_poll(process.pid)
+            time.sleep(period_s)
+        process.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return process.returncode, out.read(), err.read(), usage.ru_utime + usage.ru_stime
 
 
 def side(args: argparse.Namespace) -> None:
@@ -120,50 +135,47 @@ def run_side(name: str, data: Path, backbone: str, size: int, workers: int, trai
     command = [sys.executable, __file__, "--side", name, "--data", str(data), "--backbone", backbone,
                "--image-size", str(size), "--workers", str(workers), "--episodes", str(train),
                "--test-episodes", str(test)]
-    cpu, started = children_cpu(), time.time()
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    if done.returncode:
-        raise SystemExit(f"{name} failed: {done.stderr[-2000:]}")
-    figures = json.loads(done.stdout.strip().splitlines()[-1])
-    return {**figures, "process_s": time.time() - started, "cpu_s": children_cpu() - cpu}
+    started = time.time()
+    code, out, err, cpu = run_process(command, {**os.environ, "PYTHONPATH": str(ROOT)})
+    if code:
+        raise SystemExit(f"{name} failed: {err[-2000:]}")
+    return {**json.loads(out.strip().splitlines()[-1]), "process_s": time.time() - started, "cpu_s": cpu}
 
 
 def run_full(data: Path, backbone: str, size: int, workers: int, train: int, test: int, out: Path,
              small_pages: bool = False) -> dict:
     """fewshot's CLI; `small_pages`: with torch's huge pages for large CPU tensors turned off (as before the CLI
     turned them on, `memory.allocator`)."""
-    cpu = children_cpu()
     env = {**os.environ, **({THP_SWITCH: "0"} if small_pages else {})}
     figures = run_fewshot(data, backbone, workers, train, "cpu", out, 256, size, test_episodes=test,
                           name=f"run{time.monotonic_ns()}", watch=lambda c, log: watch(c, log, train, env))
     figures.pop("window")
-    return {**figures, "cpu_s": children_cpu() - cpu}
+    return figures
 
 
-def watch(command: list[str], log: Path, steps: int, env: dict[str, str], period_s: float = 0.1
-          ) -> tuple[int, str, dict]:
+def watch(command: list[str], log: Path, steps: int, env: dict[str, str]) -> tuple[int, str, dict]:
     """Run fewshot's CLI, sampling the CPU seconds of it and its loader workers when its log shows the first step
-    done and the last: `cpu_per_step_s`, the CPU a step took from the second on (to within `period_s`)."""
-    with tempfile.TemporaryFile("w+") as stderr:
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, text=True, env=env)
-        tree, seen, marks, offset = psutil.Process(process.pid), 0, {}, 0
-        while process.poll() is None:
-            time.sleep(period_s)
-            if log.exists() and len(marks) < 2:
-                with open(log) as handle:
-                    handle.seek(offset)
-                    text = handle.read()
-                complete = text[:text.rfind("\n") + 1]  # a line still being written waits for the next look
-                offset += len(complete)
-                seen += complete.count('"event": "step"')
-                for mark in (1, steps):
-                    if seen >= mark and mark not in marks:
-                        marks[mark] = (seen, tree_cpu(tree))
-        stderr.seek(0)
-        error = stderr.read()
+    done and the last: `cpu_per_step_s`, the CPU a step took from the second on (to within a poll's 0.1 s)."""
+    marks: dict[int, tuple[int, float]] = {}
+    state = {"seen": 0, "offset": 0}
+
+    def poll(pid: int) -> None:
+        if not log.exists() or len(marks) == 2:
+            return
+        with open(log) as handle:
+            handle.seek(state["offset"])
+            text = handle.read()
+        complete = text[:text.rfind("\n") + 1]  # a line still being written waits for the next look
+        state["offset"] += len(complete)
+        state["seen"] += complete.count('"event": "step"')
+        for mark in (1, steps):
+            if state["seen"] >= mark and mark not in marks:
+                marks[mark] = (state["seen"], tree_cpu(psutil.Process(pid)))
+
+    code, _, error, cpu = run_process(command, env, poll)
     (first, first_cpu), (last, last_cpu) = marks.get(1, (0, 0.0)), marks.get(steps, (0, 0.0))
     later = {"cpu_per_step_s": (last_cpu - first_cpu) / (last - first)} if last > first else {}
-    return process.returncode, error, later
+    return code, error, {**later, "cpu_s": cpu}
 
 
 def tree_cpu(process: psutil.Process) -> float:
@@ -191,8 +203,10 @@ def main() -> None:
     parser.add_argument("--backbone", default="conv4")
     parser.add_argument("--digits-episodes", default="300,600", help="training,test episodes")
     parser.add_argument("--jpeg-episodes", default="30,30", help="training,test episodes")
-    parser.add_argument("--small-pages", action="store_true",
-                        help="also run fewshot with torch's huge pages off (THP_MEM_ALLOC_ENABLE=0), as before")
+    parser.add_argument("--small-pages", default="", metavar="MODES",
+                        help="in these modes, also run fewshot with torch's huge pages off (THP_MEM_ALLOC_ENABLE=0)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="repeats run at once (each runs its sides in turn); CPU seconds are per process")
     parser.add_argument("--note", default="", help="added to the machine line (a shared machine, say)")
     parser.add_argument("--out", type=Path, default=None, help="also write the table here (markdown)")
     # one side's run, in a process of its own
@@ -206,31 +220,40 @@ def main() -> None:
     if args.side:
         side(args)
         return
-    rows = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        for mode in args.modes.split(","):
-            size, workers = SETTINGS[mode]["size"], SETTINGS[mode]["workers"]
-            train, test = (int(n) for n in getattr(args, f"{mode}_episodes").split(","))
-            data = digits_folder(tmp / "digits") if mode == "digits" else make_folder(tmp / "jpeg", 16, 30)
-            for repeat in range(args.repeats):
-                order = ["easyfsl", "fewshot", "bare", *(["fewshot, 4 KiB pages"] if args.small_pages else [])]
-                order = order[repeat % len(order):] + order[:repeat % len(order)]
-                runs = {}
-                for name in order:
-                    if name.startswith("fewshot"):
-                        runs[name] = run_full(data, args.backbone, size, workers, train, test, tmp / "runs",
-                                              small_pages=name != "fewshot")
-                    else:
-                        runs[name] = run_side(name, data, args.backbone, size, workers, train, test)
-                for row in figures_of(mode, repeat, size, workers, train, test, runs):
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
+        folders = {mode: digits_folder(tmp / "digits") if mode == "digits" else make_folder(tmp / "jpeg", 16, 30)
+                   for mode in args.modes.split(",")}
+        chains = [(mode, repeat) for mode in folders for repeat in range(args.repeats)]
+        with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+            done = list(pool.map(lambda chain: repeat_runs(args, *chain, folders[chain[0]], tmp), chains))
+    rows = [row for chain in done for row in chain]
     table = render(rows, args)
     print(table)
     if args.out is not None:
         notes = args.out.read_text().partition(NOTES) if args.out.exists() else ("", "", "")
         args.out.write_text(table + (f"\n{NOTES}{notes[2]}" if notes[1] else ""))
+
+
+def repeat_runs(args: argparse.Namespace, mode: str, repeat: int, data: Path, tmp: Path) -> list[dict]:
+    """One repeat of a setting: easyfsl, fewshot and bare (and fewshot with 4 KiB pages where asked), one after
+    another, the order rotating with the repeat."""
+    size, workers = SETTINGS[mode]["size"], SETTINGS[mode]["workers"]
+    train, test = (int(n) for n in getattr(args, f"{mode}_episodes").split(","))
+    small = mode in args.small_pages.split(",")
+    order = ["easyfsl", "fewshot", "bare", *(["fewshot, 4 KiB pages"] if small else [])]
+    order = order[repeat % len(order):] + order[:repeat % len(order)]
+    runs = {}
+    for name in order:
+        if name.startswith("fewshot"):
+            runs[name] = run_full(data, args.backbone, size, workers, train, test, tmp / "runs",
+                                  small_pages=name != "fewshot")
+        else:
+            runs[name] = run_side(name, data, args.backbone, size, workers, train, test)
+    rows = figures_of(mode, repeat, size, workers, train, test, runs)
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    return rows
 
 
 def figures_of(mode: str, repeat: int, size: int, workers: int, train: int, test: int, runs: dict) -> list[dict]:
@@ -276,7 +299,9 @@ def render(rows: list[dict], args: argparse.Namespace) -> str:
         "wall and CPU (workers included) of fewshot's full run, and of the bare steps (the same model, head and "
         "optimizer on episodes already in memory: no loader, no runner). full / bare: the full run's training rate "
         "over the bare rate (the bare step's time over the full run's), in wall time and in CPU time. The order "
-        "column is the order the three runs of a repeat ran in.",
+        "column is the order the runs of a repeat ran in"
+        + (f"; {args.jobs} repeats ran at once, each its runs in turn (so the wall figures include their contention "
+           "with each other, and the CPU figures do not)." if args.jobs > 1 else "."),
         "",
         "| setting | episodes | repeat | order | fewshot run | easyfsl process / window / cpu | "
         "fewshot process / window / cpu | "
