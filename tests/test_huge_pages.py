@@ -1,4 +1,4 @@
-"""Large CPU tensors ask for transparent huge pages in every CLI run, set before torch loads, unless the user says no."""
+"""Large CPU tensors ask for transparent huge pages in every CLI run (set before torch loads), unless a user says no."""
 
 from __future__ import annotations
 
