@@ -156,28 +156,43 @@ def make_folder(root: Path, classes: int, per_class: int, seed: int = 0) -> Path
 
 
 def run_fewshot(data: Path, backbone: str, workers: int, episodes: int, device: str, out: Path,
-                cache_mb: int, size: int, decode: str = "cpu", amp: bool = False) -> dict:
-    name = f"{backbone}-w{workers}-c{cache_mb}-{decode}{'-amp' if amp else ''}"
+                cache_mb: int, size: int, decode: str = "cpu", amp: bool = False, test_episodes: int | None = None,
+                name: str | None = None, watch=None) -> dict:
+    """fewshot's CLI in a subprocess; `seconds` from its first training step to the end of its test, `process_s` the
+    whole process (interpreter start to exit), `train_window_s` from the first step's start to the last step's end,
+    `to_first_step_s` from the process's start to its first step's. `watch(command, log path)`, where given, runs
+    the process instead of `subprocess.run` and returns (exit code, stderr, its own figures for the result)."""
+    name = name or f"{backbone}-w{workers}-c{cache_mb}-{decode}{'-amp' if amp else ''}"
     command = [sys.executable, "-m", "fewshot_cli", "mahalanobis-train", "--data", str(data), "--preset", "cpu",
                "--device", device, "--backbone", backbone, "--image-size", str(size), "--head", "euclidean",
                "--adapt", "none", "--reduced-dim", "0", "--n-way", str(N_WAY), "--k-shot", str(K_SHOT),
-               "--n-query", str(N_QUERY), "--episodes", str(episodes), "--test-episodes", str(episodes),
+               "--n-query", str(N_QUERY), "--episodes", str(episodes),
+               "--test-episodes", str(test_episodes or episodes),
                "--val-every", "0", "--checkpoint-every", str(episodes), "--lr", str(LR), "--workers", str(workers),
                "--image-cache-mb", str(cache_mb), "--decode-device", decode, "--batch-size", "128", "--quiet", "--json",
                "--out", str(out), "--name", name, *(["--amp"] if amp else [])]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode:
-        raise SystemExit(f"fewshot failed: {done.stderr[-2000:]}")
+    process_start = time.time()
+    if watch is None:
+        done = subprocess.run(command, capture_output=True, text=True)
+        code, stderr, watched = done.returncode, done.stderr, {}
+    else:
+        code, stderr, watched = watch(command, out / name / "log.jsonl")
+    process_s = time.time() - process_start
+    if code:
+        raise SystemExit(f"fewshot failed: {stderr[-2000:]}")
     events = [json.loads(line) for line in (out / name / "log.jsonl").read_text().splitlines()]
     steps = [e for e in events if e["event"] == "step"]
     test = next(e for e in events if e["event"] == "eval" and e["phase"] == "test")
     seconds = test["elapsed_s"] - (steps[0]["elapsed_s"] - steps[0]["step_s"])
+    first_step = steps[0]["time"] - steps[0]["step_s"]
     train_s = sum(s["step_s"] for s in steps)
     later_s = sum(s["step_s"] for s in steps[1:])
     return {"seconds": seconds, "train_s": train_s, "wait": sum(s["data_wait_s"] for s in steps) / train_s,
             "later_wait": sum(s["data_wait_s"] for s in steps[1:]) / later_s if later_s else 0.0,
-            "accuracy": test["accuracy"], "ci95": test["accuracy_ci95"],
-            "window": (steps[0]["time"] - steps[0]["step_s"], test["time"])}
+            "accuracy": test["accuracy"], "ci95": test["accuracy_ci95"], "process_s": process_s,
+            "train_window_s": steps[-1]["time"] - first_step, "later_s": steps[-1]["time"] - steps[0]["time"],
+            "to_first_step_s": first_step - process_start,
+            "window": (first_step, test["time"]), **watched}
 
 
 def easyfsl_set(data: Path, split: str, tmp: Path, size: int):

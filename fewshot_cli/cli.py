@@ -19,6 +19,7 @@ from fewshot_cli.commands import CommandNotLoaded, load_commands
 from fewshot_cli.errors import BadInput, Interrupted
 from fewshot_cli.help import knob_panel, option_panel, panel_rank
 from fewshot_cli.help_format import readable, readable_group
+from fewshot_cli.memory.allocator import huge_pages_before_torch
 from fewshot_cli.runner.command import Command
 from fewshot_cli.runner.config import config_fields, option_name, preset_choices
 from fewshot_cli.runner.launch import LaunchOptions, launch, plan_report, plan_text
@@ -335,6 +336,7 @@ def demo_command(
 
 
 def main() -> None:
+    huge_pages_before_torch()
     if _NOT_LOADED is not None:
         typer.echo(f"error: {_NOT_LOADED}", err=True)
         sys.exit(_NOT_LOADED.exit_code)
