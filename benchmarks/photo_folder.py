@@ -12,7 +12,7 @@ as 512 x 384 JPEGs at quality 70 to 95. 120 classes: 72 train, 48 test, disjoint
 
 from __future__ import annotations
 
-import sys
+import argparse
 from pathlib import Path
 
 import matplotlib
@@ -74,4 +74,8 @@ def make_photo_folder(root: Path, per_class: int = 20, seed: int = 0) -> Path:
 
 
 if __name__ == "__main__":
-    make_photo_folder(Path(sys.argv[1]))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("root", type=Path, help="the folder to write train/CLASS/*.jpg and test/CLASS/*.jpg into")
+    parser.add_argument("--per-class", type=int, default=20)
+    args = parser.parse_args()
+    make_photo_folder(args.root, args.per_class)
