@@ -136,7 +136,10 @@ def run_side(name: str, data: Path, backbone: str, size: int, workers: int, trai
                "--image-size", str(size), "--workers", str(workers), "--episodes", str(train),
                "--test-episodes", str(test)]
     started = time.time()
-    code, out, err, cpu = run_process(command, {**os.environ, "PYTHONPATH": str(ROOT)})
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if name == "bare":  # the allocator setting the CLI makes before torch loads (cli.main), so the steps compare
+        env.setdefault(THP_SWITCH, "1")
+    code, out, err, cpu = run_process(command, env)
     if code:
         raise SystemExit(f"{name} failed: {err[-2000:]}")
     return {**json.loads(out.strip().splitlines()[-1]), "process_s": time.time() - started, "cpu_s": cpu}
