@@ -223,7 +223,7 @@ def _step_with_backoff(task: Task, step: int, log: Log, knobs_changed: dict[str,
 
 
 def _back_off(task: Task, step: int, log: Log, knobs_changed: dict[str, int], message: str) -> None:
-    knobs = task.backoff_knobs_at(step)
+    knobs, phase = task.backoff_knobs_at(step), task.step_phase(step)
     for knob in knobs:
         value = getattr(task.cfg, knob.name)
         if value // 2 >= knob.floor:
@@ -231,9 +231,9 @@ def _back_off(task: Task, step: int, log: Log, knobs_changed: dict[str, int], me
             accumulation = accumulation * 2 if knob.accumulate else accumulation
             task.set_knob(knob.name, new, accumulation)
             if task.ctx.guard is not None:
-                task.ctx.guard.backed_off(task.step_phase(step))
+                task.ctx.guard.backed_off(phase)
             knobs_changed[knob.name] = new
-            log.write("oom_backoff", phase=task.step_phase(step), step=step, knob=knob.name,
+            log.write("oom_backoff", phase=phase, step=step, knob=knob.name,
                       **{"from": value, "to": new}, grad_accumulation=accumulation, error=message)
             return
     floors = ", ".join(f"{k.name}={getattr(task.cfg, k.name)} (floor {k.floor})" for k in knobs)
