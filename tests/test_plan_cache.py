@@ -61,7 +61,13 @@ def test_every_knob_is_in_the_key_but_the_weights(cache: Path) -> None:
 def test_a_change_to_the_code_or_torch_is_a_new_key(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = _resolved().config
     base = plan.trace_key(COMMAND, config)
-    monkeypatch.setattr(plan, "_CODE_HASH", "another", raising=False)
+    monkeypatch.setattr(plan, "_code_hash", lambda: "another")
+    assert plan.trace_key(COMMAND, config) != base
+    monkeypatch.undo()
+    # a command registered from outside fewshot: its task's and config's own files are in the key
+    hashes = {plan._module_hash(name) for name in (COMMAND.task_path.partition(":")[0], type(config).__module__)}
+    assert None not in hashes
+    monkeypatch.setattr(plan, "_module_hash", lambda name: "another")
     assert plan.trace_key(COMMAND, config) != base
     monkeypatch.undo()
     monkeypatch.setattr(torch, "__version__", "0.0.0")

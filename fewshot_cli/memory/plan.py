@@ -8,6 +8,7 @@ import functools
 import hashlib
 import importlib
 import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -213,21 +214,32 @@ def trace_key(command: Command, config: Any) -> str:
         vision = importlib.metadata.version("torchvision")
     except importlib.metadata.PackageNotFoundError:
         vision = None
+    modules = sorted({command.task_path.partition(":")[0], type(config).__module__})  # a plugin's code too
     described = {"format": CACHE_FORMAT, "command": command.name, "config": values, "code": _code_hash(),
+                 "command_code": {name: _module_hash(name) for name in modules},
                  "torch": torch.__version__, "torchvision": vision, "python": platform.python_version(),
                  "onednn": onednn_in_use(), "dtype": str(torch.get_default_dtype())}
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=repr).encode()).hexdigest()[:32]
 
 
+@functools.cache
 def _code_hash() -> str:
     """The sha256 of fewshot's own source files (each one's path and bytes): any change to the code is a new key."""
-    if "_CODE_HASH" not in globals():
-        root = Path(__file__).resolve().parents[1]
-        digest = hashlib.sha256()
-        for path in sorted(root.rglob("*.py")):
-            digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
-        globals()["_CODE_HASH"] = digest.hexdigest()
-    return globals()["_CODE_HASH"]
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def _module_hash(name: str) -> str | None:
+    """The sha256 of a module's source file (a command registered from outside fewshot: its task and config), None
+    where it has none to read."""
+    spec = importlib.util.find_spec(name)
+    try:
+        return hashlib.sha256(Path(spec.origin).read_bytes()).hexdigest() if spec and spec.origin else None
+    except OSError:
+        return None
 
 
 def _read_kept(path: Path) -> dict[str, Any] | None:
