@@ -322,7 +322,8 @@ def render(rows: list[dict], meta: dict) -> str:
              f"Written by `python benchmarks/peer_accuracy.py render` (`bash recipes/peer_accuracy.sh`) over the "
              f"rows of {ran}, on "
              f"{meta['machine']}, torch {torch.__version__}, "
-             "OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "unset") + ". Data: "
+             # the parts' own setting: render runs in a process of its own, after them
+             f"OMP_NUM_THREADS={meta.get('threads', 'not recorded')}. Data: "
              "`benchmarks/photo_folder.py` (120 classes of 20 crops of the photographs and elevation renders "
              "installed with scikit-learn and matplotlib, 512 x 384 JPEGs; 72 train, 48 test classes). conv4, "
              f"{N_WAY}-way {K_SHOT}-shot {N_QUERY} queries at {SIZE} px, Adam; accuracy: mean over the test episodes "
@@ -338,8 +339,9 @@ def render(rows: list[dict], meta: dict) -> str:
     if controlled:
         first = min(r["episodes"] for r in controlled)
         lines += ["## One difference at a time (same episodes, same initial weights)", "",
-                  f"{first} training episodes, {meta.get('controlled_test', '?')} test episodes. The two test rows "
-                  "are fewshot's trained model tested another way.", ""]
+                  f"{first} training episodes, {meta.get('controlled_test', '?')} test episodes."
+                  + (" The two test rows are fewshot's trained model tested another way."
+                     if any(r["setting"] in TEST_VARIANTS for r in controlled) else ""), ""]
         lines += seed_table([r for r in controlled if r["episodes"] == first], baseline=True)
         curve = [r for r in controlled if any(o["setting"] == r["setting"] and o["episodes"] > first
                                               for o in controlled)]
@@ -433,6 +435,7 @@ def meta(args: argparse.Namespace, started: float) -> dict:
     return {"machine": f"{platform.machine()} ({os.cpu_count()} CPU cores)",
             "commands": ["python benchmarks/peer_accuracy.py " + shown_arguments(sys.argv[1:])],
             f"{args.part}_test": args.test_episodes, "workers": args.workers,
+            "threads": os.environ.get("OMP_NUM_THREADS", "unset"),
             f"{args.part}_seconds": time.perf_counter() - started}
 
 
