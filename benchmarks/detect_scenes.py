@@ -1,6 +1,6 @@
 """Where detect-train's novel-class misses are, on scenes of real handwritten digits in COCO format.
 
-    python benchmarks/detect_scenes.py [--train 400] [--test 160] [--size 192] [--seed 0] [--no-baseline]
+    python benchmarks/detect_scenes.py [--train 400] [--test 160] [--size 192] [--seeds 0,1,2] [--no-baseline]
         [--runs DIR] [--out results/detect_scenes.md] [-- DETECT-TRAIN OPTIONS ...]
 
 The scenes: scikit-learn's bundled `load_digits` (1,797 real 8x8 scans of digits written by 43 people), each digit
@@ -278,32 +278,55 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=400)
     parser.add_argument("--test", type=int, default=160)
     parser.add_argument("--size", type=int, default=192)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default="0",
+                        help="scene sets, each written and trained with its seed, comma-separated: the diagnosis is "
+                        "the first's, map and map50 every one's")
     parser.add_argument("--no-baseline", action="store_true",
                         help="skip the run at the defaults before the fixes (" + " ".join(BEFORE) + ")")
     parser.add_argument("--runs", type=Path, default=None, help="where the run directories go (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=None, help="a markdown file for the diagnosis")
     args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    seeds = [int(seed) for seed in args.seeds.split(",")]
     settings = {"after": extra} if args.no_baseline else {"before": [*BEFORE, *extra], "after": extra}
+    found: dict[int, dict[str, dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / "digit_scenes"
-        write_scenes(data, args.train, args.test, args.size, args.seed)
         runs = args.runs or Path(tmp) / "runs"
-        commands = {label: ["detect-train", "--preset", "cpu", "--data", str(data), "--novel-classes", "5,6,7,8,9",
-                            "--seed", str(args.seed), "--out", str(runs), "--name", f"scenes-{label}", "--quiet",
-                            *options] for label, options in settings.items()}
-        # the runs are independent: side by side, one core each
-        started = [subprocess.Popen(["fewshot", *command], env={**os.environ}) for command in commands.values()]
-        if any(process.wait() for process in started):
-            raise SystemExit("a detect-train run failed")
-        shown = {label: "fewshot " + " ".join(c if not c.startswith(tmp) else "DATA" if c == str(data) else "RUNS"
-                                              for c in command) for label, command in commands.items()}
-        found = {label: diagnose(runs / f"scenes-{label}") for label in commands}
-        text = render(found, shown)
+        for seed in seeds:
+            data = Path(tmp) / f"digit_scenes_{seed}"
+            write_scenes(data, args.train, args.test, args.size, seed)
+            commands = {label: ["detect-train", "--preset", "cpu", "--data", str(data), "--novel-classes",
+                                "5,6,7,8,9", "--seed", str(seed), "--out", str(runs), "--name",
+                                f"scenes-{seed}-{label}", "--quiet", *options] for label, options in settings.items()}
+            # the runs are independent: side by side, one core each
+            started = [subprocess.Popen(["fewshot", *command], env={**os.environ}) for command in commands.values()]
+            if any(process.wait() for process in started):
+                raise SystemExit("a detect-train run failed")
+            if seed == seeds[0]:
+                shown = {label: "fewshot " + " ".join("DATA" if c == str(data) else "RUNS" if c == str(runs) else c
+                                                      for c in command) for label, command in commands.items()}
+            found[seed] = {label: diagnose(runs / f"scenes-{seed}-{label}") for label in commands}
+    text = render(found[seeds[0]], shown)
+    if len(seeds) > 1:
+        text += "\n" + render_seeds(found)
     print(text)
     if args.out is not None:
         args.out.write_text(f"# detect-train on real-digit scenes\n\n`python benchmarks/detect_scenes.py "
                             f"{' '.join(argv)}`\n\n{text}")
+
+
+def render_seeds(found: dict[int, dict[str, dict]]) -> str:
+    """map and map50 of every run on every scene set (`found`: seed -> label -> diagnosis) and their means."""
+    labels = list(next(iter(found.values())))
+    head = " | ".join(f"{label} {name}" for label in labels for name in ("map", "map50"))
+    lines = [f"map and map50 on {len(found)} scene sets, each written and trained with its seed:", "",
+             f"| seed | {head} |", "|---|" + "---|" * 2 * len(labels)]
+    for seed, runs in found.items():
+        lines.append(f"| {seed} | " + " | ".join(f"{runs[label]['metrics'][name]:.3f}" for label in labels
+                                                 for name in ("map", "map50")) + " |")
+    lines.append("| mean | " + " | ".join(
+        f"{np.mean([runs[label]['metrics'][name] for runs in found.values()]):.3f}" for label in labels
+        for name in ("map", "map50")) + " |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

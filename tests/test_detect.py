@@ -146,7 +146,7 @@ def test_objectness_input_has_the_embedding_size_for_every_n_way(n_way: int) -> 
     assert logits.shape == (7, n_way) and objectness.shape == (7,) and deltas.shape == (7, 4)
 
 
-def test_softmax_class_scores_share_the_objectness_among_the_episodes_classes() -> None:
+def test_class_scores_softmax_shares_the_objectness_and_both_weighs_it_by_the_sigmoid() -> None:
     torch.manual_seed(0)
     backbone, stride = build_feature_backbone("small", 8)
     model = FewShotDetector(backbone, stride, 8, 16, 4).eval()
@@ -160,6 +160,10 @@ def test_softmax_class_scores_share_the_objectness_among_the_episodes_classes() 
     objectness = softmax.sum(dim=2)
     assert torch.all(objectness <= 1) and not torch.allclose(sigmoid.sum(dim=2), objectness)
     assert torch.equal(sigmoid.argmax(dim=2), softmax.argmax(dim=2))
+    # both: the softmax's share of the objectness times the sigmoid of the class's own logit
+    _, both = model.candidates(images, prototypes, prototypes, proposals, 8, "both")
+    assert torch.allclose(both, softmax * sigmoid / objectness[..., None])
+    assert torch.all(both < softmax) and torch.equal(both.argmax(dim=2), softmax.argmax(dim=2))
 
 
 def test_support_encoder_is_frozen() -> None:

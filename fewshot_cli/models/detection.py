@@ -313,13 +313,16 @@ class FewShotDetector(nn.Module):
     def candidates(self, images: Tensor, prototypes: Tensor, pooled_prototypes: Tensor, proposals: Tensor,
                    top_k: int, classes: str = "sigmoid") -> tuple[Tensor, Tensor]:
         """Decoded boxes (images x top_k x 4) and class scores (images x top_k x n_way) of the ranked proposals:
-        sigmoid(objectness) times each class's probability, `classes` `sigmoid` (of its own logit) or `softmax`
-        (over the episode's classes, which exclude one another)."""
+        sigmoid(objectness) times each class's probability, `classes` `sigmoid` (of its own logit: is the box this
+        class at all), `softmax` (over the episode's classes, which exclude one another) or `both` (their
+        product: the softmax picks among the episode's classes, the sigmoid keeps a box unlike all of them low)."""
         feature_map = self(images)
         top = self.rank_proposals(feature_map, proposals, pooled_prototypes, top_k)
         ranked = [proposals[idx] for idx in top]
         class_logits, objectness, deltas = self.score(self.roi_embeddings(feature_map, ranked), prototypes)
-        probability = class_logits.softmax(dim=1) if classes == "softmax" else torch.sigmoid(class_logits)
+        probability = torch.sigmoid(class_logits) if classes == "sigmoid" else class_logits.softmax(dim=1)
+        if classes == "both":
+            probability = probability * torch.sigmoid(class_logits)
         scores = probability * torch.sigmoid(objectness)[:, None]
         boxes = decode_boxes(deltas, torch.cat(ranked))
         n = len(images)
