@@ -16,6 +16,7 @@ import typer
 
 import fewshot_cli
 from fewshot_cli.commands import CommandNotLoaded, load_commands
+from fewshot_cli.cpu_threads import passive_threads_before_torch
 from fewshot_cli.errors import BadInput, Interrupted
 from fewshot_cli.help import knob_panel, option_panel, panel_rank
 from fewshot_cli.help_format import readable, readable_group
@@ -337,6 +338,7 @@ def demo_command(
 
 def main() -> None:
     huge_pages_before_torch()
+    passive_threads_before_torch()
     if _NOT_LOADED is not None:
         typer.echo(f"error: {_NOT_LOADED}", err=True)
         sys.exit(_NOT_LOADED.exit_code)
