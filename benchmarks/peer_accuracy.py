@@ -412,6 +412,8 @@ def main() -> None:
         rows = [r for p in parts for r in p["rows"]]
         merged = {k: v for p in parts for k, v in p["meta"].items()}
         merged["commands"] = [c for p in parts for c in p["meta"]["commands"]]
+        # each part's own thread setting, not the last part's alone (a part before the record has none)
+        merged["threads"] = ", ".join(dict.fromkeys(p["meta"].get("threads", "not recorded") for p in parts))
         table = render(rows, merged)
         print(table)
         if args.out is not None:
