@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from fewshot_cli.memory.plan import StepTracker
+from fewshot_cli.memory.step_tracker import StepTracker
 from fewshot_cli.models.heads import MahalanobisHead, covariance_bytes
 from fewshot_cli.models.names import ESTIMATORS
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from fewshot_cli.memory.onednn import ConvCopies, copies_bytes, in_use
-from fewshot_cli.memory.plan import StepTracker
+from fewshot_cli.memory.step_tracker import StepTracker
 
 MiB = 1024**2
 aten = torch.ops.aten

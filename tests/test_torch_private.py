@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fewshot_cli.memory import torch_private
-from fewshot_cli.memory.torch_private import MEM_TRACKER_HOOKS, PRIVATE, TorchMoved, load
+from fewshot_cli.memory.torch_private import PRIVATE, TorchMoved, load
 
 
 @pytest.mark.parametrize("name", sorted(PRIVATE))
@@ -16,18 +16,6 @@ def test_every_private_symbol_is_where_the_adapter_looks(name: str) -> None:
         load(name)
     except TorchMoved as err:
         pytest.fail(f"torch {torch.__version__} moved {module}.{attribute}, which fewshot uses as {name}: {err}")
-
-
-def test_the_memory_trackers_hooks_and_kinds_the_planner_relies_on_exist() -> None:
-    from fewshot_cli.memory.plan import _KINDS
-
-    tracker = torch_private.MemTracker
-    missing = [hook for hook in MEM_TRACKER_HOOKS if not callable(getattr(tracker, hook, None))]
-    assert not missing, f"torch {torch.__version__}'s MemTracker has no {', '.join(missing)}: the planner's " \
-                        "StepTracker overrides them to skip per-module statistics"
-    kinds = {kind.name for kind in torch_private.MemRefType}
-    assert set(_KINDS) <= kinds, f"torch {torch.__version__}'s memory tracker no longer reports the kinds " \
-                                 f"{sorted(set(_KINDS) - kinds)} the plan's lines are named from"
 
 
 def test_a_moved_symbol_fails_in_one_sentence_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -38,7 +38,7 @@ def in_use() -> bool:
 
 
 class ConvCopies(TorchDispatchMode):
-    """Entered inside a MemTracker: after each convolution, the tracker's live bytes plus that op's copies; `peak`
+    """Entered inside a StepTracker: after each convolution, the tracker's live bytes plus that op's copies; `peak`
     is the largest such sum, the step's peak had the copies been tensors."""
 
     def __init__(self, tracker: Any) -> None:

@@ -30,6 +30,7 @@ from fewshot_cli.memory.limits import Limit, host_limits, size_text, tightest
 from fewshot_cli.memory.measure import MiB
 from fewshot_cli.memory.onednn import ConvCopies
 from fewshot_cli.memory.onednn import in_use as onednn_in_use
+from fewshot_cli.memory.step_tracker import StepTracker
 from fewshot_cli.memory.terms import CPU_LINES, HOST_LINES, TERM_NOTES, TERM_TAGS, device_terms
 from fewshot_cli.memory.torch_private import FakeTensor, FakeTensorMode
 
@@ -44,39 +45,6 @@ PRESET_DEVICES = {"t4": ("cuda", int(15.89 * 1024**3)), "a100": ("cuda", 80 * 10
                   "h100": ("cuda", 80 * 1024**3), "mps": ("mps", int(47.74 * 1024**3))}
 _KINDS = {"PARAM": "parameters", "BUFFER": "buffers", "GRAD": "gradients", "OPT": "optimizer_state",
           "ACT": "activations", "TEMP": "temporaries", "OTH": "other"}
-
-
-@functools.cache
-def _step_tracker() -> type:
-    """torch's MemTracker without its per-module statistics, which refuse a module called twice in one step
-    (support and query through one backbone, evaluation in batches); the per-kind peaks are all we read. Made when
-    a step is first traced: importing MemTracker loads torch.distributed's tools, and with them torch's dynamo,
-    inductor and sympy (seconds), which a run whose plan comes from the cache (`cached_trace`) never needs."""
-    from fewshot_cli.memory.torch_private import MemTracker  # seconds of imports: only once a step is traced
-
-    class StepTracker(MemTracker):
-        def _pre_fw_hook(self, module: nn.Module, inputs: Any) -> None:
-            pass
-
-        def _post_fw_hook(self, module: nn.Module, inputs: Any, outputs: Any) -> None:
-            pass
-
-        def _pre_bw_hook(self, module: nn.Module, args: Any) -> None:
-            pass
-
-        def _post_bw_hook(self, module: nn.Module, args: Any) -> None:
-            pass
-
-    StepTracker.__doc__ = _step_tracker.__doc__
-    StepTracker.__module__ = __name__
-    return StepTracker
-
-
-def __getattr__(name: str) -> Any:
-    """`StepTracker`, made on first use (`_step_tracker`)."""
-    if name != "StepTracker":
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return _step_tracker()
 
 
 @contextmanager
@@ -139,7 +107,7 @@ def trace(command: Command, config: Any, seed: int = 0, fake: bool = True,
             notes["lines"] = task.plan_notes() if hasattr(task, "plan_notes") else {}
             notes["planned_from"] = getattr(task.model, "planned_from", None)
         for phase, step in task.plan_phases().items():
-            tracker = _step_tracker()()
+            tracker = StepTracker()
             tracked = (task.plan_tracked(phase) if hasattr(task, "plan_tracked")
                        else (task.model, getattr(task, "optimizer", None)))
             tracker.track_external(*(m for m in tracked if m is not None))
@@ -269,7 +237,7 @@ def _keep(path: Path, kept: dict[str, Any]) -> None:
 
 
 def _by_kind(snapshot: dict[Any, dict[Any, int]]) -> dict[str, int]:
-    """A MemTracker snapshot's bytes per plan line, summed over devices."""
+    """A StepTracker snapshot's bytes per plan line, summed over devices."""
     components: dict[str, int] = {}
     for per_device in snapshot.values():
         for kind, size in per_device.items():

@@ -17,9 +17,12 @@ PRIVATE = {
     # what fake tensors raise where a value, or an output's shape, would come from the data
     "DataDependentOutputException": ("torch._subclasses.fake_tensor", "DataDependentOutputException"),
     "DynamicOutputShapeException": ("torch._subclasses.fake_tensor", "DynamicOutputShapeException"),
-    # the per-kind memory tracker (parameters, gradients, optimizer state, activations) the planner reads
-    "MemTracker": ("torch.distributed._tools.mem_tracker", "MemTracker"),
-    "MemRefType": ("torch.distributed._tools.mem_tracker", "_MemRefType"),
+    # the planner's memory tracker (memory.step_tracker): the fake mode a traced op runs under (an op of another,
+    # nested one only propagates shapes), whether autograd is running a backward pass (-1: not), and the tensor
+    # subclasses that hold their bytes in inner tensors
+    "active_fake_mode": ("torch._guards", "active_fake_mode"),
+    "current_graph_task_id": ("torch._C", "_current_graph_task_id"),
+    "is_traceable_wrapper_subclass": ("torch.utils._python_dispatch", "is_traceable_wrapper_subclass"),
     # the base of BatchNorm1d/2d/3d, their lazy forms and SyncBatchNorm
     "BatchNorm": ("torch.nn.modules.batchnorm", "_BatchNorm"),
     # a mode that sees every aten op (the planner's oneDNN copies), and the flattening of an op's outputs
@@ -32,8 +35,6 @@ PRIVATE = {
     # a graph break, a no-op outside torch.compile
     "use_grad_for_differentiable": ("torch.optim.optimizer", "_use_grad_for_differentiable"),
 }
-#: MemTracker's per-module hooks the planner's tracker switches off (plan.StepTracker overrides them by name)
-MEM_TRACKER_HOOKS = ("_pre_fw_hook", "_post_fw_hook", "_pre_bw_hook", "_post_bw_hook")
 
 
 class TorchMoved(ImportError):
