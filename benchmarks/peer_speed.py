@@ -19,7 +19,10 @@ repeats at once, their CPU seconds still each process's own, from wait4):
 - fewshot: `mahalanobis-train --head euclidean --adapt none` (`input_pipeline.run_fewshot`);
 - bare: fewshot's own model, head and optimizer (the task `mahalanobis-train` builds, channels_last on a CPU), its
   training steps on episodes whose images are already float tensors in memory: no loader, no runner (no log, no
-  memory probe, no seeding, no checkpoint). It cycles through up to 20 distinct episodes.
+  memory probe, no seeding, no checkpoint). It cycles through up to 20 distinct episodes. Its allocator is the
+  CLI's: huge pages for large tensors (`memory.allocator`, set before torch loads) and each freed tensor of 128 KiB
+  or more returned to the system (`memory.measure.return_freed_memory`, as every CPU run does), so that a step
+  faults in the same fresh pages in both.
 
 Figures per run: `process` is the whole process's wall time (interpreter start to exit, as a user's shell sees it);
 `window` from the first training step's start to the end of the test (the run's fixed cost left out, as
@@ -101,12 +104,14 @@ def bare(data: Path, backbone: str, size: int, steps: int) -> dict:
     from fewshot_cli.commands.mahalanobis_config import PRESETS, MahalanobisConfig
     from fewshot_cli.data.images import to_float
     from fewshot_cli.data.loader import stack_images
+    from fewshot_cli.memory.measure import return_freed_memory
     from fewshot_cli.runner.config import resolve
     from fewshot_cli.runner.task import RunContext
 
     knobs = {"backbone": backbone, "image_size": size, "head": "euclidean", "adapt": "none", "reduced_dim": 0,
              "n_way": N_WAY, "k_shot": K_SHOT, "n_query": N_QUERY, "episodes": steps, "lr": LR, "workers": 0}
     cfg: MahalanobisConfig = resolve(MahalanobisConfig, PRESETS, "cpu", knobs).config
+    return_freed_memory(torch.device("cpu"))  # the CLI's allocator (memory.check.start): fresh pages each step
     task = MahalanobisTask(cfg, RunContext(torch.device("cpu"), seed=0, run_dir=None, data=data, in_process=True))
     sampler, model, optimizer = task.samplers["train"], task.model, task.optimizer
     held = []
