@@ -241,7 +241,7 @@ def _by_kind(snapshot: dict[Any, dict[Any, int]]) -> dict[str, int]:
     components: dict[str, int] = {}
     for per_device in snapshot.values():
         for kind, size in per_device.items():
-            name = _KINDS.get(str(kind).split(".")[-1])
+            name = _KINDS.get(kind)
             if name and size:
                 components[name] = components.get(name, 0) + int(size)
     return components
