@@ -74,6 +74,7 @@ class Setting:
     test: str = "batched"  # every test image embedded once (fewshot) or each episode's images (easyfsl), eval mode
     test_bn: str = "running"  # BatchNorm at test: running statistics (both), or each episode's own batch
     joint: bool = False  # one forward for support and queries together (neither library) instead of two
+    scale: str = "none"  # "learned": the logits times exp(s), s learnt from 0 at 10x the lr (TADAM's scaling)
 
 
 FEWSHOT = Setting()
@@ -92,6 +93,7 @@ VARIANTS: dict[str, Setting] = {
     "fewshot, lr 1e-4": dataclasses.replace(FEWSHOT, lr=1e-4),
     "fewshot, projection to 512 (--reduced-dim default)": dataclasses.replace(FEWSHOT, reduced_dim=512),
     "fewshot, projection to 512, -distance": dataclasses.replace(FEWSHOT, reduced_dim=512, squared=False),
+    "fewshot, projection to 512, learned scale": dataclasses.replace(FEWSHOT, reduced_dim=512, scale="learned"),
     "easyfsl": EASYFSL,
     "easyfsl, -squared distance (fewshot's logits)": dataclasses.replace(EASYFSL, squared=True),
     "fewshot, support and queries in one forward": dataclasses.replace(FEWSHOT, joint=True),
@@ -145,6 +147,8 @@ class ProtoNet(nn.Module):
             self.reduction = nn.Sequential(nn.Linear(dim, setting.reduced_dim), nn.LayerNorm(setting.reduced_dim),
                                            nn.ReLU())
         self.squared = setting.squared
+        # no random draw: the other weights stay those of the settings without it
+        self.log_scale = nn.Parameter(torch.tensor(0.0)) if setting.scale == "learned" else None
         if setting.layout == "channels_last":
             self.backbone.to(memory_format=torch.channels_last)
         self.layout = torch.channels_last if setting.layout == "channels_last" else torch.contiguous_format
@@ -155,7 +159,8 @@ class ProtoNet(nn.Module):
 
     def logits(self, support: torch.Tensor, labels: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         distance = torch.cdist(query, prototypes(support, labels, N_WAY))
-        return -distance.pow(2) if self.squared else -distance
+        logits = -distance.pow(2) if self.squared else -distance
+        return logits * self.log_scale.exp() if self.log_scale is not None else logits
 
 
 def train_step(model: ProtoNet, optimizer: torch.optim.Optimizer, setting: Setting, pixels: torch.Tensor,
@@ -202,8 +207,11 @@ class Run:
     def __init__(self, images: Images, setting: Setting, seed: int, test_episodes: int) -> None:
         self.setting, self.seed, self.done, self.cpu_s = setting, seed, 0, 0.0
         self.model = ProtoNet(setting, seed)
-        self.optimizer = (torch.optim.Adam(self.model.parameters(), lr=setting.lr) if setting.optimizer == "adam"
-                          else torch.optim.SGD(self.model.parameters(), lr=setting.lr, momentum=0.9))
+        scale = [self.model.log_scale] if self.model.log_scale is not None else []
+        groups = [{"params": [p for p in self.model.parameters() if all(p is not q for q in scale)]},
+                  *([{"params": scale, "lr": 10 * setting.lr}] if scale else [])]
+        self.optimizer = (torch.optim.Adam(groups, lr=setting.lr) if setting.optimizer == "adam"
+                          else torch.optim.SGD(groups, lr=setting.lr, momentum=0.9))
         self.pixels = images.pixels[setting.pixels]
         self.train = images.sampler("train", seed)
         test_sampler = images.sampler("test", seed)
@@ -224,7 +232,9 @@ class Run:
     def row(self, name: str, loss: float, test_setting: Setting | None = None) -> dict:
         accuracy, ci95 = test(self.model, test_setting or self.setting, self.pixels, self.test_set)
         return {"part": "controlled", "setting": name, "seed": self.seed, "episodes": self.done,
-                "accuracy": accuracy, "ci95": ci95, "last_loss": loss, "train_cpu_s": self.cpu_s}
+                "accuracy": accuracy, "ci95": ci95, "last_loss": loss, "train_cpu_s": self.cpu_s,
+                **({"scale": float(self.model.log_scale.detach().exp())} if self.model.log_scale is not None
+                   else {})}
 
 
 #: test procedures that need no training of their own: fewshot's model at `--episodes`, tested another way
