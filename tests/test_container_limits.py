@@ -171,9 +171,10 @@ def test_a_leak_toward_the_limit_stops_with_a_checkpoint_before_the_kill_and_res
 @needs_cgroup
 def test_memreport_names_the_limit_a_killed_run_ran_under_and_the_kernels_kill(memory_cgroup, runs: Path) -> None:
     group = memory_cgroup(GiB)
-    # each step keeps 300 MiB at once: more than the guard's margin, so the kernel kills inside a step
+    # the first step keeps 800 MiB at once: with the process's own memory, more than the limit before the guard has
+    # seen any growth to stop on, so the kernel kills inside that step
     child = group.start("mahalanobis-train", *SMALL, "--episodes", "30", "--out", runs, "--name", "k",
-                        env={"FEWSHOT_SIMULATE_LEAK_MB": "300"})
+                        env={"FEWSHOT_SIMULATE_LEAK_MB": "800"})
     child.communicate(timeout=300)
     assert child.returncode == -signal.SIGKILL
     assert group.oom_kills() >= 1

@@ -23,8 +23,8 @@ def _config(**knobs):
 
 def test_the_fake_prediction_matches_the_real_tracker_within_10_percent() -> None:
     config = _config().config
-    predicted = trace(COMMAND, config, fake=True)
-    measured = trace(COMMAND, config, fake=False)
+    predicted = trace(COMMAND, config)
+    measured = trace(COMMAND, config, tensors="real")
     for phase in ("train", "test"):
         p, m = sum(predicted[phase].values()), sum(measured[phase].values())
         assert abs(p - m) <= 0.10 * m, (phase, p, m)
@@ -35,7 +35,7 @@ def test_amp_is_planned_in_its_own_dtype() -> None:
     float32 in every phase."""
     full = trace(COMMAND, _config().config)
     predicted = trace(COMMAND, _config(amp=True).config)
-    measured = trace(COMMAND, _config(amp=True).config, fake=False)
+    measured = trace(COMMAND, _config(amp=True).config, tensors="real")
     for phase in ("train", "test"):
         assert abs(sum(predicted[phase].values()) - sum(measured[phase].values())) <= 0.10 * sum(
             measured[phase].values()), phase

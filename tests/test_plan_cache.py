@@ -145,3 +145,18 @@ def test_a_run_whose_plan_is_cached_loads_nothing_it_does_not_use_before_its_fir
     assert seen["loaded"] == [], seen
     assert seen["at_end"] == ["matplotlib"], seen  # the reports draw with it; their scores need no scikit-learn
     assert (tmp_path / "runs" / "run" / "confusion.png").is_file()
+
+
+def test_a_run_that_traces_its_plan_loads_no_dynamo_before_its_first_step(tmp_path: Path) -> None:
+    """A configuration's first run traces its plan on meta tensors: before its first step it has loaded neither
+    torch._dynamo (which torch's fake tensors load) nor torchvision nor matplotlib, and it plans the same bytes as a
+    trace on fake tensors (tests/test_step_tracker.py)."""
+    knobs = ["--preset", "cpu", "--image-size", "16", "--episodes", "2", "--n-query", "2", "--test-episodes", "2",
+             "--val-every", "0"]
+    done = subprocess.run([sys.executable, "-c", FIRST_STEP, "mahalanobis-train", *knobs, "--quiet", "--out",
+                           str(tmp_path / "runs"), "--name", "run"], capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1", plan.CACHE_ENV: "off"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    seen = json.loads(done.stdout.splitlines()[-1])
+    assert [m for m in seen["loaded"] if m != "sympy"] == [], seen  # meta kernels' shape checks load sympy
+    assert json.loads((tmp_path / "runs" / "run" / "config.json").read_text())["plan"]["fits"] is True

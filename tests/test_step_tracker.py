@@ -113,3 +113,24 @@ def test_the_traced_plan_is_torch_memtrackers_to_the_byte(name: str, knobs: dict
     theirs = plan.trace(config.COMMAND, cfg)
     assert all(lines.get("parameters", 0) > 0 and lines.get("activations", 0) > 0 for lines in ours.values()), ours
     assert ours == theirs
+
+
+#: each command's configurations, with the tensors their trace runs on: meta, or fake where a step cannot run on
+#: meta tensors (autocast; embed's torchvision transforms, which test a tensor's CPU type)
+META_CONFIGS = [(*config, "fake" if config[1].get("amp") or config[0] == "embed" else "meta") for config in [
+    *CONFIGS, ("mahalanobis", {"image_size": 32, "n_query": 4, "backbone": "resnet12", "head": "mahalanobis"}),
+    ("mahalanobis", {"image_size": 32, "n_query": 4, "backbone": "resnet18", "adapt": "support"}),
+    ("food101", {"image_size": 32, "amp": True})]]
+
+
+@pytest.mark.parametrize(("name", "knobs", "tensors"), META_CONFIGS,
+                         ids=[f"{n}-{len(k)}-{t}" for n, k, t in META_CONFIGS])
+def test_a_trace_on_meta_tensors_is_the_trace_on_fake_tensors(name: str, knobs: dict, tensors: str) -> None:
+    """The planner traces on meta tensors, and on torch's fake CPU tensors where a step cannot run on them: every
+    command's plan is the same bytes per line and phase either way."""
+    config = importlib.import_module(f"fewshot_cli.commands.{name}_config")
+    cfg = resolve(config.COMMAND.config, config.PRESETS, "cpu", knobs).config
+    notes: dict = {}
+    planned = plan.trace(config.COMMAND, cfg, notes=notes)
+    assert notes["traced_on"] == tensors
+    assert planned == plan.trace(config.COMMAND, cfg, tensors="fake")

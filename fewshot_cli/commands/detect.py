@@ -305,8 +305,8 @@ class DetectTask(Task):
 
     def _traced_test(self) -> None:
         """`evaluate`'s largest moment, the first chunk's ranked candidates: the detections that follow are picked
-        by a score mask and NMS, whose outputs' shapes are the data's (fake tensors raise torch's
-        DynamicOutputShapeException), so their inputs are a declared line (`nms_inputs`)."""
+        by a score mask and NMS, whose outputs' shapes are the data's (meta tensors have no kernel for them, fake
+        tensors raise torch's DynamicOutputShapeException), so their inputs are a declared line (`nms_inputs`)."""
         cfg, episode = self.cfg, self.samplers["test"].episode(0)
         read = _by_item(episode, next(self.loaders["test"].fixed("test", [_episode_items(episode)])))
         support = self._support(read, episode)
@@ -435,10 +435,11 @@ class DetectTask(Task):
 
 
 def _traced_boxes(sample: DetectionItem, index: dict[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """`_boxes_of` for the planner: all the query's boxes, as label 0. Fake tensors cannot pick the boxes of the
-    episode's classes: their labels' values are not there (`tolist()` raises torch's DataDependentOutputException)
-    and a mask of them has a shape that is the data's (`nonzero` raises DynamicOutputShapeException). At least as
-    many boxes as the run's, a few bytes beside the images; tests/test_detect.py fails once torch can follow it."""
+    """`_boxes_of` for the planner: all the query's boxes, as label 0. Traced tensors cannot pick the boxes of the
+    episode's classes: their labels' values are not there (on fake tensors `tolist()` raises torch's
+    DataDependentOutputException) and a mask of them has a shape that is the data's (`nonzero` raises
+    DynamicOutputShapeException). At least as many boxes as the run's, a few bytes beside the images;
+    tests/test_detect.py fails once torch can follow it."""
     return sample.boxes, torch.zeros(len(sample.boxes), dtype=torch.long)
 
 

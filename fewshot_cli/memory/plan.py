@@ -1,4 +1,4 @@
-"""Memory planning: trace one real step of each phase under fake tensors and add the device's own terms."""
+"""Memory planning: trace one real step of each phase on meta (or fake) tensors and add the device's own terms."""
 
 from __future__ import annotations
 
@@ -28,11 +28,12 @@ from fewshot_cli.memory.check import TRAINING_PHASES, predicted_mb
 from fewshot_cli.memory.devices import device_memory_bytes
 from fewshot_cli.memory.limits import Limit, host_limits, size_text, tightest
 from fewshot_cli.memory.measure import MiB
+from fewshot_cli.memory.meta_tensors import MetaTensors
 from fewshot_cli.memory.onednn import ConvCopies
 from fewshot_cli.memory.onednn import in_use as onednn_in_use
 from fewshot_cli.memory.step_tracker import StepTracker
 from fewshot_cli.memory.terms import CPU_LINES, HOST_LINES, TERM_NOTES, TERM_TAGS, device_terms
-from fewshot_cli.memory.torch_private import FakeTensor, FakeTensorMode
+from fewshot_cli.memory.torch_private import META_TRACE_PACKAGES, FakeTensor, FakeTensorMode, defer_dynamo
 
 if TYPE_CHECKING:
     from fewshot_cli.runner.command import Command
@@ -48,10 +49,18 @@ _KINDS = {"PARAM": "parameters", "BUFFER": "buffers", "GRAD": "gradients", "OPT"
 
 
 @contextmanager
+def meta_tensors() -> Iterator[None]:
+    """Meta tensors for the block (`memory.meta_tensors`), with the reads of a value and the module moves a traced
+    step needs; every patch is undone when the block ends, also when it raises."""
+    with MetaTensors(), _moves_on_cpu(), _fake_reads(lambda tensor: tensor.is_meta):
+        yield
+
+
+@contextmanager
 def fake_tensors() -> Iterator[None]:
-    """Fake tensors for the block, with the reads of a value and the module moves a traced step needs
-    (`_fake_reads`, `_moves_on_cpu`); every patch is undone when the block ends, also when it raises."""
-    with FakeTensorMode(allow_non_fake_inputs=True), _moves_on_cpu(), _fake_reads():
+    """torch's fake CPU tensors for the block, with the same reads and moves as `meta_tensors`."""
+    with FakeTensorMode(allow_non_fake_inputs=True), _moves_on_cpu(), \
+            _fake_reads(lambda tensor: isinstance(tensor, FakeTensor)):
         yield
 
 
@@ -72,7 +81,7 @@ def _moves_on_cpu() -> Iterator[None]:
 
 
 @contextmanager
-def _fake_reads() -> Iterator[None]:
+def _fake_reads(is_fake: Callable[[torch.Tensor], bool]) -> Iterator[None]:
     """Reading a value out of a fake tensor (a logged loss, an optimizer's step count, a fallback check) gives one
     (False for a truth test): planning follows shapes, and a command's shapes come from its config, not its data."""
     with ExitStack() as stack:  # a patch that fails to apply undoes those applied before it
@@ -80,32 +89,56 @@ def _fake_reads() -> Iterator[None]:
             original = getattr(torch.Tensor, name)
 
             def read(self: torch.Tensor, *args: Any, _original=original, _zero=zero) -> Any:
-                return _zero if isinstance(self, FakeTensor) else _original(self, *args)
+                return _zero if is_fake(self) else _original(self, *args)
 
             stack.enter_context(patch.object(torch.Tensor, name, read))
         yield
 
 
-def trace(command: Command, config: Any, seed: int = 0, fake: bool = True,
-          observe: Callable[[str, str], None] | None = None, notes: dict[str, Any] | None = None
+#: how a step is traced: `meta` tries meta tensors and falls back to fake ones where the step cannot run on them
+TENSORS = ("meta", "fake", "real")
+
+
+def trace(command: Command, config: Any, seed: int = 0, tensors: str = "meta", notes: dict[str, Any] | None = None
           ) -> dict[str, dict[str, int]]:
-    """Per phase, the bytes of each kind at that phase's peak: with `fake`, nothing is allocated for real; without,
-    the same steps run for real on the CPU under the same tracker (to check the prediction). `notes`, where given,
-    receives the task's `plan_notes` (`lines`) and what a model built without its weights came from
-    (`planned_from`)."""
+    """Per phase, the bytes of each kind at that phase's peak. `tensors`: `meta` (the default) traces on meta
+    tensors, nothing allocated, and where the step cannot run on them or could differ (`MetaTensors`: autocast, so
+    any config with `amp` on, attention, code that reads a tensor's device) on torch's fake CPU tensors, the same
+    bytes at about twice the time and with torch's dynamo loaded; `fake`, fake tensors alone; `real`, the same steps
+    for real on the CPU under the same tracker (to check the prediction). `notes`, where given, receives the task's
+    `plan_notes` (`lines`), what a model built without its weights came from (`planned_from`) and the tensors it
+    was traced on (`traced_on`)."""
+    if tensors not in TENSORS:
+        raise ValueError(f"a step is traced on {', '.join(TENSORS)} tensors, not {tensors!r}")
+    if tensors == "meta" and getattr(config, "amp", False):  # autocast does not apply to meta tensors: the trace
+        tensors = "fake"  # would fail at its first autocast, after building the task
+    if tensors == "meta":
+        defer_dynamo("fewshot_cli.memory", *META_TRACE_PACKAGES)  # the modes' first op, the meta kernels
+        try:
+            return _trace(command, config, seed, meta_tensors, notes, "meta")
+        except BadInput:
+            raise
+        except Exception:  # noqa: BLE001 - the step cannot run on meta tensors: on fake ones it can
+            tensors = "fake"
+    return _trace(command, config, seed, fake_tensors if tensors == "fake" else nullcontext, notes, tensors)
+
+
+def _trace(command: Command, config: Any, seed: int, context: Callable[[], Any], notes: dict[str, Any] | None,
+           tensors: str) -> dict[str, dict[str, int]]:
     cfg = copy.deepcopy(config)
     for name in ("weights", "init"):  # the values of the weights change no tensor's size: trace none
         if hasattr(cfg, name):
             setattr(cfg, name, None)
     phases: dict[str, dict[str, int]] = {}
-    command.task  # noqa: B018 - imported before fake mode: a module's own tensors (constants) must be real
-    with fake_tensors() if fake else nullcontext():
+    command.task  # noqa: B018 - imported before tracing: a module's own tensors (constants) must be real
+    with context():
         torch.manual_seed(seed)
         task = command.traced_task(cfg, seed)
         extra = task.plan_extra_bytes()
         if notes is not None:
             notes["lines"] = task.plan_notes() if hasattr(task, "plan_notes") else {}
             notes["planned_from"] = getattr(task.model, "planned_from", None)
+            notes["traced_on"] = tensors
         for phase, step in task.plan_phases().items():
             tracker = StepTracker()
             tracked = (task.plan_tracked(phase) if hasattr(task, "plan_tracked")
@@ -113,13 +146,9 @@ def trace(command: Command, config: Any, seed: int = 0, fake: bool = True,
             tracker.track_external(*(m for m in tracked if m is not None))
             train = phase in TRAINING_PHASES
             task.model.train(train)
-            if observe is not None:
-                observe(phase, "start")
             copies = ConvCopies(tracker)
             with tracker, copies, (nullcontext() if train else torch.inference_mode()):
                 step()
-            if observe is not None:
-                observe(phase, "end")
             components = _by_kind(tracker.get_tracker_snapshot("peak"))
             if copies.peak > sum(components.values()):  # a convolution's copies rise above the tensors' peak
                 components["onednn_copies"] = copies.peak - sum(components.values())

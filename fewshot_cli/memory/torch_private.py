@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import types
 from collections.abc import Callable
 from importlib import import_module
 from typing import Any
@@ -28,6 +29,7 @@ PRIVATE = {
     # a mode that sees every aten op (the planner's oneDNN copies), and the flattening of an op's outputs
     "TorchDispatchMode": ("torch.utils._python_dispatch", "TorchDispatchMode"),
     "tree_leaves": ("torch.utils._pytree", "tree_leaves"),
+    "tree_map": ("torch.utils._pytree", "tree_map"),
     # the decorator torch marks its own functions with (an optimizer's add_param_group, state_dict, ...) so that
     # torch.compile does not trace into them; it imports torch._dynamo the first time such a function runs
     "disable_dynamo": ("torch._compile", "_disable_dynamo"),
@@ -35,6 +37,12 @@ PRIVATE = {
     # a graph break, a no-op outside torch.compile
     "use_grad_for_differentiable": ("torch.optim.optimizer", "_use_grad_for_differentiable"),
 }
+
+
+#: where the functions a meta-tensor trace runs are that torch marks with `_disable_dynamo` (see `defer_dynamo`):
+#: its optimizers and the Python meta kernels and decompositions of its ops (batch norm's, torch._refs' elementwise
+#: ops); each would import torch._dynamo on its first call
+META_TRACE_PACKAGES = ("torch.optim", "torch._refs", "torch._prims", "torch._prims_common", "torch._decomp")
 
 
 class TorchMoved(ImportError):
@@ -63,7 +71,8 @@ def __getattr__(name: str) -> Any:
 
 def defer_dynamo(*packages: str) -> int:
     """Let the functions torch marks with `_disable_dynamo` in the loaded modules of `packages` (`torch.optim`: the
-    module and its submodules, their functions and their classes' methods) run without importing torch._dynamo
+    module and its submodules, their functions and their classes' methods, and the functions those wrap, as
+    `_wrapping` finds them) run without importing torch._dynamo
     (seconds, with the sympy it loads: as long as `import torch` on a CPU), for as long as nothing else imports it.
     Building an optimizer runs one (`add_param_group`), as do its `zero_grad` and `state_dict`; and an optimizer's
     `step` (torch's `_use_grad_for_differentiable`) imports it to mark a graph break: every training run would load
@@ -89,17 +98,42 @@ def defer_dynamo(*packages: str) -> int:
             owner.step = _eager_step(step)
             covered += 1
         for value in list(vars(owner).values()):
-            value = getattr(value, "__func__", value)  # a staticmethod or classmethod: its function
-            if getattr(value, "__code__", None) is not code:
-                continue
-            cells = dict(zip(code.co_freevars, (cell.cell_contents for cell in value.__closure__), strict=True))
-            fn = cells["fn"]
-            if getattr(fn, "__dynamo_disable", None) is None:
-                setattr(fn, "__dynamo_disable", _on_demand(fn, cells["recursive"]))
-                covered += 1
+            for marked in _wrapping(getattr(value, "__func__", value)):  # a staticmethod or classmethod: its function
+                if getattr(marked, "__code__", None) is not code:
+                    continue
+                cells = dict(zip(code.co_freevars, (cell.cell_contents for cell in marked.__closure__), strict=True))
+                fn = cells["fn"]
+                if getattr(fn, "__dynamo_disable", None) is None:
+                    setattr(fn, "__dynamo_disable", _on_demand(fn, cells["recursive"]))
+                    covered += 1
     return covered
 
 
+def _wrapping(value: Any) -> list[Any]:
+    """`value` and the functions it wraps, as far as 8 deep: those its closure holds and its `__wrapped__`
+    (functools.wraps): torch marks some of its functions under other decorators (torch._refs' elementwise ops)."""
+    found: list[Any] = []
+    pending, seen = [(value, 0)], set()
+    while pending:
+        item, depth = pending.pop()
+        if id(item) in seen or not callable(item):
+            continue
+        seen.add(id(item))
+        found.append(item)
+        if depth < 8:
+            inner = [cell.cell_contents for cell in getattr(item, "__closure__", None) or ()
+                     if _filled(cell) and isinstance(cell.cell_contents, types.FunctionType)]
+            wrapped = getattr(item, "__wrapped__", None) if isinstance(item, types.FunctionType) else None
+            pending += [(f, depth + 1) for f in (*inner, *([wrapped] if wrapped is not None else []))]
+    return found
+
+
+def _filled(cell: Any) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018 - an empty cell raises
+    except ValueError:
+        return False
+    return True
 def _owners(packages: tuple[str, ...]) -> list[Any]:
     """The loaded modules of `packages` (each and its submodules), and the classes each of them defines."""
     modules = [m for name, m in list(sys.modules.items()) if m is not None

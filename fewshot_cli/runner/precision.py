@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
 import torch
 
 
@@ -17,9 +20,9 @@ def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
     return torch.bfloat16
 
 
-def autocast(device_type: str, dtype: torch.dtype | None) -> torch.autocast:
+def autocast(device_type: str, dtype: torch.dtype | None) -> AbstractContextManager[Any]:
     """Autocast to `dtype` on this device type; with None, a context that changes nothing."""
-    return torch.autocast(device_type, dtype=dtype, enabled=dtype is not None)
+    return torch.autocast(device_type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 def grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler:
