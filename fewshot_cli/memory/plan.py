@@ -82,8 +82,9 @@ def _moves_on_cpu() -> Iterator[None]:
 
 @contextmanager
 def _fake_reads(is_fake: Callable[[torch.Tensor], bool]) -> Iterator[None]:
-    """Reading a value out of a fake tensor (a logged loss, an optimizer's step count, a fallback check) gives one
-    (False for a truth test): planning follows shapes, and a command's shapes come from its config, not its data."""
+    """Reading a value out of a traced tensor (`is_fake`: a meta or a fake one; a logged loss, an optimizer's step
+    count, a fallback check) gives one (False for a truth test): planning follows shapes, and a command's shapes
+    come from its config, not its data."""
     with ExitStack() as stack:  # a patch that fails to apply undoes those applied before it
         for name, zero in (("item", 1), ("__float__", 1.0), ("__int__", 1), ("__bool__", False), ("tolist", 1)):
             original = getattr(torch.Tensor, name)
