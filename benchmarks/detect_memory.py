@@ -1,6 +1,6 @@
 """Peak memory of one `detect-train` training step: the seed's configuration before vs after its OOM fix.
 
-    .venv/bin/python benchmarks/detect_memory.py                 # the planner's tracker over fake tensors (no RAM)
+    .venv/bin/python benchmarks/detect_memory.py                 # the planner's trace over meta tensors (no RAM)
     .venv/bin/python benchmarks/detect_memory.py --real --n-way 1  # measured: peak RSS of a real step on CPU
 
 `--real` runs each configuration in a fresh process and reports its peak RSS growth over one step (the full
@@ -63,7 +63,7 @@ def main() -> None:
     args = parser.parse_args()
     measure = real_peak if args.real else traced_peak
     peaks = {which: measure(config(which, args.n_way, args.backbone)) for which in ("before", "after")}
-    how = "peak RSS growth of one real step" if args.real else "traced peak of one step (fake tensors)"
+    how = "peak RSS growth of one real step" if args.real else "traced peak of one step (meta tensors)"
     print(f"detect-train, {args.n_way}-way, {args.backbone}: {how}")
     print(f"{'config':<8}{'image':>7}{'emb':>6}{'k':>4}{'q':>5}{'step':>6}{'head':>6}{'peak MiB':>12}")
     for which, knobs in (("before", _BEFORE), ("after", _AFTER)):
