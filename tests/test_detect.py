@@ -20,6 +20,7 @@ from pycocotools.cocoeval import COCOeval
 from fewshot_cli.commands import detect
 from fewshot_cli.commands.detect import PRESETS, DetectConfig, DetectTask
 from fewshot_cli.data.coco import DetectionItem
+from fewshot_cli.data.loader import PREFETCH_FACTOR
 from fewshot_cli.data.synthetic import SyntheticScenes
 from fewshot_cli.errors import BadInput
 from fewshot_cli.memory.torch_private import (
@@ -443,6 +444,56 @@ def test_finetuning_backs_off_on_an_injected_oom_to_the_same_detections() -> Non
     assert task.cfg.eval_batch_size == 1
 
 
+def test_finetuning_negatives_are_training_images_without_the_episodes_classes_drawn_by_the_episode(
+        tmp_path: Path) -> None:
+    data = write_coco(tmp_path / "data")  # its training images hold the novel classes too, unannotated for training
+    task = tiny_task(data=data, novel_classes="thing4,thing5", finetune_steps=1, finetune_negatives=5,
+                     test_episodes=4)
+    coco = json.loads((data / "annotations" / "train.json").read_text())
+    held = {}
+    for annotation in coco["annotations"]:
+        held.setdefault(annotation["image_id"] - 1, set()).add(annotation["category_id"])
+    episodes = [task.samplers["test"].episode(i) for i in range(4)]
+    drawn = [task._negative_items(episode) for episode in episodes]
+    for episode, items in zip(episodes, drawn, strict=True):
+        assert len(items) == len(set(items)) == 5
+        assert all(not held.get(item, set()) & set(episode.classes) for item in items)
+    assert any(set(items) != set(drawn[0]) for items in drawn[1:])  # each episode draws its own
+    again = tiny_task(data=data, novel_classes="thing4,thing5", finetune_steps=1, finetune_negatives=5)
+    assert [again._negative_items(episode) for episode in reversed(episodes)] == drawn[::-1]
+    assert tiny_task(data=data, novel_classes="thing4,thing5", finetune_negatives=5)._negative_items(episodes[0]) == []
+
+
+def test_finetuning_negatives_change_the_scores_and_keep_episodes_independent() -> None:
+    plain = _detections_by_episode(_trained(finetune_steps=3))
+    forward = _detections_by_episode(_trained(finetune_steps=3, finetune_negatives=2))
+    assert forward != plain
+    assert _detections_by_episode(_trained(finetune_steps=3, finetune_negatives=2), order=[2, 1, 0]) == forward
+
+
+def test_finetuning_negatives_back_off_on_an_injected_oom_to_the_same_detections() -> None:
+    expected = _detections_by_episode(_trained(finetune_steps=3, finetune_negatives=3, eval_batch_size=4))
+    task = _trained(finetune_steps=3, finetune_negatives=3, eval_batch_size=4)
+    task.ctx.faults = Faults(task.cfg, oom_phase="test", oom_knob="eval_batch_size", oom_above=1)
+    assert _detections_by_episode(task) == expected
+    assert task.cfg.eval_batch_size == 1
+
+
+def test_the_plan_holds_the_finetuning_negatives_and_their_loader() -> None:
+    plan = pytest.importorskip("fewshot_cli.memory.plan")
+    tuned = plan.trace(detect.COMMAND, DetectConfig(**TINY, finetune_steps=2))["test"]
+    negatives = plan.trace(detect.COMMAND, DetectConfig(**TINY, finetune_steps=2, finetune_negatives=6))["test"]
+    assert sum(negatives.values()) > sum(tuned.values())
+    pixels = 3 * TINY["image_size"] ** 2 * 4  # the built-in data's float32 images
+    plain, more = (tiny_task(finetune_steps=2, finetune_negatives=n, test_episodes=5) for n in (0, 6))
+    cache = more.plan_extra_bytes()["test"]["image_cache"] - plain.plan_extra_bytes()["test"]["image_cache"]
+    assert cache == 5 * 6 * pixels  # the training data's cache, emptied when the test begins, holds every one read
+    assert "negatives cache 30 images" in more.plan_notes()["test"]["image_cache"]
+    workers = tiny_task(finetune_steps=2, finetune_negatives=6, workers=2).plan_extra_bytes()["test"]
+    alone = tiny_task(finetune_steps=2, workers=2).plan_extra_bytes()["test"]
+    assert workers["loader_prefetch"] - alone["loader_prefetch"] == 2 * PREFETCH_FACTOR * 6 * pixels  # per worker
+
+
 def test_evaluation_keeps_its_own_number_of_proposals_per_image() -> None:
     def most_per_image(task: DetectTask) -> int:
         evaluate(task, "test", 1)
@@ -465,6 +516,7 @@ def test_the_planned_test_holds_the_finetuning() -> None:
 
 
 @pytest.mark.parametrize("option", [("--finetune-steps", "-1"), ("--finetune-lr", "-0.1"),
+                                    ("--finetune-negatives", "-2"),
                                     ("--class-scores", "logits"), ("--proposal-ratios", "0"),
                                     ("--proposal-ratios", "wide")])
 def test_cli_bad_finetuning_values_exit_2(option: tuple[str, str], tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ import torch
 from conftest import fewshot
 from test_weights import SITECUSTOMIZE
 
+from fewshot_cli.commands.detect_config import PRESETS as DETECT_PRESETS
 from fewshot_cli.commands.mahalanobis import COMMAND
 from fewshot_cli.memory.limits import Limit
 from fewshot_cli.memory.plan import HOST_LINES, PRESET_DEVICES, TERM_NOTES, plan_run, render
@@ -157,13 +158,20 @@ def test_clip_is_planned_from_its_known_configuration_with_an_empty_cache_and_no
 
 
 def test_detect_trains_cache_notes_say_what_its_plan_counts() -> None:
-    """Training reads the training data's loader, validation the test data's: two caches, each what it read."""
+    """Training reads the training data's loader, validation the test data's: two caches, each what it read. The
+    fine-tuning's negatives are training images: validation's go through the training cache (no workers), and the
+    test's fill that cache again after training's reads are dropped."""
     report = json.loads(fewshot("plan", "detect-train", "--preset", "cpu", "--episodes", "4", "--val-every", "2",
                                 "--val-episodes", "1", "--test-episodes", "3", "--json").stdout)
-    image = 3 * report["knobs"]["image_size"]["value"] ** 2 * 4  # the built-in data's float32 pixels
-    per_episode = report["knobs"]["n_way"]["value"] * (report["knobs"]["k_shot"]["value"]
-                                                       + report["knobs"]["n_query"]["value"])
-    trained, validated = 4 * per_episode, 1 * per_episode  # one validation, after step 2
+    knobs = {name: knob["value"] for name, knob in report["knobs"].items()}
+    image = 3 * knobs["image_size"] ** 2 * 4  # the built-in data's float32 pixels
+    per_episode = knobs["n_way"] * (knobs["k_shot"] + knobs["n_query"])
+    negatives = DETECT_PRESETS["cpu"]["finetune_negatives"]  # its fine-tuning is on, with no loader workers
+    assert negatives > 0 and DETECT_PRESETS["cpu"]["finetune_steps"] > 0 and "workers" not in DETECT_PRESETS["cpu"]
+    trained, validated = 4 * per_episode + negatives, 1 * per_episode  # one validation, after step 2
     assert report["notes"]["train"]["image_cache"] == f"train cache {trained:,} images, val cache {validated:,} images"
     assert report["phases"]["train"]["components"]["image_cache"] == (trained + validated) * image
-    assert report["notes"]["test"]["image_cache"] == f"one cache of {validated + 3 * per_episode:,} images"
+    tested = validated + 3 * per_episode
+    assert report["notes"]["test"]["image_cache"] == \
+        f"test cache {tested:,} images, negatives cache {3 * negatives:,} images"
+    assert report["phases"]["test"]["components"]["image_cache"] == (tested + 3 * negatives) * image

@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import math
+import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from functools import partial
@@ -49,6 +50,7 @@ from fewshot_cli.runner.schedule import warmup_cosine
 from fewshot_cli.runner.task import BackoffKnob, RunContext, Task
 
 FLOAT = 4  # bytes per float32
+NEGATIVE_TOP_K = 32  # candidates a --finetune-negatives image gives: its most prototype-like proposals
 Read = dict[int, tuple[torch.Tensor, DetectionItem]]  # an episode's items: image on the device, boxes and size
 COUNTS = ("positives", "hard_negatives")  # step figures that add up; the others are means
 
@@ -103,6 +105,7 @@ class DetectTask(Task):
             cfg.steps(), warmup=max(1, cfg.steps() // 20), floor=0.05))
         self.dropped_seen = BoxCounts()
         self.test_files: tuple[dict[str, Any], list[dict[str, Any]]] | None = None
+        self._holding: dict[int, list[int]] | None = None  # training items by class, once negatives are drawn
         share = self.cache_limit(cache_share(cfg.image_cache_mb, self.workers))
         self.loaders = {name: Loaders(ItemReader(data, "item", share, ctx.faults), _collate, self.workers, ctx.device,
                                       received=lambda batch, data=data: _count_dropped(data, batch), finish=_floats)
@@ -187,8 +190,10 @@ class DetectTask(Task):
             self.feed.close()
             self.loaders["train"].drop_cache()
             self.loaders["test"].release("val")
+            self.loaders["train"].release("val negatives")
         chosen = [sampler.episode(index) for index in range(episodes)]
         batches = self.loaders["test"].fixed(phase, [_episode_items(e) for e in chosen])
+        negatives = self._negatives(phase, chosen)
         for index, (episode, batch) in enumerate(zip(chosen, batches, strict=True)):
             read = _by_item(episode, batch)
             support = self._support(read, episode)
@@ -197,7 +202,7 @@ class DetectTask(Task):
             start = self.model.head_state() if cfg.finetune_steps else None
             if start is not None:  # each episode fine-tunes the trained head afresh: episodes stay independent
                 prototypes = evaluation_part(self, phase, step, "eval_batch_size", partial(
-                    self._finetune, read, episode, prototypes, pooled, start))
+                    self._finetune, read, episode, prototypes, pooled, start, next(negatives)))
             chunk = [query for part in self._query_chunks(episode) for query in part]
             while chunk:
                 # each image is detected on its own, so how many are scored at once never changes a detection
@@ -225,6 +230,7 @@ class DetectTask(Task):
         self._report_dropped("data", step)
         if phase == "test":
             self.loaders["test"].release(phase)
+            self.loaders["train"].release(f"{phase} negatives")
         classes = self.novel if phase == "test" else self.base
         gt = {"images": images, "annotations": annotations,
               "categories": [{"id": c, "name": self.test_data.categories[c]} for c in classes]}
@@ -235,11 +241,12 @@ class DetectTask(Task):
         return {"map": map_all, "map50": map50}
 
     def _finetune(self, read: Read, episode: Episode, prototypes: torch.Tensor, pooled: torch.Tensor,
-                  start: dict[str, torch.Tensor]) -> torch.Tensor:
+                  start: dict[str, torch.Tensor], negatives: torch.Tensor | None) -> torch.Tensor:
         """TFA's stage: from the trained head (`start`), cfg.finetune_steps full-batch AdamW steps of the training
-        loss on the episode's support images (their boxes of the episode's classes; all else background), with the
-        backbone frozen and the prototypes (n_way x C) tuned as the cosine classifier's weights; returns them. The
-        support's feature maps are made eval_batch_size images at a time, which changes no value."""
+        loss on the episode's support images (their boxes of the episode's classes; all else background) and on the
+        `negatives` images (`_negatives`: background only, each its NEGATIVE_TOP_K most prototype-like proposals),
+        with the backbone frozen and the prototypes (n_way x C) tuned as the cosine classifier's weights; returns
+        them. The feature maps are made eval_batch_size images at a time, which changes no value."""
         cfg = self.cfg
         self._restore(start)  # after an OOM, the part starts again from the same head
         items = [(item, cls) for cls, items in zip(episode.classes, episode.support, strict=True) for item in items]
@@ -247,13 +254,18 @@ class DetectTask(Task):
         # evaluation runs in inference mode, whose tensors autograd cannot save: the stage makes its own copies
         with torch.inference_mode(False), torch.enable_grad():
             with torch.no_grad():
-                images = support.images.clone()
-                features = torch.cat([self.model(images[i:i + cfg.eval_batch_size])
-                                      for i in range(0, len(images), cfg.eval_batch_size)])
                 # the backbone is frozen: the candidates, their labels and ROI features are the same every step
                 rois, labels, targets = self.model.assign(
-                    features, [b.clone() for b in support.boxes], [x.clone() for x in support.labels],
-                    pooled.clone(), self.proposals, self._eval_top_k(), cfg.n_way)
+                    self._features(support.images.clone()), [b.clone() for b in support.boxes],
+                    [x.clone() for x in support.labels], pooled.clone(), self.proposals, self._eval_top_k(), cfg.n_way)
+                if negatives is not None and len(negatives):
+                    empty = [torch.zeros((0, 4), device=negatives.device)] * len(negatives)
+                    none = [torch.zeros(0, dtype=torch.long, device=negatives.device)] * len(negatives)
+                    background = self.model.assign(
+                        self._features(negatives.clone()), empty, none, pooled.clone(), self.proposals,
+                        min(NEGATIVE_TOP_K, self._eval_top_k()), cfg.n_way)
+                    rois, labels, targets = (torch.cat(pair) for pair in zip((rois, labels, targets), background,
+                                                                             strict=True))
             weights = torch.nn.Parameter(prototypes.clone())
             optimizer = torch.optim.AdamW([*self.model.head_parameters(), weights], lr=cfg.finetune_lr,
                                           weight_decay=1e-4)
@@ -264,6 +276,34 @@ class DetectTask(Task):
                 loss.total.backward()
                 optimizer.step()
             return torch.nn.functional.normalize(weights.detach(), dim=1)
+
+    def _features(self, images: torch.Tensor) -> torch.Tensor:
+        """The backbone's feature maps of `images`, eval_batch_size at a time."""
+        step = self.cfg.eval_batch_size
+        return torch.cat([self.model(images[i:i + step]) for i in range(0, len(images), step)])
+
+    def _negatives(self, phase: str, episodes: list[Episode]) -> Iterator[torch.Tensor | None]:
+        """Per episode, the images of its `_negative_items` on the device (None where there are none), read by
+        the training data's loader."""
+        items = [self._negative_items(episode) for episode in episodes]
+        if not any(items):
+            yield from (None for _ in episodes)
+            return
+        batches = iter(self.loaders["train"].fixed(f"{phase} negatives", [chosen for chosen in items if chosen]))
+        for chosen in items:
+            yield next(batches)[0] if chosen else None
+
+    def _negative_items(self, episode: Episode) -> list[int]:
+        """cfg.finetune_negatives training images that hold no object of the episode's classes (so all they hold
+        is background to it), drawn by the episode alone: its fine-tuning never depends on the other episodes."""
+        wanted = self.cfg.finetune_negatives if self.cfg.finetune_steps else 0
+        if not wanted:
+            return []
+        if self._holding is None:
+            self._holding = self.train_data.items_by_class(sorted({*self.base, *self.novel}))
+        taken = set().union(*(self._holding.get(cls, []) for cls in episode.classes))
+        pool = [item for item in range(len(self.train_data)) if item not in taken]
+        return random.Random(episode.hash).sample(pool, min(wanted, len(pool)))
 
     def _eval_top_k(self) -> int:
         """Proposals kept per image in evaluation and its fine-tuning."""
@@ -314,7 +354,8 @@ class DetectTask(Task):
                                                    torch.cat(support.labels), cfg.n_way)
         start = self.model.head_state() if cfg.finetune_steps else None
         if start is not None:
-            prototypes = self._finetune(read, episode, prototypes, pooled, start)
+            prototypes = self._finetune(read, episode, prototypes, pooled, start, next(self._negatives("test",
+                                                                                                     [episode])))
         chunk = [query for part in self._query_chunks(episode) for query in part][:cfg.eval_batch_size]
         queries = self._queries(read, self.test_data, chunk, episode.classes)
         self.model.candidates(queries.images, prototypes, pooled, self.proposals, self._eval_top_k(),
@@ -345,30 +386,44 @@ class DetectTask(Task):
 
     def _host_lines(self, lines: bool) -> dict[str, dict[str, Any]]:
         """Per phase, the loaders' host lines (`lines`: their bytes, else their notes). Each data's loader caches
-        what it has read by then and holds prefetched episodes; the training data's is read by training only (its
-        cache is dropped when the test begins), the test data's by validation and the test."""
+        what it has read by then and holds prefetched batches; the training data's is read by training (its cache
+        is dropped when the test begins) and by the fine-tuning's negatives, the test data's by validation and the
+        test."""
         cfg = self.cfg
         reads = episode_reads(cfg)
         pixels = image_bytes(self.train_data, cfg.image_size)
-        held = cfg.n_way * (cfg.k_shot + cfg.n_query) * pixels
-        trained = cfg.episodes * cfg.n_way * (cfg.k_shot + cfg.n_query)
+        episode = cfg.n_way * (cfg.k_shot + cfg.n_query)
+        trained = cfg.episodes * episode
+        negatives = cfg.finetune_negatives if cfg.finetune_steps else 0
+        validations = (reads["train"] - trained) // max(1, cfg.val_episodes * episode)
 
-        def loader(data: Any, read: int, loaders: int = 1) -> dict[str, Any]:
+        def loaders(uses: list[tuple[str, Any, int, int]]) -> dict[str, Any]:
+            """The lines of the loaders `uses` names: (name, data, images read, images per batch), summed."""
             if lines:
-                return loader_bytes(cfg.image_cache_mb, len(data), pixels, cfg.workers, held, loaders, read)
-            return loader_notes(cfg.image_cache_mb, len(data), pixels, cfg.workers, loaders, read)
+                out: dict[str, int] = {}
+                for _, data, read, batch in uses:
+                    for key, value in loader_bytes(cfg.image_cache_mb, len(data), pixels, cfg.workers,
+                                                   batch * pixels, 1, read).items():
+                        out[key] = out.get(key, 0) + value
+                return out
+            notes = loader_notes(cfg.image_cache_mb, len(uses[0][1]), pixels, cfg.workers, len(uses), uses[0][2])
+            if len(uses) > 1:
+                notes["image_cache"] = ", ".join(
+                    f"{name} cache {cache_bound(cfg.image_cache_mb, len(data), pixels, read)}"
+                    for name, data, read, _ in uses)
+            return notes
 
-        train = loader(self.train_data, trained)
+        # validation's negatives: with no workers, read through the training data's one cache; else their own
+        val_negatives = validations * cfg.val_episodes * negatives
+        train = [("train", self.train_data, trained + (0 if cfg.workers else val_negatives), episode)]
         if cfg.val_every:
-            validation = loader(self.test_data, reads["train"] - trained)
-            if lines:
-                train = {k: train.get(k, 0) + validation.get(k, 0) for k in {*train, *validation}}
-            else:
-                bound = [cache_bound(cfg.image_cache_mb, len(data), pixels, read)
-                         for data, read in ((self.train_data, trained), (self.test_data, reads["train"] - trained))]
-                train = {**loader(self.train_data, trained, 2), "image_cache": f"train cache {bound[0]}, val cache "
-                                                                               f"{bound[1]}"}
-        return {"train": train, "test": loader(self.test_data, reads["test"] - trained)}
+            train.append(("val", self.test_data, reads["train"] - trained, episode))
+            if negatives and cfg.workers:
+                train.append(("val negatives", self.train_data, val_negatives, negatives))
+        test = [("test", self.test_data, reads["test"] - trained, episode)]
+        if negatives:
+            test.append(("negatives", self.train_data, cfg.test_episodes * negatives, negatives))
+        return {"train": loaders(train), "test": loaders(test)}
 
     # ------------------------------------------------------------------ episodes
 

@@ -39,6 +39,8 @@ class DetectConfig(EpisodicConfig):
     finetune_steps: int = knob(0, "test: steps fine-tuning a copy of the head and the prototypes on each episode's "
                                "support (backbone frozen) before its queries are scored; 0: none", minimum=0)
     finetune_lr: float = knob(1e-3, "AdamW learning rate of the --finetune-steps stage", minimum=0.0)
+    finetune_negatives: int = knob(0, "test: training images holding none of an episode's classes added to its "
+                                   "--finetune-steps stage as background only; 0: none", minimum=0)
     class_scores: str = knob("sigmoid", "a detection's class probability: sigmoid of its own logit, softmax over "
                              "the episode's classes, or both (their product); times sigmoid(objectness)",
                              choices=("sigmoid", "softmax", "both"))
@@ -63,10 +65,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {"image_size": 128, "backbone": "small", "embedding_dim": 32, "head_hidden": 128, "objectness_hidden": 32,
             "proposal_step": 8, "proposals_top_k": 64, "n_way": 3, "k_shot": 3, "n_query": 2, "episodes": 400,
             "test_episodes": 40, "val_every": 0, "val_episodes": 5, "lr": 2e-3, "checkpoint_every": 100,
-            # measured on real-digit scenes (benchmarks/detect_scenes.py, results/detect_scenes.md): these raise
-            # map50 from 0.193 to 0.508 on its first scene set, and "both" beats "softmax" on each of three
-            "finetune_steps": 100, "finetune_lr": 2e-3, "class_scores": "both", "score_threshold": 0.0,
-            "nms_iou": 0.3, "eval_top_k": 128},
+            # measured on real-digit scenes (benchmarks/detect_scenes.py, results/detect_scenes.md)
+            "finetune_steps": 100, "finetune_lr": 2e-3, "finetune_negatives": 18, "class_scores": "both",
+            "score_threshold": 0.0, "nms_iou": 0.3, "eval_top_k": 128},
     "t4": {**_GPU, **_AFTER},
     "mps": {**_GPU, **_AFTER},
     "a100": {**_GPU, **_BEFORE},
