@@ -268,7 +268,7 @@ def render(runs: dict[str, dict], commands: dict[str, str]) -> str:
 
 # the cpu preset's values of the knobs this benchmark's fixes changed, before them
 BEFORE = ["--finetune-steps", "0", "--finetune-negatives", "0", "--class-scores", "sigmoid", "--score-threshold",
-          "0.05", "--nms-iou", "0.5", "--eval-top-k", "64"]
+          "0.05", "--nms-iou", "0.5", "--soft-nms-sigma", "0", "--eval-top-k", "64"]
 
 
 def main() -> None:

@@ -198,6 +198,51 @@ def test_nms_and_focal_loss_are_torchvisions(monkeypatch: pytest.MonkeyPatch) ->
     assert calls["nms"] > 0
 
 
+def test_soft_nms_between_classes_lowers_a_boxs_other_classes_and_leaves_the_rest() -> None:
+    # what class-aware NMS can leave: class 0's best box and a neighbour of it, classes 1 and 2 over the same object
+    boxes = torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, 8], [20, 20, 30, 30], [0, 0, 10, 9], [5, 0, 15, 10]])
+    scores = torch.tensor([0.9, 0.8, 0.6, 0.85, 0.7])
+    classes = torch.tensor([0, 1, 1, 2, 0])
+    decayed = detection.decay_across_classes(boxes, scores, classes, sigma=0.5)
+
+    def decay(iou: float) -> float:
+        return math.exp(-iou**2 / 0.5)
+
+    # taken by score: box 0 decays boxes 1 and 3, box 4 decays them a little, box 2 is far from all, then box 1
+    # (now above box 3) decays box 3 once more; boxes of the taker's own class are never touched
+    assert decayed.tolist() == pytest.approx([0.9, 0.8 * decay(0.8) * decay(40 / 140), 0.6,
+                                              0.85 * decay(0.9) * decay(45 / 145) * decay(80 / 90), 0.7])
+    assert torch.equal(detection.decay_across_classes(boxes[:1], scores[:1], classes[:1], 0.5), scores[:1])
+
+
+def test_detections_with_soft_nms_keep_their_boxes_and_best_classes_and_lower_the_others() -> None:
+    task = tiny_task(score_threshold=0.0)
+    task.train_step(1)
+    episode = task.samplers["test"].episode(0)
+    read = detect._by_item(episode, next(task.loaders["test"].fixed("check", [detect._episode_items(episode)])))
+    support = task._support(read, episode)
+    prototypes, pooled = task.model.prototypes(support.images, torch.stack(support.boxes), torch.cat(support.labels),
+                                               task.cfg.n_way)
+    images = task._queries(read, task.test_data, task._query_chunks(episode)[0], episode.classes).images
+    found = [task.model.detect(images, prototypes, pooled, task.proposals, 8, 0.0, 0.5, 100, "both", sigma)[0]
+             for sigma in (0.0, 0.5)]
+    for (boxes, scores, classes), (soft_boxes, soft_scores, soft_classes) in zip(*found, strict=True):
+        plain = {(tuple(b.tolist()), int(c)): float(s) for b, s, c in zip(boxes, scores, classes, strict=True)}
+        soft = {(tuple(b.tolist()), int(c)): float(s) for b, s, c in zip(soft_boxes, soft_scores, soft_classes,
+                                                                          strict=True)}
+        assert soft.keys() == plain.keys() and all(soft[k] <= plain[k] for k in plain)
+        assert soft_scores.tolist() == sorted(soft_scores.tolist(), reverse=True)
+        assert max(soft.values()) == max(plain.values())
+    assert any(s < p for f, g in zip(*found, strict=True) for s, p in zip(sorted(g[1].tolist()),
+                                                                        sorted(f[1].tolist()), strict=True))
+
+
+def test_the_plan_holds_the_soft_nms_pairs() -> None:
+    plain, soft = (tiny_task(soft_nms_sigma=sigma).plan_extra_bytes()["test"]["nms_inputs"] for sigma in (0.0, 0.5))
+    detections = TINY["proposals_top_k"] * TINY["n_way"]  # an image's candidates, one per class
+    assert soft - plain == detections**2 * (4 + 8 + 1 + 8)  # IoU, its float64 copy, the class test, the decay
+
+
 def test_hard_negative_mining_keeps_the_fixed_ratio() -> None:
     task = tiny_task(negative_ratio=2.0)
     figures = task.train_step(1)
@@ -516,7 +561,7 @@ def test_the_planned_test_holds_the_finetuning() -> None:
 
 
 @pytest.mark.parametrize("option", [("--finetune-steps", "-1"), ("--finetune-lr", "-0.1"),
-                                    ("--finetune-negatives", "-2"),
+                                    ("--finetune-negatives", "-2"), ("--soft-nms-sigma", "-0.5"),
                                     ("--class-scores", "logits"), ("--proposal-ratios", "0"),
                                     ("--proposal-ratios", "wide")])
 def test_cli_bad_finetuning_values_exit_2(option: tuple[str, str], tmp_path: Path) -> None:

@@ -320,7 +320,8 @@ class DetectTask(Task):
         cfg = self.cfg
         queries = self._queries(read, self.test_data, chunk[:cfg.eval_batch_size], classes)
         found, counts = self.model.detect(queries.images, prototypes, pooled, self.proposals, self._eval_top_k(),
-                                          cfg.score_threshold, cfg.nms_iou, cfg.max_detections, cfg.class_scores)
+                                          cfg.score_threshold, cfg.nms_iou, cfg.max_detections, cfg.class_scores,
+                                          cfg.soft_nms_sigma)
         return queries, found, counts
 
     def finish(self, metrics: dict[str, float]) -> dict[str, float]:
@@ -374,6 +375,8 @@ class DetectTask(Task):
         ranking = images * n_proposals * (cfg.embedding_dim + cfg.n_way + 1) * FLOAT
         top_k = min(self._eval_top_k(), n_proposals)
         nms = top_k * cfg.n_way * (4 + 1 + 1) * FLOAT  # one image at a time: boxes, scores, class ids
+        if cfg.soft_nms_sigma:  # and the soft NMS's pairs: IoU, its float64 copy, the class test, the decay
+            nms += (top_k * cfg.n_way) ** 2 * (FLOAT + 8 + 1 + 8)
         image = 3 * cfg.image_size**2 * FLOAT
         queries = min(cfg.eval_batch_size or images, images) * image if cfg.test_episodes > 1 else 0
         train, test = (self._host_lines(lines=True)[phase] for phase in ("train", "test"))

@@ -46,6 +46,9 @@ class DetectConfig(EpisodicConfig):
                              choices=("sigmoid", "softmax", "both"))
     score_threshold: float = knob(0.05, "lowest detection score kept", minimum=0.0)
     nms_iou: float = knob(0.5, "IoU above which class-aware NMS suppresses a box", minimum=0.0)
+    soft_nms_sigma: float = knob(0.0, "after the class-aware NMS, Gaussian Soft-NMS between classes: a detection "
+                                 "under a better one of another class is scored times exp(-IoU^2 / S); 0: off",
+                                 minimum=0.0, metavar="S")
     max_detections: int = knob(100, "detections kept per image after NMS", minimum=1)
     eval_batch_size: int | None = knob(None, "query images scored at once in evaluation, halved on OOM (default: "
                                        "an episode's n_way x n_query)", minimum=1, result_neutral=True)
@@ -67,7 +70,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "test_episodes": 40, "val_every": 0, "val_episodes": 5, "lr": 2e-3, "checkpoint_every": 100,
             # measured on real-digit scenes (benchmarks/detect_scenes.py, results/detect_scenes.md)
             "finetune_steps": 100, "finetune_lr": 2e-3, "finetune_negatives": 18, "class_scores": "both",
-            "score_threshold": 0.0, "nms_iou": 0.3, "eval_top_k": 128},
+            "score_threshold": 0.0, "nms_iou": 0.3, "soft_nms_sigma": 0.5, "eval_top_k": 128},
     "t4": {**_GPU, **_AFTER},
     "mps": {**_GPU, **_AFTER},
     "a100": {**_GPU, **_BEFORE},

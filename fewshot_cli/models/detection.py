@@ -76,6 +76,26 @@ def validate_box_array(boxes: np.ndarray, height: float, width: float,
     return clamped[keep], keep, counts
 
 
+def decay_across_classes(boxes: Tensor, scores: Tensor, classes: Tensor, sigma: float) -> Tensor:
+    """Gaussian Soft-NMS (Bodla et al., 2017) between classes, for detections that class-aware NMS kept: taken
+    greedily by score, each detection multiplies the scores of the detections still to come that are of another
+    class by exp(-IoU^2 / sigma), so a box keeps its best class at full score and its other classes lower. Boxes
+    N x 4, scores N and class indices N in; the new scores N out (same order, same device)."""
+    if len(scores) < 2:
+        return scores.clone()
+    iou = box_iou(boxes, boxes).cpu().double().numpy()
+    other = (classes[:, None] != classes[None, :]).cpu().numpy()
+    decay = np.where(other, np.exp(-iou**2 / sigma), 1.0)
+    left = scores.cpu().double().numpy().copy()
+    done = np.zeros(len(left), dtype=bool)
+    out = np.empty_like(left)
+    for _ in range(len(left)):
+        best = int(np.argmax(np.where(done, -np.inf, left)))
+        out[best], done[best] = left[best], True
+        left = np.where(done, left, left * decay[best])
+    return torch.from_numpy(out).to(scores)
+
+
 def dense_proposals(image_size: int, step: int, sides: tuple[float, ...], ratios: tuple[float, ...] = (1.0,)
                     ) -> Tensor:
     """Boxes of each side (pixels: the square root of their area) and each width / height ratio, centred on a grid
@@ -331,8 +351,9 @@ class FewShotDetector(nn.Module):
     @torch.no_grad()
     def detect(self, images: Tensor, prototypes: Tensor, pooled_prototypes: Tensor, proposals: Tensor, top_k: int,
                score_threshold: float, nms_iou: float, max_detections: int, classes: str = "sigmoid",
-               ) -> tuple[list[tuple[Tensor, Tensor, Tensor]], BoxCounts]:
-        """Per image (boxes, scores, class indices) after box validation and class-aware NMS."""
+               soft_nms_sigma: float = 0.0) -> tuple[list[tuple[Tensor, Tensor, Tensor]], BoxCounts]:
+        """Per image (boxes, scores, class indices) after box validation, class-aware NMS and, with
+        `soft_nms_sigma`, `decay_across_classes`; at most `max_detections`, best first."""
         boxes, scores = self.candidates(images, prototypes, pooled_prototypes, proposals, top_k, classes)
         height, width = images.shape[-2:]
         n_way = prototypes.shape[0]
@@ -345,6 +366,11 @@ class FewShotDetector(nn.Module):
             classes = torch.arange(n_way, device=b.device).repeat(len(kept_boxes))
             good = s > score_threshold
             b, s, classes = b[good], s[good], classes[good]
-            kept = batched_nms(b, s, classes, nms_iou)[:max_detections]
-            out.append((b[kept], s[kept], classes[kept]))
+            kept = batched_nms(b, s, classes, nms_iou)
+            b, s, classes = b[kept], s[kept], classes[kept]
+            if soft_nms_sigma:
+                s = decay_across_classes(b, s, classes, soft_nms_sigma)
+                order = s.argsort(descending=True, stable=True)
+                b, s, classes = b[order], s[order], classes[order]
+            out.append((b[:max_detections], s[:max_detections], classes[:max_detections]))
         return out, counts
