@@ -355,8 +355,8 @@ class DetectTask(Task):
                                                    torch.cat(support.labels), cfg.n_way)
         start = self.model.head_state() if cfg.finetune_steps else None
         if start is not None:
-            prototypes = self._finetune(read, episode, prototypes, pooled, start, next(self._negatives("test",
-                                                                                                     [episode])))
+            negatives = next(self._negatives("test", [episode]))
+            prototypes = self._finetune(read, episode, prototypes, pooled, start, negatives)
         chunk = [query for part in self._query_chunks(episode) for query in part][:cfg.eval_batch_size]
         queries = self._queries(read, self.test_data, chunk, episode.classes)
         self.model.candidates(queries.images, prototypes, pooled, self.proposals, self._eval_top_k(),

@@ -129,11 +129,14 @@ def _wrapping(value: Any) -> list[Any]:
 
 
 def _filled(cell: Any) -> bool:
+    """Whether a closure cell holds a value yet (a cell of a name assigned later in its function does not)."""
     try:
         cell.cell_contents  # noqa: B018 - an empty cell raises
     except ValueError:
         return False
     return True
+
+
 def _owners(packages: tuple[str, ...]) -> list[Any]:
     """The loaded modules of `packages` (each and its submodules), and the classes each of them defines."""
     modules = [m for name, m in list(sys.modules.items()) if m is not None
